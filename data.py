@@ -1,0 +1,379 @@
+"""Offline datasets for DyDiff: Minari loading, local maze2d generation, flat arrays and scores.
+
+Loading order for a D4RL-style name (e.g. ``maze2d-umaze``):
+  1. a local Minari dataset (the official id, then our own local rebuild),
+  2. a download attempt of the official id (gives up at once when offline),
+  3. for maze2d only: build the dataset locally the way D4RL/Minari did (waypoint planner + PD
+     controller + Gaussian action noise) and store it with Minari under ``dydiff/pointmaze/...``.
+The dataset is then flattened to transition arrays, cached beside it (``dydiff_cache/flat.npz``)
+and rebuilt automatically when the dataset files change.
+
+``python data.py --env maze2d-umaze`` builds/loads a dataset on its own and prints a summary.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+# D4RL names -> Minari ids. maze2d entries also describe the local rebuild (DESIGN.md section 8).
+MAZE2D = {
+    # name: (official Minari id, gymnasium-robotics map, goal cell (row, col), eval steps, D4RL size)
+    "maze2d-umaze": ("D4RL/pointmaze/umaze-v2", "U_MAZE", (1, 1), 300, 1_000_000),
+    "maze2d-medium": ("D4RL/pointmaze/medium-v2", "MEDIUM_MAZE", (6, 6), 600, 2_000_000),
+    "maze2d-large": ("D4RL/pointmaze/large-v2", "LARGE_MAZE", (7, 9), 800, 4_000_000),
+}
+LOCOMOTION = {
+    f"{env}-{level}": f"mujoco/{env}/{level}-v0"
+    for env in ("hopper", "halfcheetah", "walker2d")
+    for level in ("medium", "medium-replay", "medium-expert")
+}
+ENV_NAMES = list(MAZE2D) + list(LOCOMOTION)
+GYM_IDS = {"U_MAZE": "PointMaze_UMaze-v3", "MEDIUM_MAZE": "PointMaze_Medium-v3", "LARGE_MAZE": "PointMaze_Large-v3"}
+
+# Planner-controller constants of the D4RL maze2d data collection.
+P_GAIN, D_GAIN, WAYPOINT_RADIUS, ACTION_NOISE = 10.0, 1.0, 0.1, 0.5
+
+
+class DatasetError(RuntimeError):
+    """A dataset problem with a one-line, actionable message (train.py prints it without a traceback)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------------
+def resolve_env(env: str) -> str:
+    """Return the official Minari id for a D4RL-style name, or fail with the list of valid names."""
+    if env in MAZE2D:
+        return MAZE2D[env][0]
+    if env in LOCOMOTION:
+        return LOCOMOTION[env]
+    raise DatasetError(f"unknown env '{env}': choose one of {', '.join(ENV_NAMES)} (or pass --dataset-id <minari id>)")
+
+
+def local_maze_id(env: str, steps: int) -> str:
+    """Our own Minari id for a local maze2d rebuild; a non-default size gets its own id."""
+    maze = env.split("-", 1)[1]
+    size = "" if steps == MAZE2D[env][4] else f"-{steps}"
+    return f"dydiff/pointmaze/{maze}{size}-v0"
+
+
+# --------------------------------------------------------------------------------------------------
+# Waypoint planner + PD controller (the D4RL maze2d data policy)
+# --------------------------------------------------------------------------------------------------
+class WaypointController:
+    """Breadth-first path over maze cells to the goal, then PD control toward cell centres.
+
+    Waypoints are the centres of the cells along the shortest path, the last one the exact goal;
+    the controller moves on to the next waypoint once within ``WAYPOINT_RADIUS`` of the current one.
+    """
+
+    def __init__(self, maze, noise_std: float = 0.0, rng: np.random.Generator | None = None):
+        self.maze, self.noise_std = maze, noise_std
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.grid = np.array([[1 if c == 1 else 0 for c in row] for row in maze.maze_map])
+        self.goal = None
+        self.waypoints: list[np.ndarray] = []
+
+    def cell(self, xy: np.ndarray) -> tuple[int, int]:
+        return tuple(int(v) for v in self.maze.cell_xy_to_rowcol(xy))
+
+    def plan(self, xy: np.ndarray, goal: np.ndarray) -> None:
+        start, target = self.cell(xy), self.cell(goal)
+        parent = {target: None}  # BFS from the goal, so following parents walks toward it
+        queue = deque([target])
+        while queue:
+            r, c = queue.popleft()
+            for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if self.grid[nr, nc] == 0 and (nr, nc) not in parent:
+                    parent[(nr, nc)] = (r, c)
+                    queue.append((nr, nc))
+        path, node = [], parent.get(start)
+        while node is not None:
+            path.append(np.asarray(self.maze.cell_rowcol_to_xy(np.array(node)), dtype=np.float64))
+            node = parent[node]
+        self.waypoints = path[:-1] + [np.asarray(goal, dtype=np.float64).copy()]
+        self.goal = np.asarray(goal, dtype=np.float64).copy()
+
+    def __call__(self, qpos: np.ndarray, qvel: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        if self.goal is None or not np.array_equal(goal, self.goal):
+            self.plan(qpos, goal)
+        while len(self.waypoints) > 1 and np.linalg.norm(self.waypoints[0] - qpos) < WAYPOINT_RADIUS:
+            self.waypoints.pop(0)
+        action = P_GAIN * (self.waypoints[0] - qpos) - D_GAIN * qvel
+        if self.noise_std > 0:
+            action = action + self.rng.normal(0.0, self.noise_std, size=2)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+def maze_eval_env(env: str) -> gym.Env:
+    """The evaluation env: one fixed goal cell (marked 'g'), the ball reset in any other free cell."""
+    _, map_name, (gr, gc), steps, _ = MAZE2D[env]
+    import gymnasium_robotics.envs.maze.maps as maps
+
+    maze_map = [list(row) for row in getattr(maps, map_name)]
+    maze_map[gr][gc] = "g"
+    gym.register_envs(__import__("gymnasium_robotics"))
+    return gym.make(GYM_IDS[map_name], maze_map=maze_map, continuing_task=True, reset_target=False,
+                    max_episode_steps=steps)
+
+
+def run_policy(env: gym.Env, policy, episodes: int, seed: int) -> np.ndarray:
+    """Undiscounted returns of ``policy(obs_dict) -> action`` over seeded episodes."""
+    returns = np.zeros(episodes)
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done = False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
+            returns[ep] += reward
+            done = terminated or truncated
+    return returns
+
+
+def maze_reference_scores(env: str, episodes: int = 100, seed: int = 0) -> tuple[float, float]:
+    """(random policy, noise-free expert controller) mean returns on the eval env."""
+    eval_env = maze_eval_env(env)
+    point = eval_env.unwrapped
+    expert = WaypointController(point.maze)
+    ref_max = run_policy(eval_env, lambda o: expert(o["observation"][:2], o["observation"][2:], o["desired_goal"]),
+                         episodes, seed).mean()
+    rng = np.random.default_rng(seed)
+    ref_min = run_policy(eval_env, lambda o: rng.uniform(-1, 1, 2).astype(np.float32), episodes, seed).mean()
+    return float(ref_min), float(ref_max)
+
+
+def generate_maze_dataset(env: str, steps: int | None = None, seed: int = 0, progress: bool = True):
+    """Collect one continuing run of ``steps`` noisy-controller steps, cut into episodes at every
+    success, and store it with Minari under our local id. Returns the MinariDataset."""
+    import gymnasium_robotics  # noqa: F401  (registers PointMaze)
+    import minari
+    from minari.data_collector import EpisodeBuffer
+    from tqdm import tqdm
+
+    steps = steps or MAZE2D[env][4]
+    dataset_id = local_maze_id(env, steps)
+    gym.register_envs(gymnasium_robotics)
+    data_env = gym.make(GYM_IDS[MAZE2D[env][1]], continuing_task=True, reset_target=True, max_episode_steps=steps)
+    point = data_env.unwrapped  # step the raw env: wrappers cost more than the physics here
+    controller = WaypointController(point.maze, noise_std=ACTION_NOISE, rng=np.random.default_rng(seed))
+    obs, _ = data_env.reset(seed=seed)
+
+    def new_episode(first):
+        return {"observation": [first["observation"]], "achieved_goal": [first["achieved_goal"]],
+                "desired_goal": [first["desired_goal"]]}, [], [], []
+
+    buffers, ep_obs, ep_act, ep_rew, ep_trunc = [], *new_episode(obs)
+    for t in tqdm(range(steps), desc=f"generating {dataset_id}", disable=not progress, mininterval=1.0):
+        action = controller(obs["observation"][:2], obs["observation"][2:], obs["desired_goal"])
+        obs, reward, _, _, info = point.step(action)
+        ep_act.append(action)
+        ep_rew.append(float(reward))
+        for k in ep_obs:
+            ep_obs[k].append(obs[k])
+        last = t == steps - 1
+        if info["success"] or last:  # cut at every success (the env has already moved the goal)
+            ep_trunc = [False] * (len(ep_rew) - 1) + [True]
+            buffers.append(EpisodeBuffer(
+                id=len(buffers), observations={k: np.asarray(v) for k, v in ep_obs.items()},
+                actions=np.asarray(ep_act), rewards=ep_rew, terminations=[False] * len(ep_rew),
+                truncations=ep_trunc))
+            obs = {**obs, "desired_goal": point.goal.copy()}  # next episode starts with the new goal
+            ep_obs, ep_act, ep_rew, ep_trunc = new_episode(obs)
+
+    ref_min, ref_max = maze_reference_scores(env)
+    eval_env = maze_eval_env(env)
+    dataset = minari.create_dataset_from_buffers(
+        dataset_id=dataset_id, buffer=buffers, env=data_env.spec, eval_env=eval_env.spec,
+        algorithm_name="D4RL waypoint planner + PD controller, action noise 0.5",
+        author="DyDiff reference implementation (local rebuild)", code_permalink="data.py",
+        ref_min_score=ref_min, ref_max_score=ref_max,
+        description=f"Local rebuild of {MAZE2D[env][0]}: {steps} steps, seed {seed}, episodes cut at successes; "
+                    f"refs = random policy / noise-free controller, 100 episodes on the fixed-goal eval env.",
+    )
+    print(f"built {dataset_id}: {steps} steps, {len(buffers)} episodes, refs {ref_min:.2f}/{ref_max:.2f}")
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and flattening
+# --------------------------------------------------------------------------------------------------
+def _try_download(dataset_id: str) -> bool:
+    """One fast connectivity probe, then Minari's download; False instead of a long hang offline."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    try:
+        import minari
+
+        minari.download_dataset(dataset_id)
+        return True
+    except Exception as exc:  # any remote failure means "not available": fall back
+        print(f"download of {dataset_id} failed: {exc}")
+        return False
+
+
+def open_minari(env: str | None = None, dataset_id: str | None = None, steps: int | None = None):
+    """Find, download or build the Minari dataset. Returns (MinariDataset, how it was obtained)."""
+    import minari
+
+    if dataset_id is None:
+        official = resolve_env(env)
+        candidates = [official] + ([local_maze_id(env, steps or MAZE2D[env][4])] if env in MAZE2D else [])
+        if steps is not None and env in MAZE2D:
+            candidates = candidates[1:]  # a size override always means our own rebuild
+    else:
+        official, candidates = dataset_id, [dataset_id]
+    local = set(minari.list_local_datasets())
+    for cid in candidates:
+        if cid in local:
+            return minari.load_dataset(cid), "local"
+    if official in candidates and _try_download(official):
+        return minari.load_dataset(official), "downloaded"
+    if env in MAZE2D:
+        return generate_maze_dataset(env, steps), "built locally"
+    where = "minari download " + official
+    raise DatasetError(f"dataset {official} is not on this machine and cannot be downloaded: on a connected "
+                       f"machine run `{where}` and copy ~/.minari/datasets/{official} here "
+                       f"(or set MINARI_DATASETS_PATH)")
+
+
+@dataclass
+class OfflineData:
+    """A dataset flattened to transitions. Observations are raw; ``obs_mean``/``obs_std`` z-score them."""
+
+    dataset_id: str
+    obs: np.ndarray          # (N, obs_dim) float32; pointmaze: [qpos, qvel, desired_goal]
+    actions: np.ndarray      # (N, act_dim) float32 in [-1, 1]
+    rewards: np.ndarray      # (N,) float32
+    next_obs: np.ndarray     # (N, obs_dim) float32
+    terminals: np.ndarray    # (N,) float32, from terminations (never truncations)
+    episode_starts: np.ndarray  # (E,) int64 index of each episode's first transition
+    ref_min: float | None
+    ref_max: float | None
+    fingerprint: str         # changes whenever the dataset files change: the key for every cache
+    cache_dir: Path
+    minari_dataset: object = field(repr=False, default=None)
+    obs_mean: np.ndarray = field(init=False)
+    obs_std: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.obs_mean = self.obs.mean(0)
+        self.obs_std = self.obs.std(0) + 1e-3  # CORL's eps
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        return np.append(self.episode_starts[1:], len(self.obs))
+
+    def normalize_obs(self, obs: np.ndarray) -> np.ndarray:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def normalized_score(self, returns) -> np.ndarray:
+        return normalized_score(returns, self.ref_min, self.ref_max)
+
+    def make_eval_env(self) -> gym.Env:
+        import gymnasium_robotics  # noqa: F401  (registers envs named in the eval spec)
+
+        return self.minari_dataset.recover_environment(eval_env=True)
+
+
+def normalized_score(returns, ref_min: float, ref_max: float) -> np.ndarray:
+    """D4RL normalized score: 0 = random policy, 100 = expert."""
+    if ref_min is None or ref_max is None:
+        raise DatasetError("this dataset has no reference scores (ref_min_score/ref_max_score in its metadata)")
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def flat_obs(observations) -> np.ndarray:
+    """Pointmaze dict observations -> [observation, desired_goal]; arrays pass through."""
+    if isinstance(observations, dict):
+        return np.concatenate([observations["observation"], observations["desired_goal"]], axis=-1)
+    return np.asarray(observations)
+
+
+def _fingerprint(dataset_id: str, root: Path) -> str:
+    h = hashlib.sha256(dataset_id.encode())
+    for f in sorted((root / "data").rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_dataset(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
+                 verbose: bool = True) -> OfflineData:
+    """Open (or obtain) a dataset and return its flat arrays, from the cache when it is current."""
+    from minari.storage import get_dataset_path
+
+    ds, how = open_minari(env, dataset_id, steps)
+    dataset_id = ds.spec.dataset_id
+    root = Path(get_dataset_path(dataset_id))
+    cache_dir = root / "dydiff_cache"
+    fingerprint = _fingerprint(dataset_id, root)
+    cache = cache_dir / "flat.npz"
+    arrays = None
+    if cache.exists():
+        try:
+            with np.load(cache) as z:
+                if str(z["fingerprint"]) == fingerprint:
+                    arrays = {k: z[k] for k in z.files if k != "fingerprint"}
+        except Exception:  # a corrupt cache is rebuilt, never trusted
+            arrays = None
+    if arrays is None:
+        arrays = _flatten(ds)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, fingerprint=fingerprint, **arrays)
+        os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+    meta = ds.storage.metadata
+    data = OfflineData(dataset_id=dataset_id, ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"),
+                       fingerprint=fingerprint, cache_dir=cache_dir, minari_dataset=ds, **arrays)
+    if verbose:
+        print(f"dataset {dataset_id} ({how}): {len(data.obs)} transitions, {len(data.episode_starts)} episodes, "
+              f"obs dim {data.obs.shape[1]}, act dim {data.actions.shape[1]}")
+    return data
+
+
+def _flatten(ds) -> dict[str, np.ndarray]:
+    obs, act, rew, nxt, term, starts, n = [], [], [], [], [], [], 0
+    for ep in ds.iterate_episodes():
+        o = flat_obs(ep.observations).astype(np.float32)
+        obs.append(o[:-1])
+        nxt.append(o[1:])
+        act.append(np.asarray(ep.actions, dtype=np.float32))
+        rew.append(np.asarray(ep.rewards, dtype=np.float32))
+        term.append(np.asarray(ep.terminations, dtype=np.float32))
+        starts.append(n)
+        n += len(ep.rewards)
+    return {"obs": np.concatenate(obs), "actions": np.concatenate(act), "rewards": np.concatenate(rew),
+            "next_obs": np.concatenate(nxt), "terminals": np.concatenate(term),
+            "episode_starts": np.asarray(starts, dtype=np.int64)}
+
+
+if __name__ == "__main__":
+    import tyro
+
+    @dataclass
+    class Args:
+        env: str = "maze2d-umaze"
+        """D4RL-style dataset name (maze2d-umaze/-medium/-large, hopper-medium, ...)"""
+        dataset_id: str | None = None
+        """any Minari dataset id, instead of --env"""
+        steps: int | None = None
+        """maze2d only: size of a local rebuild (default: as D4RL, 1M/2M/4M steps)"""
+
+    args = tyro.cli(Args)
+    try:
+        d = load_dataset(args.env, args.dataset_id, args.steps)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    lengths = d.episode_ends - d.episode_starts
+    print(f"episode length mean {lengths.mean():.1f} (min {lengths.min()}, max {lengths.max()}); "
+          f"reward sum {d.rewards.sum():.0f}; refs {d.ref_min}/{d.ref_max}; cache {d.cache_dir}")
