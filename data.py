@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,7 @@ def generate_maze_dataset(env: str, steps: int | None = None, seed: int = 0, pro
 
     ref_min, ref_max = maze_reference_scores(env)
     eval_env = maze_eval_env(env)
+    warnings.filterwarnings("ignore", message=".*author_email.*")  # a local rebuild has no contact address
     dataset = minari.create_dataset_from_buffers(
         dataset_id=dataset_id, buffer=buffers, env=data_env.spec, eval_env=eval_env.spec,
         algorithm_name="D4RL waypoint planner + PD controller, action noise 0.5",
