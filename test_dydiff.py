@@ -213,6 +213,65 @@ def test_resume_gives_the_same_run_as_an_uninterrupted_one(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "train.py", "--dataset-steps", str(TINY_STEPS), "--run-dir", str(tmp_path),
+           "--eval-episodes", "2", "--eval-interval", "50", "--total-steps", "250", "--no-track-tensorboard"]
+    full = subprocess.run(cmd + ["--run-name", "full"], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    victim = subprocess.Popen(cmd + ["--run-name", "killed"], cwd=HERE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    ckpt, deadline = tmp_path / "killed" / "checkpoint.pt", time.time() + 300
+    while victim.poll() is None and time.time() < deadline:  # kill right after the first checkpoint
+        if ckpt.exists():
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < 250
+    resumed = subprocess.run(cmd + ["--run-name", "killed", "--resume"], cwd=HERE, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {tmp_path / 'killed'} at step {killed_at}" in resumed.stdout
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert a["evaluations"] == b["evaluations"] and a["last_score"] == b["last_score"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    import td3bc
+
+    real_update = td3bc.TD3BC.update
+
+    def poisoned(self, batch):
+        out = real_update(self, batch)
+        return {**out, "critic_loss": float("nan")} if self.total_it == 120 else out
+
+    monkeypatch.setattr(td3bc.TD3BC, "update", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tmp_path, "--total-steps", "200", "--run-name", "nan")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: td3bc critic_loss became nan at step 120; last good checkpoint:")
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 100
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_corrupt_flat_cache_is_rebuilt(tiny_data):
+    from data import load_dataset
+
+    cache = tiny_data.cache_dir / "flat.npz"
+    cache.write_bytes(b"\x00garbage")
+    again = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    np.testing.assert_array_equal(again.obs, tiny_data.obs)
+    with np.load(cache) as z:  # and the cache on disk is whole again
+        assert str(z["fingerprint"]) == again.fingerprint
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--total-steps", "-5"], "--total-steps must be positive"),
     (["--resume"], "--resume needs --run-name"),

@@ -39,8 +39,8 @@ class Args:
     """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     threads: int = 1
     """torch CPU threads; 1 is the safe default: at 2 threads torch slowed 40x here when another process used the cores"""
-    total_steps: int = 100_000
-    """gradient steps of the learner (CORL uses 1M; 100k keeps a CPU run under 20 minutes)"""
+    total_steps: int = 50_000
+    """gradient steps of the learner (CORL uses 1M; 50k keeps a 1-thread CPU run near 10 minutes)"""
     batch_size: int = 256
     """transitions per gradient step"""
     eval_interval: int = 5_000
@@ -244,6 +244,7 @@ def train(args: Args) -> dict:
             for _ in range(n):
                 losses = learner.update(real.sample(args.batch_size, gen))
                 step += 1
+                bar.update(1)
                 bad = [k for k, v in losses.items() if not math.isfinite(v)]
                 if bad:  # stop before the NaN reaches a checkpoint: the last one on disk stays good
                     last = f"{ckpt_path} (step {evals[-1]['step']})" if evals else "none yet"
@@ -261,7 +262,6 @@ def train(args: Args) -> dict:
                 writer.add_scalar("charts/return", float(returns.mean()), step)
                 writer.add_scalar("charts/SPS", n / dt, step)
             checkpoint()
-            bar.update(n)
             bar.set_postfix(sps=f"{n / dt:.0f}", score=f"{score:.1f}", best=f"{max(e['score'] for e in evals):.1f}")
     except KeyboardInterrupt:
         bar.close()
@@ -269,9 +269,10 @@ def train(args: Args) -> dict:
         print(f"interrupted at step {step}: checkpoint saved; continue with "
               f"python train.py --run-name {run_name} --resume (and the same flags)")
         raise SystemExit(130)
-    bar.close()
-    if writer:
-        writer.close()
+    finally:  # an error message must start on its own line, not after the bar
+        bar.close()
+        if writer:
+            writer.close()
 
     best = max(evals, key=lambda e: e["score"])
     summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "seed": args.seed, "steps": step,
