@@ -186,7 +186,7 @@ def run_train(tmp_path, *flags):
     from train import main
 
     return main(["--dataset-steps", str(TINY_STEPS), "--run-dir", str(tmp_path), "--eval-episodes", "2",
-                 "--eval-interval", "50", *flags])
+                 "--eval-interval", "50", *flags, *([] if "--dydiff" in flags else ["--no-dydiff"])])
 
 
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
@@ -218,7 +218,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_data, tmp
     import time
 
     cmd = [sys.executable, "train.py", "--dataset-steps", str(TINY_STEPS), "--run-dir", str(tmp_path),
-           "--eval-episodes", "2", "--eval-interval", "50", "--total-steps", "250", "--no-track-tensorboard"]
+           "--eval-episodes", "2", "--eval-interval", "50", "--total-steps", "250", "--no-track-tensorboard",
+           "--no-dydiff"]
     full = subprocess.run(cmd + ["--run-name", "full"], cwd=HERE, capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
     victim = subprocess.Popen(cmd + ["--run-name", "killed"], cwd=HERE, stdout=subprocess.DEVNULL,
@@ -276,6 +277,11 @@ def test_corrupt_flat_cache_is_rebuilt(tiny_data):
     (["--total-steps", "-5"], "--total-steps must be positive"),
     (["--resume"], "--resume needs --run-name"),
     (["--resume", "--run-name", "nothing-here"], "nothing to resume"),
+    (["--real-ratio", "1.5"], "--real-ratio must be in [0, 1] (got 1.5)"),
+    (["--keep-fraction", "0"], "--keep-fraction must be in (0, 1] (got 0.0)"),
+    (["--horizon", "30"], "--horizon 30 must be divisible by 4, the U-Net's down-sampling for --dm-mults 1 2 4"),
+    (["--rollout-batch", "0"], "--rollout-batch must be positive"),
+    (["--iterations", "-1"], "--iterations must be 0 or more"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
     from train import main
@@ -284,6 +290,13 @@ def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
         main(["--run-dir", str(tmp_path), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(tiny_data, tmp_path, capsys):
+    run_train(tmp_path, "--total-steps", "50", "--run-name", "r")
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--total-steps", "100", "--run-name", "r", "--resume", "--alpha", "3.0")
+    assert "was made with other settings (--alpha=2.5)" in capsys.readouterr().err
 
 
 def test_foreign_checkpoint_is_refused_with_a_clear_error(tiny_data, tmp_path, capsys):
@@ -457,3 +470,388 @@ def test_rollout_error_against_the_simulator(tiny_data):
     np.testing.assert_allclose(traj[:, 0], s0, atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         rollout_error(lambda s0, act: s0, data, horizon=5, n_starts=4)
+
+
+# ------------------------------------------------------------------------ diffusion.py (issue 4)
+import diffusion  # noqa: E402
+from diffusion import (DynamicsDiffusion, TemporalUnet, crossings, dm_predict, gather_segments,  # noqa: E402
+                       generate_long, in_episode_rollout_error, segment_index)
+
+
+def tiny_model(obs_dim=3, act_dim=2, H=8, seed=0):
+    torch.manual_seed(seed)
+    return DynamicsDiffusion(obs_dim, act_dim, horizon=H, dim=8, dim_mults=(1, 2))
+
+
+def toy_rows(n_episodes=20, length=40, seed=0):
+    """Linear toy dynamics s' = s + 0.1 a (a 2-D point), rows [s, a], episodes concatenated."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_episodes):
+        s = rng.uniform(-0.5, 0.5, 2)
+        for _ in range(length):
+            a = rng.uniform(-1, 1, 2)
+            rows.append(np.concatenate([s, a]))
+            s = np.clip(s + 0.1 * a, -1, 1)
+    starts = np.arange(n_episodes) * length
+    return torch.tensor(np.array(rows), dtype=torch.float32), starts, starts + length
+
+
+@pytest.mark.parametrize("D,H,mults", [(3, 8, (1, 2)), (8, 32, (1, 2, 4)), (17, 12, (1, 2, 4)), (5, 5, (1,))])
+def test_unet_output_shape_equals_input(D, H, mults):
+    net = TemporalUnet(D, cond_dim=D, dim=8, dim_mults=mults)
+    out = net(torch.randn(3, H, 2 * D), torch.randn(3))
+    assert out.shape == (3, H, D)
+
+
+def test_unet_rejects_bad_horizon_clearly():
+    with pytest.raises(ValueError, match="H=30 must be a multiple of 4"):
+        TemporalUnet(4, dim=8, dim_mults=(1, 2, 4))(torch.randn(1, 30, 4), torch.zeros(1))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        DynamicsDiffusion(3, 2, horizon=7, dim=8, dim_mults=(1, 2))
+
+
+def test_denoiser_returns_input_as_sigma_goes_to_zero():
+    model = tiny_model()
+    x = torch.rand(4, 8, 5) * 2 - 1
+    for sigma in (1e-4, 1e-6):
+        out = model.denoise(x, torch.full((4,), sigma), x, model.cond_mask())
+        assert torch.allclose(out, x, atol=50 * sigma)
+    # and it is not the identity at a real noise level
+    assert not torch.allclose(model.denoise(x, torch.full((4,), 1.0), x, model.cond_mask()), x, atol=1e-3)
+
+
+def test_sampling_keeps_conditions_exactly():
+    model = tiny_model()
+    model.x_min[:] = torch.tensor([-2.0, -1.0, 0.0, -1.0, -1.0])
+    model.x_max[:] = torch.tensor([2.0, 3.0, 1.0, 1.0, 1.0])
+    cond = torch.rand(6, 8, 5) * 2 - 1
+    mask = model.cond_mask()
+    x = model.sample(cond, mask, n_steps=5, generator=torch.Generator().manual_seed(0))
+    assert (x[:, mask] - cond[:, mask]).abs().max() < 1e-6  # s_0 and every action
+    assert (x[:, ~mask] - cond[:, ~mask]).abs().max() > 1e-2  # the rest is generated
+    s0 = torch.rand(6, 3) * torch.tensor([4.0, 4.0, 1.0]) + torch.tensor([-2.0, -1.0, 0.0])
+    states = model.generate(s0, torch.rand(6, 8, 2) * 2 - 1, n_steps=5, generator=torch.Generator().manual_seed(0))
+    assert states.shape == (6, 8, 3) and (states[:, 0] - s0).abs().max() < 1e-6
+    assert (states >= model.x_min[:3] - 1e-6).all() and (states <= model.x_max[:3] + 1e-6).all()  # clipped to box
+
+
+def test_generate_long_chains_windows():
+    model = tiny_model()
+    s0, actions = torch.rand(4, 3) * 2 - 1, torch.rand(4, 20, 2) * 2 - 1
+    states = generate_long(model, s0, actions, n_steps=3, generator=torch.Generator().manual_seed(1))
+    assert states.shape == (4, 21, 3) and torch.equal(states[:, 0], s0)
+    # windows of 7 transitions start from the previous window's last state; the last one is shifted back
+    # to end at s_20 (starting from s_13) rather than padded with invented actions: replay all three
+    g = torch.Generator().manual_seed(1)
+    w1 = model.generate(s0, actions[:, :8], n_steps=3, generator=g)
+    w2 = model.generate(w1[:, -1], actions[:, 7:15], n_steps=3, generator=g)
+    w3 = model.generate(w2[:, -2], torch.cat([actions[:, 13:], actions[:, -1:]], 1), n_steps=3, generator=g)
+    assert torch.allclose(states[:, :8], w1, atol=1e-6) and torch.allclose(states[:, 8:15], w2[:, 1:], atol=1e-6)
+    assert torch.allclose(states[:, 15:], w3[:, 2:], atol=1e-6)
+    short = generate_long(model, s0, actions[:, :3], n_steps=3, generator=torch.Generator().manual_seed(1))
+    assert short.shape == (4, 4, 3)
+
+
+def test_sampler_is_deterministic_for_a_seed():
+    model = tiny_model()
+    s0, actions = torch.rand(5, 3) * 2 - 1, torch.rand(5, 8, 2) * 2 - 1
+    run = lambda seed: model.generate(s0, actions, n_steps=4, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(3), run(3))
+    assert not torch.allclose(run(3), run(4))
+
+
+def test_segments_and_mask_keep_padding_out():
+    starts, ends = np.array([0, 10, 13]), np.array([10, 13, 30])  # lengths 10, 3 (short), 17
+    seg_start, seg_len = segment_index(starts, ends, H=8)
+    assert len(seg_start) == 3 + 1 + 10
+    assert np.all(seg_start + seg_len <= np.repeat(ends, [3, 1, 10]))  # never crosses an episode end
+    assert seg_len[3] == 3 and seg_start[3] == 10
+    X = torch.arange(30, dtype=torch.float32)[:, None].repeat(1, 5)
+    x, mask = gather_segments(X, torch.as_tensor(seg_start), torch.as_tensor(seg_len), 8)
+    assert mask[3].tolist() == [True] * 3 + [False] * 5 and torch.all(x[3, 3:] == 12)
+
+    model = tiny_model()
+    x = torch.rand(4, 8, 5) * 2 - 1
+    loss_mask = torch.ones(4, 8, dtype=torch.bool)
+    loss_mask[1, 5:] = False
+    loss_mask[2, 1:] = False  # only s_0 is real: nothing to learn in this segment
+    garbage = x.clone()
+    garbage[~loss_mask] = 100.0
+    loss = lambda x_, m: model.loss(x_, model.cond_mask(), m, generator=torch.Generator().manual_seed(0))
+    ref = loss(x, loss_mask)
+    assert torch.equal(ref, loss(garbage, loss_mask))  # neither the loss nor the network sees the padding
+    assert not torch.equal(ref, loss(garbage, torch.ones_like(loss_mask)))  # unmasked, garbage would be learnt
+    garbage.requires_grad_(True)
+    loss(garbage, loss_mask).backward()
+    assert torch.all(garbage.grad[~loss_mask] == 0)
+
+
+def test_loss_falls_on_toy_dataset():
+    X, starts, ends = toy_rows()
+    seg_start, seg_len = segment_index(starts, ends, H=8)
+    torch.manual_seed(0)
+    model = DynamicsDiffusion(2, 2, horizon=8, dim=16, dim_mults=(1, 2))
+
+    def eval_loss():  # fixed batch and noise, so before/after are comparable
+        g = torch.Generator().manual_seed(123)
+        x, m = gather_segments(X, torch.as_tensor(seg_start[:256]), torch.as_tensor(seg_len[:256]), 8)
+        return float(np.mean([model.loss(x, model.cond_mask(), m, generator=g).item() for _ in range(8)]))
+
+    before = eval_loss()
+    info = diffusion.train(model, X, seg_start, seg_len, train_steps=200, batch_size=32, lr=2e-3, warmup=20, progress=False)
+    after = eval_loss()
+    assert after < 0.5 * before, (before, after)
+    assert info["final_loss"] < info["first_loss"]
+
+
+def test_dm_load_or_train_caches_and_rejects_mismatches(tiny_data):
+    kw = dict(H=8, dim=8, dim_mults=(1, 2), train_steps=30, batch_size=16, progress=False)
+    model, info = diffusion.load_or_train(tiny_data, "maze2d-umaze", **kw)
+    assert not info["cached"] and np.isfinite(info["final_loss"]) and info["train_steps"] == 30
+    again, info2 = diffusion.load_or_train(tiny_data, "maze2d-umaze", **kw)
+    assert info2["cached"] and info2["path"] == info["path"]
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k  # weights, EMA weights and min/max all round-trip
+    raw = np.concatenate([tiny_data.obs, tiny_data.actions], 1)
+    assert np.allclose(again.x_min.numpy(), raw.min(0)) and np.allclose(again.x_max.numpy(), raw.max(0))
+
+    s0 = torch.as_tensor(tiny_data.obs[:4])
+    acts = torch.as_tensor(tiny_data.actions[:8])[None].repeat(4, 1, 1)
+    states = again.generate(s0, acts, n_steps=3, generator=torch.Generator().manual_seed(0))
+    assert states.shape == (4, 8, tiny_data.obs.shape[1]) and torch.equal(states[:, 0], s0)
+
+    with pytest.raises(ValueError, match="another dataset.*retrain"):
+        diffusion.load_checkpoint(info["path"], fingerprint="not-this-one")
+    with pytest.raises(ValueError, match=r"diffusion_.*\.pt has settings"):
+        diffusion.load_checkpoint(info["path"], settings={**info["settings"], "H": 16})
+
+
+def test_fidelity_helpers(tiny_data):
+    import dynamics
+
+    perfect = lambda s0, actions: dynamics.simulate(tiny_data, s0, actions)
+    r = in_episode_rollout_error(perfect, tiny_data, horizon=12, n_starts=8)
+    assert r["horizons"] == list(range(1, 13)) and max(r["mse"]) < 1e-10  # starts and actions line up
+    model, _ = diffusion.load_or_train(tiny_data, "maze2d-umaze", H=8, dim=8, dim_mults=(1, 2), train_steps=30,
+                             batch_size=16, progress=False)
+    s0, actions = tiny_data.obs[:3], tiny_data.actions[:17][None].repeat(3, 0)
+    assert dm_predict(model, n_steps=3)(s0, actions).shape == (3, 18, tiny_data.obs.shape[1])
+    assert crossings([3, 1, 3, 1, 1], [2, 2, 2, 2, 2], [1, 2, 3, 4, 5]) == {"first_below": 2, "stays_below_from": 4}
+    assert crossings([3, 3], [2, 2], [1, 2]) == {"first_below": None, "stays_below_from": None}
+
+
+# --------------------------------------------------------------------------- dydiff.py (issue 5)
+from types import SimpleNamespace  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+
+import dydiff  # noqa: E402
+OBS, ACT, H = 4, 2, 8
+MEAN = torch.tensor([0.5, -1.0, 2.0, 0.0])  # hand-made dataset stats (raw = env * STD + MEAN)
+STD = torch.tensor([2.0, 0.5, 1.0, 3.0])
+BOX = 0.3  # the dataset box is [-0.3, 0.3] in env space: tight, so the ensemble leaves it
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    ens = Ensemble(OBS, ACT, n_members=3, n_elites=2, hidden=16, n_layers=2)
+    with torch.no_grad():  # x, y drift by +0.5 per step: the ensemble leaves the box within a step
+        ens.net.layers[-1].bias[..., :2] += 0.5
+    reward = RewardModel(OBS, ACT, hidden=16, n_layers=1)
+    x_min = torch.cat([MEAN - BOX * STD, -torch.ones(ACT)])
+    x_max = torch.cat([MEAN + BOX * STD, torch.ones(ACT)])
+    dm = DynamicsDiffusion(OBS, ACT, horizon=H, dim=8, dim_mults=(1, 2), x_min=x_min, x_max=x_max)
+    policy = nn.Sequential(nn.Linear(OBS, 16), nn.Tanh(), nn.Linear(16, ACT), nn.Tanh())
+    act_fn = lambda s: policy(s)  # noqa: E731  (the dydiff functions run it under no_grad)
+    return SimpleNamespace(ens=ens, reward=reward, dm=dm, act_fn=act_fn)
+
+
+def starts(B, seed=1):
+    return (torch.rand(B, OBS, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * BOX
+
+
+def test_initial_rollout_follows_policy_and_ensemble(models):
+    models.ens.n_elites = 1
+    models.ens.set_elites(torch.tensor([0.3, 0.1, 0.2]))  # one elite (member 1): the step is deterministic
+    s, a = dydiff.initial_rollout(models.act_fn, models.ens, starts(16), H, torch.Generator().manual_seed(0))
+    assert s.shape == (16, H, OBS) and a.shape == (16, H, ACT)
+    assert torch.equal(s[:, 0], starts(16))
+    with torch.no_grad():
+        for t in range(H):
+            assert torch.allclose(a[:, t], models.act_fn(s[:, t]))
+        for t in range(H - 1):
+            assert torch.allclose(s[:, t + 1], models.ens.step(s[:, t], a[:, t]), atol=1e-6)
+
+
+def test_refine_is_policy_consistent_and_stays_in_dataset_box(models):
+    g = torch.Generator().manual_seed(0)
+    s0 = starts(32)
+    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, g)
+    assert states.abs().max() > 2.0  # precondition: the ensemble left the box, so the clip matters
+    iterates = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN.numpy(), STD.numpy(),
+                             iterations=2, sampler_steps=4, generator=g)
+    assert len(iterates) == 3 and iterates[0][0] is states and iterates[0][1] is actions
+    final_s, final_a = iterates[-1]
+    with torch.no_grad():
+        assert torch.equal(final_a, models.act_fn(final_s.reshape(-1, OBS)).reshape(32, H, ACT))
+    assert not torch.allclose(final_a, actions, atol=1e-3)  # the relabelling did change the actions
+    assert torch.equal(final_s[:, 0], s0)  # s_0 is kept exactly
+    for s, _ in iterates[1:]:
+        assert s.min() >= -BOX - 1e-6 and s.max() <= BOX + 1e-6
+        raw = s * STD + MEAN  # and in the DM's raw coordinates
+        assert (raw >= models.dm.x_min[:OBS] - 1e-5).all() and (raw <= models.dm.x_max[:OBS] + 1e-5).all()
+
+
+def test_state_averaging_with_previous_states(models):
+    """One iteration with the same sampler noise: states = clip((DM + previous) / 2)."""
+    s0 = starts(8)
+    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, torch.Generator().manual_seed(0))
+    out = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN, STD, 1, 4, torch.Generator().manual_seed(5))
+    dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 4, torch.Generator().manual_seed(5))
+    expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
+    assert torch.allclose(out[1][0][:, 1:], expect[:, 1:], atol=1e-5)
+
+
+def test_hardmax_keeps_exactly_the_top_fraction():
+    scores = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    kept = dydiff.hardmax_filter(scores, 0.6)
+    assert len(kept) == 30 and set(kept.tolist()) == set(torch.argsort(scores, descending=True)[:30].tolist())
+    assert len(dydiff.hardmax_filter(torch.randn(8), 0.6)) == 4  # floor(4.8), not round
+    assert len(dydiff.hardmax_filter(torch.randn(100), 0.29)) == 29  # floor, robust to 0.29*100 = 28.99..
+    assert len(dydiff.hardmax_filter(torch.randn(10), 0.01)) == 1  # never empty
+
+
+def test_softmax_keeps_count_without_repeats_and_prefers_high_scores():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.arange(100.0)
+    for frac in (0.6, 1.0):
+        kept = dydiff.softmax_filter(scores, frac, 0.05, g)
+        assert len(kept) == int(frac * 100) and len(set(kept.tolist())) == len(kept)
+    kept = dydiff.softmax_filter(scores, 0.3, 0.05, g)
+    # T = 0.05 concentrates on the top: the 15 best are always drawn (once the top ~25 are used up, the
+    # uniform floor dominates and the rest is drawn nearly uniformly)
+    assert set(range(85, 100)) <= set(kept.tolist())
+    kept = dydiff.softmax_filter(scores, 0.3, 1e3, g)
+    assert 25 < scores[kept].mean() < 75  # a huge T is nearly uniform
+    # an outlier at a small T underflows exp() even in float64 (z gap 4.6 / 1e-3): the outlier is drawn
+    # first, and thanks to the uniform floor the rest are drawn uniformly (with p = 0 torch 2.x draws
+    # zero-probability indices in a fixed order, and older versions raise)
+    outlier = torch.cat([torch.tensor([1e6]), torch.zeros(19)])
+    assert sorted(dydiff.softmax_filter(outlier, 1.0, 1e-3, g).tolist()) == list(range(20))
+    draws = torch.stack([dydiff.softmax_filter(outlier, 0.1, 1e-3, g) for _ in range(200)])
+    assert (draws[:, 0] == 0).all() and len(set(draws[:, 1].tolist())) > 10
+
+
+def test_transitions_stop_at_first_terminal():
+    B, H6 = 3, 6
+    states = (torch.arange(B)[:, None] * 100 + torch.arange(H6)[None]).float()[..., None].expand(B, H6, OBS)
+    actions = -states[..., :ACT]
+    rewards = states[..., 0] + 0.5
+    terminal = torch.zeros(B, H6 - 1, dtype=torch.bool)
+    terminal[1, 2] = terminal[1, 4] = True  # trajectory 1: t = 0, 1, 2 kept, done at t = 2
+    terminal[2, 0] = True                   # trajectory 2: only its first transition
+    tr = dydiff.to_transitions(states, actions, rewards, terminal)
+    t_expect = [(0, t) for t in range(5)] + [(1, 0), (1, 1), (1, 2), (2, 0)]
+    code = torch.tensor([100.0 * b + t for b, t in t_expect])
+    assert torch.equal(tr["obs"][:, 0], code) and torch.equal(tr["next_obs"][:, 0], code + 1)
+    assert torch.equal(tr["actions"], -tr["obs"][:, :ACT]) and torch.equal(tr["rewards"], code + 0.5)
+    assert tr["dones"].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("filt", ["hardmax", "softmax"])
+def test_rollout_round_end_to_end(models, filt):
+    cfg = dydiff.RolloutConfig(n_rollouts=40, horizon=H, iterations=2, sampler_steps=4, filter=filt,
+                               keep_fraction=0.5)
+    data_env = starts(200, seed=3)
+    g = torch.Generator().manual_seed(0)
+    s0, idx = dydiff.draw_start_states(data_env, cfg.n_rollouts, g)
+    assert torch.equal(s0, data_env[idx])
+    def terminal(s, a, s_next):  # raw states, as dynamics.terminal_fn; fires on part of the box
+        return s_next[:, 3] > 0.45
+
+    tr, stats, iterates = dydiff.rollout_round(models.act_fn, models.ens, models.reward, models.dm, terminal,
+                                               s0, MEAN, STD, cfg, g, return_iterates=True)
+    assert stats["n_kept"] == 20 and stats["n_transitions"] == len(tr["obs"]) > 0
+    assert 0 < stats["terminated_fraction"] < 1  # both kinds of trajectories occur, so the cut is exercised
+    assert len(tr["obs"]) < 20 * (H - 1)
+    # every transition is consistent with the final trajectories and the reward model
+    final_s, final_a = iterates[-1]
+    with torch.no_grad():
+        assert torch.allclose(tr["actions"], models.act_fn(tr["obs"]))
+        assert torch.allclose(tr["rewards"], models.reward(tr["obs"], tr["actions"]), atol=1e-6)
+    raw_next = tr["next_obs"] * STD + MEAN
+    done = raw_next[:, 3] > 0.45
+    assert torch.equal(tr["dones"].bool(), done)
+    # at most one done per kept trajectory, and it ends it: #dones = #terminated kept trajectories
+    assert tr["dones"].sum() == round(stats["terminated_fraction"] * 20)
+    assert tr["obs"].abs().max() <= BOX + 1e-6 and tr["next_obs"].abs().max() <= BOX + 1e-6
+    if filt == "hardmax":
+        assert stats["score_kept_mean"] > stats["score_rejected_mean"]
+    with pytest.raises(ValueError, match="horizon"):
+        dydiff.rollout_round(models.act_fn, models.ens, models.reward, models.dm, terminal_fn("maze2d"), s0,
+                             MEAN, STD, dydiff.RolloutConfig(horizon=16), g)
+
+
+def test_plot_rollouts_writes_maze_png(tmp_path):
+    import matplotlib.image as mpimg
+
+    from data import maze_eval_env
+
+    rng = np.random.default_rng(0)
+    obs = np.concatenate([rng.uniform(-1.5, 1.5, (300, 2)), np.zeros((300, 4))], 1).astype(np.float32)
+    data = SimpleNamespace(make_eval_env=lambda: maze_eval_env("maze2d-umaze"), obs=obs,
+                           episode_starts=np.array([0, 100, 200]), episode_ends=np.array([100, 200, 300]))
+    start = obs[:4]
+    traj = start[:, None] + np.cumsum(rng.normal(0, 0.05, (4, H, 6)), 1)
+    path = tmp_path / "rollouts.png"
+    dydiff.plot_rollouts(path, data, torch.as_tensor(start), traj, traj + 0.1, "maze2d-umaze")
+    img = mpimg.imread(path)
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    assert (img[..., :3] < 0.3).all(-1).mean() > 0.05  # the dark maze walls are drawn
+
+
+# ---------------------------------------------------------------------------------- train.py + DyDiff
+def test_batch_mix_has_the_requested_real_ratio():
+    from train import TransitionBuffer, sample_batch
+
+    real, syn = TransitionBuffer(1000, 3, 1, "cpu"), TransitionBuffer(100, 3, 1, "cpu")
+    z = lambda n, v: dict(obs=torch.zeros(n, 3), actions=torch.zeros(n, 1), rewards=torch.full((n,), v),  # noqa: E731
+                          next_obs=torch.zeros(n, 3), dones=torch.zeros(n))
+    real.add(**z(1000, 0.0))
+    gen = torch.Generator().manual_seed(0)
+    syn.add(**z(50, 1.0))  # fewer than one batch: all real
+    assert sample_batch(real, syn, 256, 0.6, gen)["rewards"].sum() == 0
+    syn.add(**z(300, 1.0))  # FIFO: 350 added, capacity 100
+    assert syn.size == 100 and syn.ptr == 50
+    for ratio, n_syn in ((0.6, 64 - int(64 * 0.6)), (0.0, 64), (1.0, 0)):
+        assert sample_batch(real, syn, 64, ratio, gen)["rewards"].sum() == n_syn
+
+
+def test_presets_fill_only_unset_flags():
+    from train import PRESETS, Args, apply_preset
+
+    cpu = apply_preset(Args())
+    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps) == (50_000, 32, 32, 20)
+    paper = apply_preset(Args(preset="paper", rollout_batch=64))
+    assert paper.rollout_batch == 64  # an explicit flag wins
+    assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.rollout_interval,
+            paper.total_steps) == (100, 128, (1, 4, 8), 34, 500, 1_000_000)
+    assert PRESETS["paper"]["rollout_batch"] == 2048
+
+
+TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--dm-dim", "8", "--dm-mults", "1", "2", "--dm-train-steps", "30",
+               "--rollout-batch", "16", "--rollout-interval", "40", "--sampler-steps", "4", "--synthetic-capacity", "500"]
+
+
+def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, monkeypatch):
+    import dynamics
+
+    monkeypatch.setattr(dynamics, "FitConfig", lambda: TINY)  # seconds, not minutes, of ensemble training
+    summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "dyd", *TINY_DYDIFF)
+    assert summary["dydiff"] and summary["steps"] == 100 and summary["rollout_time_s"] > 0
+    ckpt = torch.load(tmp_path / "dyd" / "checkpoint.pt", weights_only=True)
+    # rounds at steps 0, 40, 80; each keeps int(0.6 * 16) = 9 trajectories of at most H - 1 = 7 transitions
+    assert 9 * 7 < ckpt["synthetic"]["size"] <= 3 * 9 * 7
+    assert (tmp_path / "dyd" / "rollouts.png").stat().st_size > 1000

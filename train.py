@@ -1,11 +1,17 @@
-"""Offline RL on a Minari dataset: TD3+BC or IQL, with evaluation, TensorBoard, checkpoints and resume.
+"""DyDiff: offline RL (TD3+BC or IQL) whose data is augmented by Dynamics Diffusion rollouts.
 
-    python train.py --env maze2d-umaze --algo td3bc
+    python train.py --env maze2d-umaze                 # TD3+BC + DyDiff, CPU preset
+    python train.py --env maze2d-umaze --no-dydiff     # the plain learner on the same budget
+    python train.py --env maze2d-umaze --preset paper  # the official settings (a GPU-day)
     python train.py --help
 
-One readable loop: load the dataset (data.py) -> z-score observations -> sample batches on the device
-by tensor indexing -> learner.update(batch) -> every eval_interval steps evaluate on the dataset's eval
-env (D4RL normalized score) and write an atomic checkpoint -> summary.json and a learning curve.
+One readable loop:
+  load the dataset (data.py) -> z-score observations
+  -> pretrain or load from cache: ensemble + reward model (dynamics.py), diffusion model (diffusion.py)
+  -> every rollout_interval steps: a DyDiff round with the current policy (dydiff.py) -> synthetic FIFO buffer
+  -> each batch: int(batch * real_ratio) real + the rest synthetic -> learner.update(batch)
+  -> every eval_interval steps: D4RL normalized score on the eval env + an atomic checkpoint
+  -> summary.json, learning curve, and a picture of the rollouts.
 """
 from __future__ import annotations
 
@@ -39,8 +45,8 @@ class Args:
     """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     threads: int = 1
     """torch CPU threads; 1 is the safe default: at 2 threads torch slowed 40x here when another process used the cores"""
-    total_steps: int = 50_000
-    """gradient steps of the learner (CORL uses 1M; 50k keeps a 1-thread CPU run near 10 minutes)"""
+    total_steps: int | None = None
+    """gradient steps of the learner (preset cpu: 50k; paper and CORL: 1M)"""
     batch_size: int = 256
     """transitions per gradient step"""
     eval_interval: int = 5_000
@@ -62,15 +68,79 @@ class Args:
     track_tensorboard: bool = True
     """write TensorBoard scalars to the run folder"""
 
+    # DyDiff. Flags left unset take their value from --preset; a flag given explicitly always wins.
+    dydiff: bool = True
+    """augment the learner's batches with DyDiff rollouts (--no-dydiff: the plain learner)"""
+    preset: Literal["cpu", "paper"] = "cpu"
+    """cpu: small DM and rollouts that fit a 2-core CPU in 30 min; paper: the official settings (GPU)"""
+    rollout_batch: int | None = None
+    """B, start states per rollout round (cpu 256, paper 2048)"""
+    horizon: int | None = None
+    """H, rollout length = the DM's segment length (cpu 32, paper 100)"""
+    iterations: int = 2
+    """M, DM sampling + action relabelling iterations per round (official 2; 0 = ensemble-only rollouts)"""
+    rollout_interval: int | None = None
+    """K, gradient steps between rollout rounds (cpu 5000, paper 500)"""
+    real_ratio: float = 0.6
+    """share of real transitions in each batch (official 0.6)"""
+    filter: Literal["hardmax", "softmax"] = "hardmax"
+    """trajectory filter: keep the top keep_fraction by score, or sample them by softmax(score / T)"""
+    keep_fraction: float = 0.6
+    """share of the B rollouts kept by the filter (official 0.6)"""
+    temperature: float = 0.05
+    """softmax filter temperature on z-scored trajectory scores (official 0.05)"""
+    sampler_steps: int | None = None
+    """N, Heun steps of the DM sampler (cpu 20, paper 34)"""
+    synthetic_capacity: int | None = None
+    """FIFO capacity of the synthetic buffer in transitions (cpu 50k, paper 2M)"""
+    dm_dim: int | None = None
+    """U-Net base width of the DM (cpu 32, paper 128)"""
+    dm_mults: tuple[int, ...] | None = None
+    """U-Net width multipliers per resolution (cpu 1 2 4, paper 1 4 8)"""
+    dm_train_steps: int | None = None
+    """gradient steps of DM pretraining (cpu 4000, paper 375k)"""
+    model_seed: int = 0
+    """seed of the pretrained models; shared by all learner seeds, so they are trained once and cached"""
+
+
+PRESETS = {
+    "cpu": dict(total_steps=50_000, rollout_batch=256, horizon=32, rollout_interval=5_000, sampler_steps=20,
+                synthetic_capacity=50_000, dm_dim=32, dm_mults=(1, 2, 4), dm_train_steps=4_000),
+    "paper": dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_interval=500, sampler_steps=34,
+                  synthetic_capacity=2_000_000, dm_dim=128, dm_mults=(1, 4, 8), dm_train_steps=375_000),
+}
+
+
+def apply_preset(args: Args) -> Args:
+    """Fill every flag left unset (None) from the preset."""
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
 
 class ConfigError(ValueError):
     """A bad flag, reported as one line before any work is done."""
 
 
 def validate(args: Args) -> None:
-    for name in ("total_steps", "batch_size", "eval_interval", "eval_episodes", "threads"):
+    positive = ("total_steps", "batch_size", "eval_interval", "eval_episodes", "threads", "rollout_batch", "horizon",
+                "rollout_interval", "sampler_steps", "synthetic_capacity", "dm_dim", "dm_train_steps")
+    for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.iterations < 0:
+        raise ConfigError(f"--iterations must be 0 or more (got {args.iterations})")
+    if not 0.0 <= args.real_ratio <= 1.0:
+        raise ConfigError(f"--real-ratio must be in [0, 1] (got {args.real_ratio})")
+    if not 0.0 < args.keep_fraction <= 1.0:
+        raise ConfigError(f"--keep-fraction must be in (0, 1] (got {args.keep_fraction})")
+    if args.temperature <= 0:
+        raise ConfigError(f"--temperature must be positive (got {args.temperature})")
+    down = 2 ** (len(args.dm_mults) - 1)  # the U-Net halves the time axis once per extra resolution
+    if args.horizon % down:
+        raise ConfigError(f"--horizon {args.horizon} must be divisible by {down}, the U-Net's down-sampling for "
+                          f"--dm-mults {' '.join(map(str, args.dm_mults))} (e.g. --horizon {args.horizon // down * down or down})")
     if args.dataset_steps is not None and args.dataset_steps <= 0:
         raise ConfigError(f"--dataset-steps must be positive (got {args.dataset_steps})")
     if args.resume and args.run_name is None:
@@ -103,6 +173,14 @@ class TransitionBuffer:
     def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(self.size, (n,), generator=gen, device=gen.device)
         return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "ptr": self.ptr, **{k: v[: self.size].cpu() for k, v in self.data.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.ptr = state["size"], state["ptr"]
+        for k in self.KEYS:
+            self.data[k][: self.size] = state[k].to(self.data[k].device)
 
 
 def real_buffer(data, device: str) -> TransitionBuffer:
@@ -146,9 +224,14 @@ def load_checkpoint(path: Path, args: Args, fingerprint: str) -> dict:
                           f"delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != "dydiff-train-v1":
         raise ConfigError(f"{path} is not a train.py checkpoint; delete it or pick another --run-name")
-    if state["fingerprint"] != fingerprint or state["args"]["algo"] != args.algo:
-        raise ConfigError(f"{path} was made for another dataset or algorithm "
-                          f"({state['args']['env']}, {state['args']['algo']}); use another --run-name")
+    if state["fingerprint"] != fingerprint:
+        raise ConfigError(f"{path} was made for another dataset ({state['args']['env']}); use another --run-name")
+    free = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard"}
+    now, then = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"]))  # tuples vs lists
+    changed = [k for k in now if k not in free and then.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"{path} was made with other settings ({', '.join('--' + k.replace('_', '-') + '=' + str(then.get(k)) for k in changed)}); "
+                          f"resume with the same flags or use another --run-name")
     return state
 
 
@@ -181,13 +264,25 @@ def make_learner(args: Args, obs_dim: int, act_dim: int, device: str):
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+def sample_batch(real: TransitionBuffer, synthetic: TransitionBuffer | None, batch_size: int, real_ratio: float,
+                 gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """int(batch_size * real_ratio) real transitions + the rest synthetic; all real while the synthetic
+    buffer holds less than one batch (early rounds would otherwise be sampled hundreds of times)."""
+    if synthetic is None or synthetic.size < batch_size:
+        return real.sample(batch_size, gen)
+    n_real = int(batch_size * real_ratio)
+    a, b = real.sample(n_real, gen), synthetic.sample(batch_size - n_real, gen)
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
 def train(args: Args) -> dict:
+    apply_preset(args)
     validate(args)
     from data import load_dataset
 
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    run_name = args.run_name or f"{args.env}__{args.algo}__{args.seed}__{int(time.time())}"
+    run_name = args.run_name or f"{args.env}__{args.algo}{'+dydiff' * args.dydiff}__{args.seed}__{int(time.time())}"
     run_path = Path(args.run_dir) / run_name
     ckpt_path = run_path / "checkpoint.pt"
     if not args.resume and ckpt_path.exists():
@@ -195,6 +290,7 @@ def train(args: Args) -> dict:
     if args.resume and not ckpt_path.exists():
         raise ConfigError(f"nothing to resume: {ckpt_path} does not exist")
 
+    t_start = time.time()
     data = load_dataset(args.env if args.dataset_id is None else None, args.dataset_id, args.dataset_steps)
     obs_dim, act_dim = data.obs.shape[1], data.actions.shape[1]
     real = real_buffer(data, device)
@@ -203,13 +299,30 @@ def train(args: Args) -> dict:
     envs = [data.make_eval_env() for _ in range(args.eval_episodes)]
     eval_seed = 10_000 * (args.seed + 1)
 
-    step, evals, wall_before, update_time = 0, [], 0.0, 0.0
+    synthetic = None
+    if args.dydiff:  # pretrained once per dataset and settings, then loaded from data.cache_dir
+        import diffusion
+        import dydiff
+        import dynamics
+
+        ensemble, reward_model, _ = dynamics.load_or_train(data, args.env, device, seed=args.model_seed)
+        dm, _ = diffusion.load_or_train(data, args.env, H=args.horizon, dim=args.dm_dim, dim_mults=args.dm_mults,
+                                        train_steps=args.dm_train_steps, device=device, seed=args.model_seed)
+        terminal = dynamics.terminal_fn(args.env)
+        rollout_cfg = dydiff.RolloutConfig(args.rollout_batch, args.horizon, args.iterations, args.sampler_steps,
+                                           args.filter, args.keep_fraction, args.temperature)
+        synthetic = TransitionBuffer(args.synthetic_capacity, obs_dim, act_dim, device)
+    pretrain_time = time.time() - t_start
+
+    step, evals, wall_before, update_time, rollout_time = 0, [], 0.0, 0.0, 0.0
     if args.resume:
         state = load_checkpoint(ckpt_path, args, data.fingerprint)
         learner.load_state_dict(state["learner"])
         gen.set_state(state["gen"])
+        if synthetic is not None:
+            synthetic.load_state_dict(state["synthetic"])
         step, evals = state["step"], state["evals"]
-        wall_before, update_time = state["wall_time"], state["update_time"]
+        wall_before, update_time, rollout_time = state["wall_time"], state["update_time"], state["rollout_time"]
         print(f"resuming {run_path} at step {step}")
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "config.json").write_text(json.dumps({**asdict(args), "device": device, "run_name": run_name,
@@ -227,22 +340,45 @@ def train(args: Args) -> dict:
         save_checkpoint(ckpt_path, {
             "format": "dydiff-train-v1", "args": asdict(args), "fingerprint": data.fingerprint, "step": step,
             "learner": learner.state_dict(), "gen": gen.get_state(), "evals": evals,
+            "synthetic": synthetic.state_dict() if synthetic is not None else None,
             "wall_time": wall_before + time.time() - t_start, "update_time": update_time,
+            "rollout_time": rollout_time,
             "obs_mean": torch.as_tensor(data.obs_mean), "obs_std": torch.as_tensor(data.obs_std)})
+
+    def rollout_round(at_step: int, n_starts: int, return_iterates: bool = False):
+        # A generator seeded by (seed, step), not a running one: an interrupted round replays identically.
+        g = torch.Generator(device=device).manual_seed(1_000_003 * (args.seed + 1) + at_step)
+        s0, _ = dydiff.draw_start_states(real.data["obs"], n_starts, g)
+        cfg = dydiff.RolloutConfig(**{**asdict(rollout_cfg), "n_rollouts": n_starts})
+        return dydiff.rollout_round(learner.act, ensemble, reward_model, dm, terminal, s0, data.obs_mean,
+                                    data.obs_std, cfg, g, return_iterates)
 
     from tqdm import tqdm
 
-    t_start = time.time()
-    bar = tqdm(total=args.total_steps, initial=step, desc=f"{args.algo} {data.dataset_id}", dynamic_ncols=True)
-    # Ctrl-C (or a polite kill) saves a checkpoint at the current step and exits; SIGKILL loses at most
-    # one eval interval, because a checkpoint is written at every evaluation.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    bar = tqdm(total=args.total_steps, initial=step, desc=f"{args.algo}{'+dydiff' * args.dydiff} {data.dataset_id}",
+               dynamic_ncols=True)
+    postfix = {}
+    # Ctrl-C / SIGTERM only raise a flag, checked between gradient steps: the checkpoint then never holds a
+    # half-done update. SIGKILL loses at most one eval interval (a checkpoint is written at every evaluation).
+    stop: list[int] = []
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while step < args.total_steps:
-            t0 = time.time()
+        while step < args.total_steps and not stop:
+            t0, t_roll = time.time(), 0.0
             n = min(args.eval_interval - step % args.eval_interval, args.total_steps - step)
             for _ in range(n):
-                losses = learner.update(real.sample(args.batch_size, gen))
+                if synthetic is not None and step % args.rollout_interval == 0:
+                    t1 = time.time()
+                    transitions, stats = rollout_round(step, args.rollout_batch)
+                    synthetic.add(**transitions)
+                    t_roll += time.time() - t1
+                    postfix.update(syn=synthetic.size, roll=f"{stats['time_s']:.0f}s")
+                    if writer:
+                        for k in ("score_kept_mean", "score_rejected_mean", "n_transitions", "time_s"):
+                            writer.add_scalar(f"dydiff/{k}", stats[k], step)
+                        writer.add_scalar("dydiff/buffer_size", synthetic.size, step)
+                losses = learner.update(sample_batch(real, synthetic, args.batch_size, args.real_ratio, gen))
                 step += 1
                 bar.update(1)
                 bad = [k for k, v in losses.items() if not math.isfinite(v)]
@@ -250,8 +386,12 @@ def train(args: Args) -> dict:
                     last = f"{ckpt_path} (step {evals[-1]['step']})" if evals else "none yet"
                     raise FloatingPointError(f"{args.algo} {bad[0]} became {losses[bad[0]]} at step {step}; "
                                              f"last good checkpoint: {last}")
-            dt = time.time() - t0
-            update_time += dt
+                if stop:
+                    break
+            dt = time.time() - t0 - t_roll
+            update_time, rollout_time = update_time + dt, rollout_time + t_roll
+            if stop:
+                break
             returns = evaluate(learner.act, envs, data, eval_seed)
             score = float(data.normalized_score(returns).mean())
             evals.append({"step": step, "return": float(returns.mean()), "score": score})
@@ -262,28 +402,40 @@ def train(args: Args) -> dict:
                 writer.add_scalar("charts/return", float(returns.mean()), step)
                 writer.add_scalar("charts/SPS", n / dt, step)
             checkpoint()
-            bar.set_postfix(sps=f"{n / dt:.0f}", score=f"{score:.1f}", best=f"{max(e['score'] for e in evals):.1f}")
-    except KeyboardInterrupt:
-        bar.close()
-        checkpoint()
-        print(f"interrupted at step {step}: checkpoint saved; continue with "
-              f"python train.py --run-name {run_name} --resume (and the same flags)")
-        raise SystemExit(130)
+            postfix.update(sps=f"{n / dt:.0f}", score=f"{score:.1f}", best=f"{max(e['score'] for e in evals):.1f}")
+            bar.set_postfix(postfix)
+        if stop:
+            checkpoint()
+            bar.close()
+            print(f"interrupted at step {step}: checkpoint saved; continue with "
+                  f"python train.py --run-name {run_name} --resume (and the same flags)")
+            raise SystemExit(130)
     finally:  # an error message must start on its own line, not after the bar
         bar.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         if writer:
             writer.close()
 
+    if synthetic is not None:  # the picture for learners: same start states, before and after DyDiff
+        _, _, iterates = rollout_round(-1, 8, return_iterates=True)
+        raw = lambda x: x.cpu().numpy() * data.obs_std + data.obs_mean  # noqa: E731
+        dydiff.plot_rollouts(run_path / "rollouts.png", data, raw(iterates[0][0][:, 0]), raw(iterates[0][0]),
+                             raw(iterates[-1][0]), args.env)
     best = max(evals, key=lambda e: e["score"])
-    summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "seed": args.seed, "steps": step,
+    wall = wall_before + time.time() - t_start
+    summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "dydiff": args.dydiff,
+               "preset": args.preset, "seed": args.seed, "steps": step,
                "last_score": evals[-1]["score"], "best_score": best["score"], "best_step": best["step"],
-               "wall_time_s": wall_before + time.time() - t_start, "updates_per_s": step / max(update_time, 1e-9),
+               "wall_time_s": wall, "pretrain_time_s": pretrain_time, "rollout_time_s": rollout_time,
+               "updates_per_s": step / max(update_time, 1e-9),
                "ref_min": data.ref_min, "ref_max": data.ref_max, "device": device, "threads": args.threads,
                "evaluations": evals}
     (run_path / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_curve(evals, run_path / "learning_curve.png", f"{args.algo} on {data.dataset_id} (seed {args.seed})")
+    plot_curve(evals, run_path / "learning_curve.png", f"{run_name} on {data.dataset_id}")
     print(f"done: last {summary['last_score']:.1f}, best {summary['best_score']:.1f} (step {best['step']}), "
-          f"{summary['wall_time_s'] / 60:.1f} min, {summary['updates_per_s']:.0f} updates/s -> {run_path}")
+          f"{wall / 60:.1f} min (pretraining {pretrain_time / 60:.1f}, rollouts {rollout_time / 60:.1f}), "
+          f"{summary['updates_per_s']:.0f} updates/s -> {run_path}")
     return summary
 
 
