@@ -354,7 +354,13 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
 def load_checkpoint(path: Path, fingerprint: str | None = None, settings: dict | None = None,
                     device: str = "cpu") -> tuple[DynamicsDiffusion, dict]:
     """Rebuild a model from a checkpoint; refuse one made for another dataset or other settings."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, foreign or unsafe to unpickle
+        raise ValueError(f"cannot read {path} ({type(exc).__name__}): it is truncated or not a DM checkpoint; "
+                         f"delete it and it will be retrained") from None
+    if not isinstance(ckpt, dict) or not {"fingerprint", "settings", "state_dict"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a DM checkpoint: delete it and it will be retrained")
     if fingerprint is not None and ckpt["fingerprint"] != fingerprint:
         raise ValueError(f"{path} was trained on another dataset (fingerprint {ckpt['fingerprint']} != "
                          f"{fingerprint}): delete it or retrain (--retrain)")

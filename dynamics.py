@@ -241,7 +241,13 @@ def cache_path(data, cfg: FitConfig, seed: int) -> Path:
 
 def load_checkpoint(path, data, device="cpu"):
     """(Ensemble, RewardModel, info) from `path`; refuses a checkpoint made for another dataset."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, foreign or unsafe to unpickle
+        raise ValueError(f"cannot read {path} ({type(exc).__name__}): it is truncated or not a dynamics "
+                         f"checkpoint; delete it and it will be retrained") from None
+    if not isinstance(ckpt, dict) or not {"fingerprint", "ensemble", "reward", "config"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a dynamics checkpoint: delete it and it will be retrained")
     if ckpt["fingerprint"] != data.fingerprint:
         raise ValueError(f"{path} was trained on dataset {ckpt['dataset_id']} (fingerprint {ckpt['fingerprint']}), "
                          f"not on {data.dataset_id} ({data.fingerprint}): delete it or pass retrain")

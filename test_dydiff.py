@@ -415,7 +415,7 @@ def test_reward_model_fits_a_known_function():
     assert model(s[:7], a[:7]).shape == (7,)
 
 
-def test_load_or_train_caches_and_rejects_another_dataset(tiny_data, monkeypatch):
+def test_load_or_train_caches_and_rejects_another_dataset(tiny_data, monkeypatch, tmp_path):
     data = tiny_data
     ens, rew, info = load_or_train(data, "maze2d-umaze", cfg=TINY, progress=False)
     path = cache_path(data, TINY, seed=0)
@@ -434,6 +434,9 @@ def test_load_or_train_caches_and_rejects_another_dataset(tiny_data, monkeypatch
     torch.testing.assert_close(rew2(s, a), rew(s, a))
     np.testing.assert_allclose(ens2.obs_mean.numpy(), data.obs_mean, rtol=1e-6)
 
+    import shutil
+
+    path = Path(shutil.copy(path, tmp_path / path.name))  # the fake fingerprint below must not reach the cache
     monkeypatch.setattr(data, "fingerprint", "0123456789abcdef")
     with pytest.raises(ValueError, match="delete it or pass retrain") as err:
         load_or_train(data, "maze2d-umaze", cfg=TINY, progress=False, path=path)
@@ -848,10 +851,30 @@ TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--dm-dim", "8", "--dm-mults", "1",
 def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, monkeypatch):
     import dynamics
 
-    monkeypatch.setattr(dynamics, "FitConfig", lambda: TINY)  # seconds, not minutes, of ensemble training
+    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)  # seconds, not minutes, of ensemble training
     summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "dyd", *TINY_DYDIFF)
     assert summary["dydiff"] and summary["steps"] == 100 and summary["rollout_time_s"] > 0
     ckpt = torch.load(tmp_path / "dyd" / "checkpoint.pt", weights_only=True)
     # rounds at steps 0, 40, 80; each keeps int(0.6 * 16) = 9 trajectories of at most H - 1 = 7 transitions
     assert 9 * 7 < ckpt["synthetic"]["size"] <= 3 * 9 * 7
     assert (tmp_path / "dyd" / "rollouts.png").stat().st_size > 1000
+
+
+def test_truncated_cached_model_gives_a_one_line_error(tiny_data, tmp_path, monkeypatch, capsys):
+    import dynamics
+
+    from data import load_dataset
+
+    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)
+    fresh = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)  # an earlier test touched the files
+    path = dynamics.cache_path(fresh, TINY, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_train(tmp_path, "--total-steps", "50", "--run-name", "t", *TINY_DYDIFF)
+    finally:
+        path.unlink()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot read {path} (") and "delete it and it will be retrained" in err

@@ -305,9 +305,12 @@ def train(args: Args) -> dict:
         import dydiff
         import dynamics
 
-        ensemble, reward_model, _ = dynamics.load_or_train(data, args.env, device, seed=args.model_seed)
-        dm, _ = diffusion.load_or_train(data, args.env, H=args.horizon, dim=args.dm_dim, dim_mults=args.dm_mults,
-                                        train_steps=args.dm_train_steps, device=device, seed=args.model_seed)
+        try:
+            ensemble, reward_model, _ = dynamics.load_or_train(data, args.env, device, seed=args.model_seed)
+            dm, _ = diffusion.load_or_train(data, args.env, H=args.horizon, dim=args.dm_dim, dim_mults=args.dm_mults,
+                                            train_steps=args.dm_train_steps, device=device, seed=args.model_seed)
+        except ValueError as exc:  # a cached model file that is damaged or made for something else
+            raise ConfigError(str(exc)) from None
         terminal = dynamics.terminal_fn(args.env)
         rollout_cfg = dydiff.RolloutConfig(args.rollout_batch, args.horizon, args.iterations, args.sampler_steps,
                                            args.filter, args.keep_fraction, args.temperature)
