@@ -828,6 +828,10 @@ def test_batch_mix_has_the_requested_real_ratio():
     assert sample_batch(real, syn, 256, 0.6, gen)["rewards"].sum() == 0
     syn.add(**z(300, 1.0))  # FIFO: 350 added, capacity 100
     assert syn.size == 100 and syn.ptr == 50
+    fifo = TransitionBuffer(4, 3, 1, "cpu")
+    fifo.add(**{**z(3, 0.0), "rewards": torch.arange(3.0)})
+    fifo.add(**{**z(6, 0.0), "rewards": torch.arange(3.0, 9.0)})  # more than the capacity in one call
+    assert fifo.ptr == 1 and sorted(fifo.data["rewards"].tolist()) == [5.0, 6.0, 7.0, 8.0]  # the newest four
     for ratio, n_syn in ((0.6, 64 - int(64 * 0.6)), (0.0, 64), (1.0, 0)):
         assert sample_batch(real, syn, 64, ratio, gen)["rewards"].sum() == n_syn
 

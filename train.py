@@ -164,6 +164,9 @@ class TransitionBuffer:
 
     def add(self, **batch: torch.Tensor) -> None:
         n = len(batch["obs"])
+        if n > self.capacity:  # only the newest `capacity` rows would survive anyway
+            batch = {k: v[n - self.capacity:] for k, v in batch.items()}
+            self.ptr, n = (self.ptr + n - self.capacity) % self.capacity, self.capacity
         idx = (self.ptr + torch.arange(n, device=self.data["obs"].device)) % self.capacity
         for k in self.KEYS:
             self.data[k][idx] = batch[k].to(self.data[k].dtype)
