@@ -213,7 +213,7 @@ def test_resume_gives_the_same_run_as_an_uninterrupted_one(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
+def test_sigkill_or_ctrl_c_mid_run_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     import signal
     import time
 
@@ -241,6 +241,21 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_data, tmp
     a = json.loads((tmp_path / "full" / "summary.json").read_text())
     b = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert a["evaluations"] == b["evaluations"] and a["last_score"] == b["last_score"]
+
+    # Ctrl-C: the run saves a checkpoint between two gradient steps and exits 130; resuming it is exact too.
+    victim = subprocess.Popen(cmd + ["--run-name", "ctrl-c"], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    ckpt, deadline = tmp_path / "ctrl-c" / "checkpoint.pt", time.time() + 300
+    while victim.poll() is None and time.time() < deadline and not ckpt.exists():
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGINT)
+    out, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 130 and "interrupted at step" in out and "--resume" in out
+    resumed = subprocess.run(cmd + ["--run-name", "ctrl-c", "--resume"], cwd=HERE, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    c = json.loads((tmp_path / "ctrl-c" / "summary.json").read_text())
+    assert c["evaluations"] == a["evaluations"]
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
