@@ -36,20 +36,29 @@ def load_runs(folders) -> list[dict]:
         if not path.exists():
             print(f"skipping {folder}: no summary.json (unfinished run?)")
             continue
-        runs.append({**json.loads(path.read_text()), "run": Path(folder).name})
+        config = json.loads((Path(folder) / "config.json").read_text())
+        settings = {k: config.get(k) for k in ("preset", "iterations", "real_ratio")}
+        runs.append({**json.loads(path.read_text()), **settings, "run": Path(folder).name})
     if not runs:
         raise SystemExit("error: none of the given folders holds a finished run (summary.json)")
     return runs
 
 
+def label(r: dict) -> str:
+    """The learner and, with DyDiff, the settings that tell runs apart."""
+    if not r.get("dydiff"):
+        return r["algo"]
+    return f"{r['algo']} + DyDiff (M={r['iterations']}, real_ratio={r['real_ratio']})"
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["env"], r["algo"], bool(r.get("dydiff", False)))].append(r)
+        groups[(r["env"], label(r))].append(r)
     rows = []
-    for (env, algo, dydiff), rs in sorted(groups.items()):
+    for (env, name), rs in sorted(groups.items()):
         col = lambda k: np.array([r[k] for r in rs], dtype=float)  # noqa: E731
-        rows.append({"env": env, "algo": algo, "dydiff": dydiff, "seeds": sorted(r["seed"] for r in rs),
+        rows.append({"env": env, "learner": name, "seeds": sorted(r["seed"] for r in rs),
                      "steps": sorted({r["steps"] for r in rs}),
                      **{f"{k}_{stat}": float(getattr(np, stat)(col(k)))
                         for k in ("last_score", "best_score", "wall_time_s", "updates_per_s") for stat in ("mean", "std")}})
@@ -60,7 +69,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| env | learner | seeds | steps | last score | best score | wall time (min) | updates/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['env']} | {r['algo']}{' + DyDiff' if r['dydiff'] else ''} | {len(r['seeds'])} "
+        lines.append(f"| {r['env']} | {r['learner']} | {len(r['seeds'])} "
                      f"| {'/'.join(map(str, r['steps']))} | {r['last_score_mean']:.1f} +- {r['last_score_std']:.1f} "
                      f"| {r['best_score_mean']:.1f} +- {r['best_score_std']:.1f} "
                      f"| {r['wall_time_s_mean'] / 60:.1f} +- {r['wall_time_s_std'] / 60:.1f} "
@@ -76,13 +85,13 @@ def plot(runs: list[dict], path: Path) -> None:
 
     groups = defaultdict(list)
     for r in runs:
-        groups[f"{r['algo']}{' + DyDiff' if r.get('dydiff') else ''}"].append(r)
+        groups[label(r)].append(r)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, rs in sorted(groups.items()):
+    for name, rs in sorted(groups.items()):
         n = min(len(r["evaluations"]) for r in rs)  # runs of one group share their eval steps
         steps = [e["step"] for e in rs[0]["evaluations"][:n]]
         scores = np.array([[e["score"] for e in r["evaluations"][:n]] for r in rs])
-        ax.plot(steps, scores.mean(0), label=f"{label} ({len(rs)} seeds)")
+        ax.plot(steps, scores.mean(0), label=f"{name} ({len(rs)} seeds)")
         ax.fill_between(steps, scores.min(0), scores.max(0), alpha=0.2)
     ax.set(xlabel="gradient steps", ylabel="normalized score", title=f"{runs[0]['env']}: mean, min-max over seeds")
     ax.grid(alpha=0.3)
@@ -97,7 +106,7 @@ if __name__ == "__main__":
     runs = load_runs(args.runs)
     rows = aggregate(runs)
     RESULTS.mkdir(exist_ok=True)
-    keep = ("run", "env", "dataset_id", "algo", "dydiff", "seed", "steps", "last_score", "best_score", "best_step",
+    keep = ("run", "env", "dataset_id", "algo", "dydiff", "preset", "iterations", "real_ratio", "seed", "steps", "last_score", "best_score", "best_step",
             "wall_time_s", "pretrain_time_s", "rollout_time_s", "updates_per_s", "ref_min", "ref_max", "threads")
     out = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
            "groups": rows, "runs": [{k: r.get(k) for k in keep} for r in runs]}
