@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -355,7 +355,7 @@ def train(args: Args) -> dict:
         # A generator seeded by (seed, step), not a running one: an interrupted round replays identically.
         g = torch.Generator(device=device).manual_seed(1_000_003 * (args.seed + 1) + at_step)
         s0, _ = dydiff.draw_start_states(real.data["obs"], n_starts, g)
-        cfg = dydiff.RolloutConfig(**{**asdict(rollout_cfg), "n_rollouts": n_starts})
+        cfg = replace(rollout_cfg, n_rollouts=n_starts)
         return dydiff.rollout_round(learner.act, ensemble, reward_model, dm, terminal, s0, data.obs_mean,
                                     data.obs_std, cfg, g, return_iterates)
 
