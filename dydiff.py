@@ -171,9 +171,12 @@ def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: tor
 # --------------------------------------------------------------------------------------------------
 def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_states_env: torch.Tensor,
                   obs_mean, obs_std, cfg: RolloutConfig, generator: torch.Generator | None = None,
-                  return_iterates: bool = False):
+                  return_iterates: bool = False, reward_fn=None):
     """Steps 2-6 for the given start states s_0 (B, obs_dim), env space. ``terminal`` is
-    dynamics.terminal_fn(env). Returns (transitions, stats), plus the refine() iterates when asked."""
+    dynamics.terminal_fn(env). Rewards come from the learned r(s_t, a_t) (the paper), or, when
+    ``reward_fn`` (dynamics.env_reward_fn) is given, from the task's own r(s_t, a_t, s_{t+1}) on raw states;
+    a trajectory's score then sums its H-1 transitions. Returns (transitions, stats), plus the refine()
+    iterates when asked."""
     if cfg.horizon != dm.horizon:
         raise ValueError(f"rollout horizon H={cfg.horizon} differs from the diffusion model's H={dm.horizon}")
     if cfg.filter not in ("hardmax", "softmax"):
@@ -188,7 +191,15 @@ def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_sta
     states, actions = iterates[-1]
     B, H, obs_dim = states.shape
 
-    rewards = step_rewards(reward_model, states, actions)
+    mean, std = _as_tensor(obs_mean, states), _as_tensor(obs_std, states)
+    if reward_fn is None:
+        rewards = step_rewards(reward_model, states, actions)
+    else:
+        raw_all = states * std + mean
+        rewards = torch.as_tensor(reward_fn(raw_all[:, :-1].reshape(B * (H - 1), obs_dim),
+                                            actions[:, :-1].reshape(B * (H - 1), -1),
+                                            raw_all[:, 1:].reshape(B * (H - 1), obs_dim)),
+                                  dtype=states.dtype, device=states.device).reshape(B, H - 1)
     scores = rewards.sum(1)
     if cfg.filter == "hardmax":
         kept = hardmax_filter(scores, cfg.keep_fraction)
@@ -197,7 +208,6 @@ def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_sta
     rejected = torch.ones(B, dtype=torch.bool, device=scores.device)
     rejected[kept] = False
 
-    mean, std = _as_tensor(obs_mean, states), _as_tensor(obs_std, states)
     raw = states[kept] * std + mean
     k = len(kept)
     # terminal functions work on raw states; 'never' answers on the CPU whatever the input device

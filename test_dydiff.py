@@ -297,6 +297,9 @@ def test_corrupt_flat_cache_is_rebuilt(tiny_data):
     (["--horizon", "30"], "--horizon 30 must be divisible by 4, the U-Net's down-sampling for --dm-mults 1 2 4"),
     (["--rollout-batch", "0"], "--rollout-batch must be positive"),
     (["--iterations", "-1"], "--iterations must be 0 or more"),
+    (["--reward", "env", "--env", "hopper-medium-replay"], "--reward env needs a known reward function"),
+    (["--algo", "sac"], "invalid choice 'sac' for argument '--algo'. Expected one of ('td3bc', 'iql')"),
+    (["--preset", "gpu"], "invalid choice 'gpu' for argument '--preset'. Expected one of ('cpu', 'paper')"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
     from train import main
@@ -778,6 +781,36 @@ def test_transitions_stop_at_first_terminal():
     assert tr["dones"].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1]
 
 
+def test_env_reward_fn_reproduces_the_dataset_rewards(tiny_data):
+    from dynamics import env_reward_fn
+
+    r = env_reward_fn("maze2d-umaze")
+    got = r(tiny_data.obs, tiny_data.actions, tiny_data.next_obs).numpy()
+    assert tiny_data.rewards.sum() > 10  # the tiny run has successes, so both values are checked
+    np.testing.assert_array_equal(got, tiny_data.rewards)
+    at = lambda d: torch.tensor([[1.0 + d, 1.0, 0.0, 0.0, 1.0, 1.0]])  # noqa: E731  ball d from the goal
+    assert r(at(0), None, at(0.44)).item() == 1.0 and r(at(0), None, at(0.46)).item() == 0.0
+    with pytest.raises(ValueError, match="only maze2d has one"):
+        env_reward_fn("hopper-medium")
+
+
+def test_rollout_round_with_the_env_reward(models):
+    cfg = dydiff.RolloutConfig(n_rollouts=30, horizon=H, iterations=1, sampler_steps=4, keep_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+
+    def reward_fn(s, a, s_next):  # a known function of the raw next state, as dynamics.env_reward_fn
+        return (s_next[:, 3] > MEAN[3]).float()
+
+    tr, stats = dydiff.rollout_round(models.act_fn, models.ens, models.reward, models.dm, terminal_fn("maze2d"),
+                                     starts(30), MEAN, STD, cfg, g, reward_fn=reward_fn)
+    assert len(tr["obs"]) == 15 * (H - 1)
+    raw_next = tr["next_obs"] * STD + MEAN
+    assert torch.equal(tr["rewards"], reward_fn(None, None, raw_next))
+    assert 0 < tr["rewards"].mean() < 1
+    # hardmax on the sum of the H - 1 transition rewards: the kept ones score at least the rejected ones
+    assert stats["score_kept_mean"] >= stats["score_rejected_mean"]
+
+
 @pytest.mark.parametrize("filt", ["hardmax", "softmax"])
 def test_rollout_round_end_to_end(models, filt):
     cfg = dydiff.RolloutConfig(n_rollouts=40, horizon=H, iterations=2, sampler_steps=4, filter=filt,
@@ -877,6 +910,25 @@ def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, monkeypatch):
     # rounds at steps 0, 40, 80; each keeps int(0.6 * 16) = 9 trajectories of at most H - 1 = 7 transitions
     assert 9 * 7 < ckpt["synthetic"]["size"] <= 3 * 9 * 7
     assert (tmp_path / "dyd" / "rollouts.png").stat().st_size > 1000
+
+
+def test_dydiff_run_resumed_mid_way_matches_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
+    """Rounds are seeded by (seed, step) and the synthetic buffer is in the checkpoint, so a DyDiff run
+    stopped at step 100 and resumed (in a rollout interval that began before the stop) ends bit-identical."""
+    import dynamics
+
+    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)
+    flags = [*TINY_DYDIFF, "--reward", "env"]
+    full = run_train(tmp_path, "--total-steps", "150", "--run-name", "full", *flags)
+    run_train(tmp_path, "--total-steps", "100", "--run-name", "split", *flags)
+    resumed = run_train(tmp_path, "--total-steps", "150", "--run-name", "split", "--resume", *flags)
+    assert resumed["evaluations"] == full["evaluations"]
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("full", "split"))
+    assert a["synthetic"]["size"] == b["synthetic"]["size"] > 0
+    for k in ("obs", "rewards", "next_obs"):
+        torch.testing.assert_close(a["synthetic"][k], b["synthetic"][k], rtol=0, atol=0)
+    for k in a["learner"]["critic"]:
+        torch.testing.assert_close(a["learner"]["critic"][k], b["learner"]["critic"][k], rtol=0, atol=0)
 
 
 def test_truncated_cached_model_gives_a_one_line_error(tiny_data, tmp_path, monkeypatch, capsys):

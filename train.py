@@ -89,6 +89,9 @@ class Args:
     """share of the B rollouts kept by the filter (official 0.6)"""
     temperature: float = 0.05
     """softmax filter temperature on z-scored trajectory scores (official 0.05)"""
+    reward: Literal["auto", "model", "env"] = "auto"
+    """rewards of synthetic transitions: 'model' = the learned r(s, a) (the paper); 'env' = the task's own
+    r(s, a, s') (maze2d only: the learned one extrapolates at the goal, README); 'auto' = env on maze2d, else model"""
     sampler_steps: int | None = None
     """N, Heun steps of the DM sampler (cpu 20, paper 34)"""
     synthetic_capacity: int | None = None
@@ -112,10 +115,12 @@ PRESETS = {
 
 
 def apply_preset(args: Args) -> Args:
-    """Fill every flag left unset (None) from the preset."""
+    """Fill every flag left unset (None) from the preset, and resolve --reward auto."""
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.reward == "auto":
+        args.reward = "env" if args.env.startswith("maze2d") else "model"
     return args
 
 
@@ -135,6 +140,9 @@ def validate(args: Args) -> None:
         raise ConfigError(f"--real-ratio must be in [0, 1] (got {args.real_ratio})")
     if not 0.0 < args.keep_fraction <= 1.0:
         raise ConfigError(f"--keep-fraction must be in (0, 1] (got {args.keep_fraction})")
+    if args.dydiff and args.reward == "env" and not args.env.startswith("maze2d"):
+        raise ConfigError(f"--reward env needs a known reward function, which only maze2d has (got {args.env}); "
+                          f"use --reward model")
     if args.temperature <= 0:
         raise ConfigError(f"--temperature must be positive (got {args.temperature})")
     down = 2 ** (len(args.dm_mults) - 1)  # the U-Net halves the time axis once per extra resolution
@@ -315,6 +323,7 @@ def train(args: Args) -> dict:
         except ValueError as exc:  # a cached model file that is damaged or made for something else
             raise ConfigError(str(exc)) from None
         terminal = dynamics.terminal_fn(args.env)
+        reward_fn = dynamics.env_reward_fn(args.env) if args.reward == "env" else None
         rollout_cfg = dydiff.RolloutConfig(args.rollout_batch, args.horizon, args.iterations, args.sampler_steps,
                                            args.filter, args.keep_fraction, args.temperature)
         synthetic = TransitionBuffer(args.synthetic_capacity, obs_dim, act_dim, device)
@@ -357,7 +366,7 @@ def train(args: Args) -> dict:
         s0, _ = dydiff.draw_start_states(real.data["obs"], n_starts, g)
         cfg = replace(rollout_cfg, n_rollouts=n_starts)
         return dydiff.rollout_round(learner.act, ensemble, reward_model, dm, terminal, s0, data.obs_mean,
-                                    data.obs_std, cfg, g, return_iterates)
+                                    data.obs_std, cfg, g, return_iterates, reward_fn)
 
     from tqdm import tqdm
 
