@@ -37,7 +37,7 @@ def load_runs(folders) -> list[dict]:
             print(f"skipping {folder}: no summary.json (unfinished run?)")
             continue
         config = json.loads((Path(folder) / "config.json").read_text())
-        settings = {k: config.get(k) for k in ("preset", "iterations", "real_ratio")}
+        settings = {k: config.get(k) for k in ("preset", "iterations", "real_ratio", "reward")}
         runs.append({**json.loads(path.read_text()), **settings, "run": Path(folder).name})
     if not runs:
         raise SystemExit("error: none of the given folders holds a finished run (summary.json)")
@@ -48,7 +48,8 @@ def label(r: dict) -> str:
     """The learner and, with DyDiff, the settings that tell runs apart."""
     if not r.get("dydiff"):
         return r["algo"]
-    return f"{r['algo']} + DyDiff (M={r['iterations']}, real_ratio={r['real_ratio']})"
+    reward = r.get("reward") or "model"  # runs made before --reward existed used the reward model
+    return f"{r['algo']} + DyDiff (M={r['iterations']}, real_ratio={r['real_ratio']}, reward={reward})"
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -106,7 +107,7 @@ if __name__ == "__main__":
     runs = load_runs(args.runs)
     rows = aggregate(runs)
     RESULTS.mkdir(exist_ok=True)
-    keep = ("run", "env", "dataset_id", "algo", "dydiff", "preset", "iterations", "real_ratio", "seed", "steps", "last_score", "best_score", "best_step",
+    keep = ("run", "env", "dataset_id", "algo", "dydiff", "preset", "iterations", "real_ratio", "reward", "seed", "steps", "last_score", "best_score", "best_step",
             "wall_time_s", "pretrain_time_s", "rollout_time_s", "updates_per_s", "ref_min", "ref_max", "threads")
     out = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
            "groups": rows, "runs": [{k: r.get(k) for k in keep} for r in runs]}
