@@ -98,7 +98,8 @@ def main(args: Args) -> None:
     grid = [(algo, arm, seed) for algo in args.algos for arm in args.arms for seed in args.seeds]
     if args.dry_run:
         for job in grid:
-            print(shlex.join(command(args, *job)))
+            done = (Path(args.run_dir) / run_name(args.env, *job) / "summary.json").exists()
+            print(f"# {run_name(args.env, *job)}: finished, reused" if done else shlex.join(command(args, *job)))
         return
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
         for message in pool.map(lambda job: launch(args, *job), grid):

@@ -1,0 +1,143 @@
+"""Why train.py's --reward defaults to the task's own reward on maze2d: three measurements.
+
+    python bench/reward_probe.py --runs runs/compare/maze2d-umaze_td3bc_s0 runs/dydiff_td3bc_s0
+
+1. The learned reward model r(s, a) at a still ball 0..1 away from its goal. The data never holds a
+   state inside the goal circle (episodes are cut at every success), so there it extrapolates.
+2. One DyDiff round (CPU preset sizes) with the first run's policy: the mean learned reward per step of
+   the generated transitions against the true sparse reward of the same transitions.
+3. For every run's final policy, 20 evaluation episodes: the step of the first success and the share of
+   the later steps spent inside the goal circle (the eval env keeps the goal, so staying there is the
+   score).
+Writes bench/results/reward_probe.json.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Args:
+    runs: tuple[str, ...]
+    """train.py run folders (maze2d) whose final policies are probed; the first one drives the DyDiff round"""
+    episodes: int = 20
+    """evaluation episodes per run"""
+    n_rollouts: int = 256
+    """start states of the DyDiff round"""
+    name: str = "reward_probe"
+    """results file: bench/results/<name>.json"""
+
+
+def load_learner(folder: Path):
+    import train
+
+    state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    a = state["args"]
+    learner = train.make_learner(train.Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
+                                            total_steps=a["total_steps"], seed=a["seed"]), 6, 2, "cpu")
+    learner.load_state_dict(state["learner"])
+    return learner, a
+
+
+def stay_share(data, act, episodes: int) -> dict:
+    from data import flat_obs
+
+    env, first, stay, returns = data.make_eval_env(), [], [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=10_000 + ep)
+        rewards = []
+        for _ in range(10_000):
+            a = act(torch.as_tensor(data.normalize_obs(flat_obs(obs)[None]), dtype=torch.float32)).numpy()[0]
+            obs, r, terminated, truncated, _ = env.step(a)
+            rewards.append(r)
+            if terminated or truncated:
+                break
+        rewards = np.asarray(rewards)
+        hit = int(np.argmax(rewards > 0)) if rewards.any() else None
+        first.append(hit)
+        stay.append(float(rewards[hit:].mean()) if hit is not None else 0.0)
+        returns.append(float(rewards.sum()))
+    hits = [f for f in first if f is not None]
+    return {"score": float(data.normalized_score(np.asarray(returns)).mean()), "reached": len(hits) / episodes,
+            "first_success_step_mean": float(np.mean(hits)) if hits else None,
+            "share_in_goal_after_first_success": float(np.mean([s for s, f in zip(stay, first) if f is not None]))
+            if hits else None}
+
+
+def main(args: Args) -> None:
+    import diffusion
+    import dydiff
+    import dynamics
+    from data import load_dataset
+    from train import PRESETS
+
+    torch.set_num_threads(1)
+    data = load_dataset("maze2d-umaze")
+    ens, reward_model, _ = dynamics.load_or_train(data, "maze2d-umaze", "cpu", seed=0)
+    p = PRESETS["cpu"]
+    dm, _ = diffusion.load_or_train(data, "maze2d-umaze", H=p["horizon"], dim=p["dm_dim"], dim_mults=p["dm_mults"],
+                                    train_steps=p["dm_train_steps"], device="cpu", seed=0)
+    out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
+
+    # 1. the learned reward of a still ball d away from its goal, zero action
+    goal = data.obs[int(np.argmax(data.rewards)), 4:6]
+    rows = []
+    for d in (0.0, 0.2, 0.4, 0.5, 0.7, 1.0):
+        s = np.array([[goal[0] + d, goal[1], 0.0, 0.0, goal[0], goal[1]]], dtype=np.float32)
+        with torch.no_grad():
+            r = reward_model(torch.as_tensor(data.normalize_obs(s)), torch.zeros(1, 2)).item()
+        rows.append({"distance": d, "learned_reward": r, "true_reward_if_it_stays": float(d <= 0.45)})
+    out["learned_reward_near_goal"] = rows
+
+    # 2. one DyDiff round with the first run's policy: learned vs true reward of the same transitions
+    learner, _ = load_learner(Path(args.runs[0]))
+    g = torch.Generator().manual_seed(0)
+    obs_env = torch.as_tensor(data.normalize_obs(data.obs), dtype=torch.float32)
+    s0, _ = dydiff.draw_start_states(obs_env, args.n_rollouts, g)
+    cfg = dydiff.RolloutConfig(args.n_rollouts, p["horizon"], 2, p["sampler_steps"], keep_fraction=1.0)
+    tr, _ = dydiff.rollout_round(learner.act, ens, reward_model, dm, dynamics.terminal_fn("maze2d"), s0,
+                                 data.obs_mean, data.obs_std, cfg, g)
+    raw = lambda x: x.numpy() * data.obs_std + data.obs_mean  # noqa: E731
+    true = dynamics.env_reward_fn("maze2d-umaze")(raw(tr["obs"]), None, raw(tr["next_obs"])).numpy()
+    out["dydiff_round"] = {"policy": args.runs[0], "transitions": len(true),
+                           "learned_reward_per_step": float(tr["rewards"].mean()),
+                           "true_reward_per_step": float(true.mean()),
+                           "learned_reward_range": [float(tr["rewards"].min()), float(tr["rewards"].max())]}
+
+    # 3. where the final policies spend their time
+    out["policies"] = {}
+    for folder in map(Path, args.runs):
+        learner, a = load_learner(folder)
+        out["policies"][folder.name] = {"algo": a["algo"], "dydiff": a.get("dydiff", False),  # runs older than DyDiff lack the flag
+                                        "reward": a.get("reward", "model") if a.get("dydiff") else None,
+                                        **stay_share(data, learner.act, args.episodes)}
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    print("| distance to goal | " + " | ".join(f"{r['distance']:.1f}" for r in rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    print("| learned r(s, 0), ball at rest | " + " | ".join(f"{r['learned_reward']:.2f}" for r in rows) + " |")
+    rd = out["dydiff_round"]
+    print(f"\nDyDiff round ({rd['transitions']} transitions): learned reward {rd['learned_reward_per_step']:.3f}/step, "
+          f"true {rd['true_reward_per_step']:.3f}/step; the data has {out['data_reward_per_step']:.3f}/step")
+    print("\n| run | score | reached | first success (step) | share in goal after it |\n|---|---|---|---|---|")
+    for name, r in out["policies"].items():
+        first = "-" if r["first_success_step_mean"] is None else f"{r['first_success_step_mean']:.0f}"
+        share = "-" if r["share_in_goal_after_first_success"] is None else f"{r['share_in_goal_after_first_success']:.2f}"
+        print(f"| {name} | {r['score']:.1f} | {r['reached']:.2f} | {first} | {share} |")
+    print(f"wrote {RESULTS / args.name}.json")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,170 @@
+"""The paper's Figure 3 with a learned policy: how far each model's rollout drifts from the simulator.
+
+    python bench/rollout_error.py --env maze2d-umaze --policy runs/compare/maze2d-umaze_td3bc_s0/checkpoint.pt
+
+From 256 dataset start states, per horizon h = 1..H-1 (H = the DM's segment length), the mean squared
+error against the PointMaze simulator of
+  ensemble      the single-step ensemble, replaying the actions the policy took in the simulator;
+  dm            the plain DM given s_0 and those same actions (one sample);
+  dydiff_m0..3  DyDiff's own trajectory after 0, 1, 2, 3 iterations (m0 = the policy in the ensemble);
+                each is compared with the simulator replaying *its* actions from s_0, open loop.
+The first two measure the models on a trajectory the policy really produces; the DyDiff curves measure
+what the learner is actually fed. Models come from the dataset's cache (trained there when missing,
+as train.py does). Without --policy, a TD3+BC policy is fitted for --policy-steps on the data first.
+
+Writes bench/results/rollout_error.json ({"env", "horizons", "curves": {...}, "curves_position": {...}})
+and bench/results/rollout_error.png.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Args:
+    env: str = "maze2d-umaze"
+    """a maze2d env (the simulator must be able to start from any dataset state)"""
+    policy: str | None = None
+    """train.py checkpoint whose learner provides the actions (default: fit TD3+BC for --policy-steps)"""
+    policy_steps: int = 5000
+    """gradient steps of the fallback TD3+BC policy"""
+    preset: str = "cpu"
+    """train.py preset whose DM (H, width) and sampler steps are used"""
+    n_starts: int = 256
+    """dataset start states"""
+    max_iterations: int = 3
+    """DyDiff curves for 0..max_iterations iterations"""
+    seed: int = 0
+    """seed of the start states, the samplers and the fallback policy"""
+    threads: int = 1
+    """torch CPU threads"""
+    name: str = "rollout_error"
+    """results files: bench/results/<name>.json and .png"""
+
+
+def load_policy(args: Args, data, obs_dim: int, act_dim: int):
+    import train
+
+    if args.policy:
+        state = torch.load(args.policy, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != "dydiff-train-v1":
+            raise SystemExit(f"error: {args.policy} is not a train.py checkpoint")
+        a = state["args"]  # only the learner's own settings matter here
+        learner = train.make_learner(train.Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
+                                                total_steps=a["total_steps"], seed=a["seed"]), obs_dim, act_dim, "cpu")
+        learner.load_state_dict(state["learner"])
+        return learner, f"{args.policy} (step {state['step']})"
+    from td3bc import TD3BC
+
+    learner = TD3BC(obs_dim, act_dim, seed=args.seed)
+    real = train.real_buffer(data, "cpu")
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.policy_steps):
+        learner.update(real.sample(256, gen))
+    return learner, f"TD3+BC fitted here for {args.policy_steps} steps"
+
+
+def closed_loop(data, act, s0_raw: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """The policy in the simulator: raw states (B, T+1, obs) and its actions (B, T)."""
+    from dynamics import simulate
+
+    states, actions = [s0_raw], []
+    for _ in range(T):
+        a = act(torch.as_tensor(data.normalize_obs(states[-1]), dtype=torch.float32)).numpy()
+        actions.append(a)
+        states.append(simulate(data, states[-1], a[:, None])[:, 1])
+    return np.stack(states, 1), np.stack(actions, 1)
+
+
+def mse(pred: np.ndarray, true: np.ndarray) -> tuple[list, list]:
+    err = (pred[:, 1:] - true[:, 1:]) ** 2  # h = 1..T
+    return err.mean((0, 2)).tolist(), err[..., :2].mean((0, 2)).tolist()
+
+
+def main(args: Args) -> None:
+    import diffusion
+    import dydiff
+    import dynamics
+    from data import load_dataset
+    from dynamics import simulate
+    from train import PRESETS
+
+    torch.set_num_threads(args.threads)
+    if not args.env.startswith("maze2d"):
+        raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d env")
+    t0 = time.time()
+    p = PRESETS[args.preset]
+    data = load_dataset(args.env)
+    ens, _, _ = dynamics.load_or_train(data, args.env, "cpu", seed=0)
+    dm, _ = diffusion.load_or_train(data, args.env, H=p["horizon"], dim=p["dm_dim"], dim_mults=p["dm_mults"],
+                                    train_steps=p["dm_train_steps"], device="cpu", seed=0)
+    learner, policy_info = load_policy(args, data, data.obs.shape[1], data.actions.shape[1])
+    H, N = p["horizon"], p["sampler_steps"]
+    rng = np.random.default_rng(args.seed)
+    s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
+
+    # models on the trajectory the policy really takes
+    true, actions = closed_loop(data, learner.act, s0, H - 1)
+    curves, curves_pos = {}, {}
+    preds = {"ensemble": dynamics.ensemble_predict(ens, args.seed)(s0, actions),
+             "dm": diffusion.dm_predict(dm, N, args.seed)(s0, actions)}
+    for name, pred in preds.items():
+        curves[name], curves_pos[name] = mse(np.asarray(pred, dtype=np.float64), true)
+
+    # DyDiff's own iterates, each against the simulator replaying its actions
+    g = torch.Generator().manual_seed(args.seed)
+    s0_env = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
+    states, acts = dydiff.initial_rollout(learner.act, ens, s0_env, H, g)
+    iterates = dydiff.refine(learner.act, dm, states, acts, data.obs_mean, data.obs_std, args.max_iterations, N, g)
+    for m, (states_env, acts) in enumerate(iterates):
+        raw = states_env.numpy() * data.obs_std + data.obs_mean
+        replay = simulate(data, s0, acts[:, : H - 1].numpy())
+        curves[f"dydiff_m{m}"], curves_pos[f"dydiff_m{m}"] = mse(raw.astype(np.float64), replay)
+
+    out = {"env": args.env, "dataset_id": data.dataset_id, "policy": policy_info, "n_starts": args.n_starts,
+           "H": H, "sampler_steps": N, "horizons": list(range(1, H)), "curves": curves,
+           "curves_position": curves_pos, "seconds": time.time() - t0}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    plot(out, RESULTS / f"{args.name}.png")
+    show = [h for h in (1, 4, 8, 16, H - 1) if h < H]
+    for key, what in (("curves", "all state dims"), ("curves_position", "position")):
+        print(f"\n| MSE vs simulator, {what} | " + " | ".join(f"h={h}" for h in show) + " |")
+        print("|---" * (len(show) + 1) + "|")
+        for name, c in out[key].items():
+            print(f"| {name} | " + " | ".join(f"{c[h - 1]:.2e}" for h in show) + " |")
+    print(f"wrote {RESULTS / args.name}.json and .png ({out['seconds']:.0f} s)")
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "curves", "all state dims"), (axes[1], "curves_position", "position (x, y)")):
+        for name, c in out[key].items():
+            ax.plot(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
+        ax.set(xlabel="horizon h", ylabel="MSE vs simulator", yscale="log", title=f"{out['env']}: {title}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
