@@ -4,8 +4,9 @@ One round, for B start states s_0 drawn from the data and the learner's current 
   1. initial trajectory with the single-step ensemble: a_t = pi(s_t), s_{t+1} = f(s_t, a_t), a_{H-1} = pi(s_{H-1});
   2. M times: the diffusion model (DM) generates s_1..s_{H-1} given s_0 and the current actions,
      states = (DM states + previous states) / 2, clip to the dataset box, every a_t relabelled = pi(s_t);
-  3. score every trajectory by sum_t r(s_t, a_t) with the reward model, keep the best (hardmax) or a
-     score-weighted sample (softmax);
+  3. score every trajectory by sum_t r(s_t, a_t) with the reward model (or the task's own reward of
+     each transition, where it has one: train.py --reward), keep the best (hardmax) or a score-weighted
+     sample (softmax);
   4. cut the kept trajectories into transitions (s_t, a_t, r_t, s_{t+1}, done_t), t < H-1, each stopped
      at its first terminal.
 Everything is batched over the B trajectories; the only Python loops run over time steps t (the ensemble

@@ -111,9 +111,10 @@ def main(args: Args) -> None:
     out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset,
            "dydiff_flags": args.dydiff_flags, "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
-           "runs": [{"algo": r["algo"], "dydiff": r["dydiff"], "seed": r["seed"], "last": r["last_score"],
+           "runs": [{"algo": r["algo"], "dydiff": bool(r.get("dydiff")),  # runs older than DyDiff lack the key
+                     "seed": r["seed"], "last": r["last_score"],
                      "best": r["best_score"], "best_step": r["best_step"], "wall_s": r["wall_time_s"],
-                     "rollout_s": r["rollout_time_s"], "pretrain_s": r["pretrain_time_s"],
+                     "rollout_s": r.get("rollout_time_s", 0.0), "pretrain_s": r.get("pretrain_time_s"),
                      "updates_per_s": r["updates_per_s"], "run": r["run"]} for r in runs],
            "groups": rows}
     RESULTS.mkdir(exist_ok=True)
