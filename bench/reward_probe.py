@@ -5,7 +5,8 @@
 1. The learned reward model r(s, a) at a still ball 0..1 away from its goal. The data never holds a
    state inside the goal circle (episodes are cut at every success), so there it extrapolates.
 2. One DyDiff round (CPU preset sizes) with the first run's policy: the mean learned reward per step of
-   the generated transitions against the true sparse reward of the same transitions.
+   the generated transitions against the true sparse reward of the same transitions, and against the
+   simulator replaying the round's actions (are the generated trajectories right about the reward?).
 3. For every run's final policy, 20 evaluation episodes: the step of the first success and the share of
    the later steps spent inside the goal circle (the eval env keeps the goal, so staying there is the
    score).
@@ -106,14 +107,23 @@ def main(args: Args) -> None:
     obs_env = torch.as_tensor(data.normalize_obs(data.obs), dtype=torch.float32)
     s0, _ = dydiff.draw_start_states(obs_env, args.n_rollouts, g)
     cfg = dydiff.RolloutConfig(args.n_rollouts, p["horizon"], 2, p["sampler_steps"], keep_fraction=1.0)
-    tr, _ = dydiff.rollout_round(learner.act, ens, reward_model, dm, dynamics.terminal_fn("maze2d"), s0,
-                                 data.obs_mean, data.obs_std, cfg, g)
+    tr, _, iterates = dydiff.rollout_round(learner.act, ens, reward_model, dm, dynamics.terminal_fn("maze2d"), s0,
+                                           data.obs_mean, data.obs_std, cfg, g, return_iterates=True)
     raw = lambda x: x.numpy() * data.obs_std + data.obs_mean  # noqa: E731
-    true = dynamics.env_reward_fn("maze2d-umaze")(raw(tr["obs"]), None, raw(tr["next_obs"])).numpy()
+    reward = dynamics.env_reward_fn("maze2d-umaze")
+    true = reward(raw(tr["obs"]), None, raw(tr["next_obs"])).numpy()
+    # Are the generated trajectories physically right where it matters? Replay their actions in the simulator.
+    states, actions = iterates[-1]
+    H = states.shape[1]
+    sim = dynamics.simulate(data, raw(s0).astype(np.float64), actions[:, : H - 1].numpy())[:, 1:]
+    gen_r = reward(None, None, raw(states[:, 1:]).reshape(-1, states.shape[-1])).numpy()
+    sim_r = reward(None, None, torch.as_tensor(sim.reshape(-1, sim.shape[-1]))).numpy()
     out["dydiff_round"] = {"policy": args.runs[0], "transitions": len(true),
                            "learned_reward_per_step": float(tr["rewards"].mean()),
                            "true_reward_per_step": float(true.mean()),
-                           "learned_reward_range": [float(tr["rewards"].min()), float(tr["rewards"].max())]}
+                           "learned_reward_range": [float(tr["rewards"].min()), float(tr["rewards"].max())],
+                           "simulator_replay_reward_per_step": float(sim_r.mean()),
+                           "share_of_generated_goal_steps_in_goal_in_simulator": float(sim_r[gen_r > 0].mean())}
 
     # 3. where the final policies spend their time
     out["policies"] = {}
@@ -130,7 +140,10 @@ def main(args: Args) -> None:
     print("| learned r(s, 0), ball at rest | " + " | ".join(f"{r['learned_reward']:.2f}" for r in rows) + " |")
     rd = out["dydiff_round"]
     print(f"\nDyDiff round ({rd['transitions']} transitions): learned reward {rd['learned_reward_per_step']:.3f}/step, "
-          f"true {rd['true_reward_per_step']:.3f}/step; the data has {out['data_reward_per_step']:.3f}/step")
+          f"true {rd['true_reward_per_step']:.3f}/step; the data has {out['data_reward_per_step']:.3f}/step.\n"
+          f"The simulator replaying the same actions: {rd['simulator_replay_reward_per_step']:.3f}/step; "
+          f"{rd['share_of_generated_goal_steps_in_goal_in_simulator']:.2f} of the generated steps in the goal "
+          f"circle are in it there too")
     print("\n| run | score | reached | first success (step) | share in goal after it |\n|---|---|---|---|---|")
     for name, r in out["policies"].items():
         first = "-" if r["first_success_step_mean"] is None else f"{r['first_success_step_mean']:.0f}"
