@@ -120,7 +120,9 @@ def apply_preset(args: Args) -> Args:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.reward == "auto":
-        args.reward = "env" if args.env.startswith("maze2d") else "model"
+        from dynamics import ENV_REWARDS
+
+        args.reward = "env" if args.env.split("-")[0] in ENV_REWARDS else "model"
     return args
 
 
@@ -140,7 +142,9 @@ def validate(args: Args) -> None:
         raise ConfigError(f"--real-ratio must be in [0, 1] (got {args.real_ratio})")
     if not 0.0 < args.keep_fraction <= 1.0:
         raise ConfigError(f"--keep-fraction must be in (0, 1] (got {args.keep_fraction})")
-    if args.dydiff and args.reward == "env" and not args.env.startswith("maze2d"):
+    from dynamics import ENV_REWARDS
+
+    if args.dydiff and args.reward == "env" and args.env.split("-")[0] not in ENV_REWARDS:
         raise ConfigError(f"--reward env needs a known reward function, which only maze2d has (got {args.env}); "
                           f"use --reward model")
     if args.temperature <= 0:
@@ -227,14 +231,21 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, args: Args, fingerprint: str) -> dict:
+def read_checkpoint(path: Path, device: str = "cpu", fix_unreadable: str = "delete it to start over",
+                    fix_foreign: str = "delete it or pick another --run-name") -> dict:
+    """A train.py checkpoint (weights only: no code is unpickled), or a one-line ConfigError saying what to do."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise ConfigError(f"cannot read checkpoint {path} ({type(exc).__name__}): it is truncated or not ours; "
-                          f"delete it to start over") from None
+                          f"{fix_unreadable}") from None
     if not isinstance(state, dict) or state.get("format") != "dydiff-train-v1":
-        raise ConfigError(f"{path} is not a train.py checkpoint; delete it or pick another --run-name")
+        raise ConfigError(f"{path} is not a train.py checkpoint; {fix_foreign}")
+    return state
+
+
+def load_checkpoint(path: Path, args: Args, fingerprint: str) -> dict:
+    state = read_checkpoint(path)
     if state["fingerprint"] != fingerprint:
         raise ConfigError(f"{path} was made for another dataset ({state['args']['env']}); use another --run-name")
     free = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard"}
@@ -270,6 +281,16 @@ def make_learner(args: Args, obs_dim: int, act_dim: int, device: str):
 
     return IQL(obs_dim, act_dim, device=device, expectile=args.expectile, beta=args.beta,
                max_steps=args.total_steps, seed=args.seed)
+
+
+def learner_from_checkpoint(path, obs_dim: int, act_dim: int, device: str = "cpu"):
+    """(learner, checkpoint dict) of a finished or stopped run, for benchmarks and probes of its policy."""
+    state = read_checkpoint(path, device, "pass a run's checkpoint.pt", "pass a run's checkpoint.pt")
+    a = state["args"]  # only the learner's own settings matter; older checkpoints lack the DyDiff ones
+    learner = make_learner(Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
+                                total_steps=a["total_steps"], seed=a["seed"]), obs_dim, act_dim, device)
+    learner.load_state_dict(state["learner"])
+    return learner, state
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,14 +41,10 @@ class Args:
 
 
 def load_learner(folder: Path):
-    import train
+    from train import learner_from_checkpoint
 
-    state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    a = state["args"]
-    learner = train.make_learner(train.Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
-                                            total_steps=a["total_steps"], seed=a["seed"]), 6, 2, "cpu")
-    learner.load_state_dict(state["learner"])
-    return learner, a
+    learner, state = learner_from_checkpoint(folder / "checkpoint.pt", 6, 2)
+    return learner, state["args"]
 
 
 def stay_share(data, act, episodes: int) -> dict:

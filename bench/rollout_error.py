@@ -58,13 +58,10 @@ def load_policy(args: Args, data, obs_dim: int, act_dim: int):
     import train
 
     if args.policy:
-        state = torch.load(args.policy, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != "dydiff-train-v1":
-            raise SystemExit(f"error: {args.policy} is not a train.py checkpoint")
-        a = state["args"]  # only the learner's own settings matter here
-        learner = train.make_learner(train.Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
-                                                total_steps=a["total_steps"], seed=a["seed"]), obs_dim, act_dim, "cpu")
-        learner.load_state_dict(state["learner"])
+        try:
+            learner, state = train.learner_from_checkpoint(args.policy, obs_dim, act_dim)
+        except train.ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
         return learner, f"{args.policy} (step {state['step']})"
     from td3bc import TD3BC
 
