@@ -192,11 +192,10 @@ def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_sta
     states, actions = iterates[-1]
     B, H, obs_dim = states.shape
 
-    mean, std = _as_tensor(obs_mean, states), _as_tensor(obs_std, states)
+    raw_all = states * _as_tensor(obs_std, states) + _as_tensor(obs_mean, states)  # reward and terminal fns: raw
     if reward_fn is None:
         rewards = step_rewards(reward_model, states, actions)
     else:
-        raw_all = states * std + mean
         rewards = torch.as_tensor(reward_fn(raw_all[:, :-1].reshape(B * (H - 1), obs_dim),
                                             actions[:, :-1].reshape(B * (H - 1), -1),
                                             raw_all[:, 1:].reshape(B * (H - 1), obs_dim)),
@@ -209,7 +208,7 @@ def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_sta
     rejected = torch.ones(B, dtype=torch.bool, device=scores.device)
     rejected[kept] = False
 
-    raw = states[kept] * std + mean
+    raw = raw_all[kept]
     k = len(kept)
     # terminal functions work on raw states; 'never' answers on the CPU whatever the input device
     done = terminal(raw[:, :-1].reshape(k * (H - 1), obs_dim), actions[kept, :-1].reshape(k * (H - 1), -1),

@@ -304,6 +304,15 @@ def terminal_fn(env: str):
     return fns[env.split("-")[0]]
 
 
+def _maze2d_reward(s, a, s_next):
+    s_next = torch.as_tensor(s_next)
+    return ((s_next[:, :2] - s_next[:, 4:6]).norm(dim=-1) <= 0.45).to(s_next.dtype)
+
+
+# Tasks whose reward is a known function of the state, by env-name prefix (train.py --reward env / auto)
+ENV_REWARDS = {"maze2d": _maze2d_reward}
+
+
 def env_reward_fn(env: str):
     """The task's own reward r(s, a, s') -> (N,) on raw states, where it is a function of the state: maze2d's
     sparse reward is 1 when the ball ends the step within 0.45 of the goal (gymnasium-robotics PointMaze),
@@ -311,13 +320,9 @@ def env_reward_fn(env: str):
     data cuts an episode at every success), so on the states where DyDiff's policy sits at the goal it
     extrapolates (measured up to 2.45 at the goal centre; README, DyDiff results). Locomotion rewards need
     velocities the observation lacks, so they have no such function."""
-    if env.split("-")[0] != "maze2d":
+    if env.split("-")[0] not in ENV_REWARDS:
         raise ValueError(f"no known reward function for '{env}' (only maze2d has one): use --reward model")
-
-    def maze2d(s, a, s_next):
-        s_next = torch.as_tensor(s_next)
-        return ((s_next[:, :2] - s_next[:, 4:6]).norm(dim=-1) <= 0.45).to(s_next.dtype)
-    return maze2d
+    return ENV_REWARDS[env.split("-")[0]]
 
 
 # --------------------------------------------------------------------------------------------------
