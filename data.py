@@ -8,22 +8,30 @@ Loading order for a D4RL-style name (e.g. ``maze2d-umaze``):
 The dataset is then flattened to transition arrays, cached beside it (``dydiff_cache/flat.npz``)
 and rebuilt automatically when the dataset files change.
 
+Also the plumbing every other file shares: the transition buffer, atomic file writes, the one
+checkpoint reader (``torch.load(weights_only=True)`` with a one-line error) and the cache of
+pretrained models beside the dataset.
+
 ``python data.py --env maze2d-umaze`` builds/loads a dataset on its own and prints a summary.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import gymnasium as gym
 import numpy as np
+import torch
 
-# D4RL names -> Minari ids. maze2d entries also describe the local rebuild (DESIGN.md section 8).
+# D4RL names -> Minari ids. maze2d entries also describe the local rebuild, made the way D4RL/Minari made
+# theirs: a breadth-first waypoint planner, a PD controller and Gaussian action noise, one continuing run.
 MAZE2D = {
     # name: (official Minari id, gymnasium-robotics map, goal cell (row, col), eval steps, D4RL size)
     "maze2d-umaze": ("D4RL/pointmaze/umaze-v2", "U_MAZE", (1, 1), 300, 1_000_000),
@@ -44,6 +52,10 @@ P_GAIN, D_GAIN, WAYPOINT_RADIUS, ACTION_NOISE = 10.0, 1.0, 0.1, 0.5
 
 class DatasetError(RuntimeError):
     """A dataset problem with a one-line, actionable message (train.py prints it without a traceback)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or cached model that cannot be used, with a one-line message naming the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,6 +286,14 @@ class OfflineData:
     def episode_ends(self) -> np.ndarray:
         return np.append(self.episode_starts[1:], len(self.obs))
 
+    @property
+    def obs_dim(self) -> int:
+        return self.obs.shape[1]
+
+    @property
+    def act_dim(self) -> int:
+        return self.actions.shape[1]
+
     def normalize_obs(self, obs: np.ndarray) -> np.ndarray:
         return (obs - self.obs_mean) / self.obs_std
 
@@ -330,10 +350,7 @@ def load_dataset(env: str | None = None, dataset_id: str | None = None, steps: i
             arrays = None
     if arrays is None:
         arrays = _flatten(ds)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, fingerprint=fingerprint, **arrays)
-        os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+        write_atomic(cache, lambda tmp: np.savez(tmp, fingerprint=fingerprint, **arrays))
     meta = ds.storage.metadata
     data = OfflineData(dataset_id=dataset_id, ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"),
                        fingerprint=fingerprint, cache_dir=cache_dir, minari_dataset=ds, **arrays)
@@ -357,6 +374,125 @@ def _flatten(ds) -> dict[str, np.ndarray]:
     return {"obs": np.concatenate(obs), "actions": np.concatenate(act), "rewards": np.concatenate(rew),
             "next_obs": np.concatenate(nxt), "terminals": np.concatenate(term),
             "episode_starts": np.asarray(starts, dtype=np.int64)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Transitions as device tensors (the real data D and DyDiff's synthetic FIFO)
+# --------------------------------------------------------------------------------------------------
+class TransitionBuffer:
+    """Transitions as device tensors; `sample` draws a batch by indexing, with no per-sample Python.
+    `add` appends and, once full, overwrites the oldest rows (FIFO)."""
+
+    KEYS = ("obs", "actions", "rewards", "next_obs", "dones")
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: str | torch.device):
+        dims = {"obs": obs_dim, "actions": act_dim, "next_obs": obs_dim}
+        self.data = {k: torch.zeros((capacity, dims[k]) if k in dims else (capacity,), device=device)
+                     for k in self.KEYS}
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+
+    def add(self, **batch: torch.Tensor) -> None:
+        n = len(batch["obs"])
+        if n > self.capacity:  # only the newest `capacity` rows would survive anyway
+            batch = {k: v[n - self.capacity:] for k, v in batch.items()}
+            self.ptr, n = (self.ptr + n - self.capacity) % self.capacity, self.capacity
+        idx = (self.ptr + torch.arange(n, device=self.data["obs"].device)) % self.capacity
+        for k in self.KEYS:
+            self.data[k][idx] = batch[k].to(self.data[k])
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(self.size, (n,), generator=gen, device=gen.device)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "ptr": self.ptr, **{k: v[: self.size].cpu() for k, v in self.data.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.ptr = state["size"], state["ptr"]
+        for k in self.KEYS:
+            self.data[k][: self.size] = state[k].to(self.data[k].device)
+
+
+def real_buffer(data: OfflineData, device: str | torch.device) -> TransitionBuffer:
+    """The dataset D in env space: z-scored observations, raw actions and rewards."""
+    buf = TransitionBuffer(len(data.obs), data.obs_dim, data.act_dim, device)
+    t = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+    buf.add(obs=t(data.normalize_obs(data.obs)), actions=t(data.actions), rewards=t(data.rewards),
+            next_obs=t(data.normalize_obs(data.next_obs)), dones=t(data.terminals))
+    return buf
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: one atomic write, one checkpoint reader, one cache of pretrained models
+# --------------------------------------------------------------------------------------------------
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it: a crash mid-write never leaves a
+    truncated file under the real name (os.replace is atomic on one file system)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")  # np.savez wants its suffix kept
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fix: str, device: str | torch.device = "cpu") -> dict:
+    """A dict saved by torch.save, loaded with weights_only=True (no code is unpickled), or a one-line
+    CheckpointError that names the file and `fix`, what the user should do about it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, foreign or unsafe to unpickle
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}): it is truncated or not ours; {fix}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not one of our checkpoints; {fix}")
+    return state
+
+
+def load_or_train_cached(data: OfflineData, kind: str, settings: dict, train: Callable[[], dict],
+                         device: str | torch.device = "cpu", retrain: bool = False) -> tuple[dict, Path, bool]:
+    """The cache of pretrained models: <dataset>/dydiff_cache/<kind>_<hash of dataset and settings>.pt.
+
+    Returns (checkpoint dict, its path, whether it came from the cache). A cached file is used only when
+    it was made from this dataset with these settings; otherwise `train()` runs and its dict is saved
+    (atomically) with the dataset fingerprint and the settings beside it."""
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
+    key = hashlib.sha256(json.dumps([kind, data.fingerprint, settings], sort_keys=True).encode()).hexdigest()[:12]
+    path = data.cache_dir / f"{kind}_{key}.pt"
+    if path.exists() and not retrain:
+        ckpt = load_checkpoint(path, "delete it and it will be retrained", device)
+        if (ckpt.get("kind"), ckpt.get("fingerprint"), ckpt.get("settings")) != (kind, data.fingerprint, settings):
+            raise CheckpointError(f"{path} is not a {kind} model of {data.dataset_id} with these settings; "
+                                  f"delete it and it will be retrained")
+        return ckpt, path, True
+    ckpt = {"kind": kind, "fingerprint": data.fingerprint, "settings": settings, **train()}
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    return ckpt, path, False
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures: the maze, its goal and where evaluation episodes start
+# --------------------------------------------------------------------------------------------------
+def draw_maze(ax, env: str) -> None:
+    """Walls of a maze2d eval env in dark grey, the cells where evaluation episodes start in light green,
+    and the goal with its success circle (radius 0.45) in gold."""
+    from matplotlib.patches import Circle, Rectangle
+
+    _, map_name, goal_cell, _, _ = MAZE2D[env]
+    maze = maze_eval_env(env).unwrapped.maze
+    size, label = maze.maze_size_scaling, "evaluation starts"
+    for i, row in enumerate(maze.maze_map):
+        for j, cell in enumerate(row):
+            x, y = maze.cell_rowcol_to_xy(np.array([i, j]))
+            if cell == 1:
+                ax.add_patch(Rectangle((x - size / 2, y - size / 2), size, size, color="0.25"))
+            elif (i, j) != tuple(goal_cell):
+                ax.add_patch(Rectangle((x - size / 2, y - size / 2), size, size, color="#e3f3e0", zorder=0,
+                                       label=label))
+                label = None  # one legend entry for all start cells
+    gx, gy = maze.cell_rowcol_to_xy(np.array(goal_cell))
+    ax.add_patch(Circle((gx, gy), 0.45, color="gold", alpha=0.6, zorder=1, label="goal (success radius 0.45)"))
+    ax.plot(gx, gy, "*", color="darkgoldenrod", ms=12, zorder=5)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,30 @@
-"""The DyDiff rollout (DESIGN.md section 6): long, policy-consistent synthetic trajectories.
+"""One DyDiff round: long, policy-consistent synthetic trajectories (Zhao et al., 2024, Algorithm 1).
 
-One round, for B start states s_0 drawn from the data and the learner's current policy pi:
-  1. initial trajectory with the single-step ensemble: a_t = pi(s_t), s_{t+1} = f(s_t, a_t), a_{H-1} = pi(s_{H-1});
-  2. M times: the diffusion model (DM) generates s_1..s_{H-1} given s_0 and the current actions,
-     states = (DM states + previous states) / 2, clip to the dataset box, every a_t relabelled = pi(s_t);
-  3. score every trajectory by sum_t r(s_t, a_t) with the reward model (or the task's own reward of
-     each transition, where it has one: train.py --reward), keep the best (hardmax) or a score-weighted
-     sample (softmax);
-  4. cut the kept trajectories into transitions (s_t, a_t, r_t, s_{t+1}, done_t), t < H-1, each stopped
-     at its first terminal.
-Everything is batched over the B trajectories; the only Python loops run over time steps t (the ensemble
-is autoregressive) and over the M iterations.
+A diffusion model (DM) trained on the data reproduces the behaviour policy. DyDiff instead uses it as
+a dynamics model: it generates states *given* the learning policy's actions, lets the policy relabel
+the actions on those states, and repeats, so the trajectory becomes consistent with the policy pi.
+The steps, each a function below:
 
-Spaces (DESIGN.md section 3): states are returned in env space (z-scored with obs_mean/obs_std), as the
-learner, ensemble and reward model use them; the DM takes and returns raw states; terminal functions
-take raw states. ``act_fn(obs_env (N, obs_dim)) -> actions (N, act_dim)`` in [-1, 1] is the deterministic
-policy (TD3+BC's actor, IQL's tanh mean).
+  1. draw_start_states  B start states s_0 from the dataset.
+  2. initial_rollout    the initial trajectory from the single-step ensemble f:
+                        a_t = pi(s_t), s_{t+1} = f(s_t, a_t) for t < H-1, and a_{H-1} = pi(s_{H-1}).
+  3. refine             M times: the DM generates s_1..s_{H-1} given s_0 and the current actions;
+                        states = (DM states + previous states) / 2, clipped to the dataset's box;
+                        every action relabelled a_t = pi(s_t).
+  4. transition_rewards r_t of every transition: the reward model r(s_t, a_t) (the paper), or the
+                        task's own reward of (s_t, a_t, s_{t+1}) where it has one (train.py --reward);
+                        a trajectory's score is the sum of its rewards.
+  5. hardmax_filter /   keep the best-scoring share keep_fraction of the B trajectories, or sample
+     softmax_filter     that many with p = softmax(z-scored score / T).
+  6. to_transitions     cut the kept trajectories into (s_t, a_t, r_t, s_{t+1}, done_t), t < H-1, each
+                        stopped at its first terminal.
+rollout_round runs steps 2-6 for given start states. Everything is batched over the B trajectories;
+the only Python loops run over time steps (the ensemble is autoregressive) and the M iterations.
+
+Spaces: states are in env space (z-scored with the dataset's obs_mean/obs_std), as the learner, the
+ensemble and the reward model use them; the DM takes and returns raw states; terminal and task reward
+functions take raw states. ``act_fn(obs (N, obs_dim)) -> actions (N, act_dim)`` in [-1, 1] is the
+deterministic policy (TD3+BC's actor, IQL's tanh mean).
 """
 from __future__ import annotations
 
@@ -24,8 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
+import torch.nn as nn
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 UNIFORM_FLOOR = 1e-6  # softmax filter: every trajectory keeps at least this share of probability mass
@@ -33,27 +42,48 @@ UNIFORM_FLOOR = 1e-6  # softmax filter: every trajectory keeps at least this sha
 
 @dataclass
 class RolloutConfig:
-    n_rollouts: int = 256
-    """B start states per round (official 2048 on a GPU; 256 keeps a CPU round near 10 s at H=32)"""
+    rollout_batch: int = 256
+    """B, start states per round (official 2048)"""
     horizon: int = 32
-    """H rows [s_t, a_t] per trajectory; must equal the DM's horizon (official 100)"""
+    """H, rows [s_t, a_t] per trajectory; must equal the DM's horizon (official 100)"""
     iterations: int = 2
-    """M rounds of DM sampling + action relabelling (official 2)"""
+    """M, rounds of DM sampling + action relabelling (official 2)"""
     sampler_steps: int = 20
-    """Heun steps N of the DM sampler (official 34; 20 was as accurate on the maze, DESIGN.md 4.1)"""
+    """N, Heun steps of the DM sampler (official 34)"""
     filter: str = "hardmax"
     """'hardmax' keeps the top keep_fraction by score; 'softmax' samples that many by score"""
     keep_fraction: float = 0.6
     """share of the B trajectories kept (official 0.6)"""
     temperature: float = 0.05
-    """softmax filter temperature on z-scored trajectory scores (official 0.05)"""
+    """softmax filter temperature T on z-scored trajectory scores (official 0.05)"""
+
+
+@dataclass
+class DyDiffModels:
+    """What a round needs besides the policy: the pretrained models and the dataset's z-scoring."""
+
+    ensemble: nn.Module
+    """single-step ensemble f (dynamics.Ensemble), env space"""
+    reward_model: nn.Module
+    """learned r(s, a) (dynamics.RewardModel), env space"""
+    dm: nn.Module
+    """the diffusion model (diffusion.DynamicsDiffusion), raw space"""
+    terminal: Callable
+    """done(s, a, s') on raw states (dynamics.terminal_fn)"""
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
+    reward_fn: Callable | None = None
+    """the task's own r(s, a, s') on raw states (dynamics.env_reward_fn); None: use reward_model"""
+
+    def raw(self, states_env: torch.Tensor) -> torch.Tensor:
+        return states_env * self.obs_std.to(states_env) + self.obs_mean.to(states_env)
 
 
 # --------------------------------------------------------------------------------------------------
-# Rollout: start states, ensemble trajectory, M DM iterations
+# Steps 1-3: start states, the initial trajectory, M DM iterations
 # --------------------------------------------------------------------------------------------------
 def draw_start_states(obs_env: torch.Tensor, B: int, generator: torch.Generator | None = None):
-    """B start states s_0 drawn uniformly (with replacement) from the dataset's states; also their indices."""
+    """Step 1: B start states s_0 drawn uniformly (with replacement) from the dataset; also their indices."""
     idx = torch.randint(len(obs_env), (B,), generator=generator, device=obs_env.device)
     return obs_env[idx], idx
 
@@ -67,7 +97,7 @@ def relabel(act_fn: ActFn, states_env: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def initial_rollout(act_fn: ActFn, ensemble, s0_env: torch.Tensor, H: int,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 2: the current policy in the ensemble (elite means). Returns states_env (B, H, obs), actions (B, H, act)."""
+    """Step 2: the current policy in the ensemble. Returns states_env (B, H, obs), actions (B, H, act)."""
     s_t, states, actions = s0_env, [s0_env], []
     for _ in range(H - 1):
         a_t = act_fn(s_t)
@@ -78,19 +108,15 @@ def initial_rollout(act_fn: ActFn, ensemble, s0_env: torch.Tensor, H: int,
     return torch.stack(states, 1), torch.stack(actions, 1)
 
 
-def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=like.dtype, device=like.device)  # numpy stats (data.py) or tensors
-
-
 @torch.no_grad()
-def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, obs_mean, obs_std,
-           iterations: int, sampler_steps: int = 20,
+def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, obs_mean: torch.Tensor,
+           obs_std: torch.Tensor, iterations: int, sampler_steps: int = 20,
            generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Step 3: M iterations of (DM states given s_0 and the actions -> average -> clip -> relabel).
 
     Returns [(states_env, actions)] for iterations 0 (the input) .. M, so benchmarks can look at each one;
     the last entry is policy-consistent: its actions are exactly pi(its states)."""
-    mean, std = _as_tensor(obs_mean, states_env), _as_tensor(obs_std, states_env)
+    mean, std = torch.as_tensor(obs_mean).to(states_env), torch.as_tensor(obs_std).to(states_env)
     obs = slice(0, dm.obs_dim)
     # The dataset box of the DM (raw min/max of the observations), mapped to env space once: clipping there
     # keeps the returned env-space states exactly inside it, with no round trip through raw space.
@@ -99,8 +125,8 @@ def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, o
     iterates = [(states_env, actions)]
     for _ in range(iterations):
         dm_env = (dm.generate(s_0 * std + mean, actions, sampler_steps, generator).to(states_env) - mean) / std
-        # The official code averages with the previous states (undocumented in the paper): a cheap
-        # ensemble of the two models; DESIGN.md 4.1 measured it beating either one alone at h = 15..31.
+        # The official code averages with the previous states (the paper does not say so): a cheap
+        # ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.
         avg = torch.where(torch.isfinite(states_env), (dm_env + states_env) / 2, dm_env)
         states_env = torch.minimum(torch.maximum(avg, lo), hi)
@@ -111,18 +137,19 @@ def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, o
 
 
 # --------------------------------------------------------------------------------------------------
-# Scores and filters
+# Steps 4-5: rewards, scores and filters
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def step_rewards(reward_model, states_env: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """r(s_t, a_t) for every (b, t): (B, H)."""
-    B, H, _ = states_env.shape
-    return reward_model(states_env.reshape(B * H, -1), actions.reshape(B * H, -1)).reshape(B, H)
-
-
-def score_trajectories(reward_model, states_env: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Step 4: the trajectory score sum_{t<H} r(s_t, a_t), (B,)."""
-    return step_rewards(reward_model, states_env, actions).sum(1)
+def transition_rewards(models: DyDiffModels, states_env: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Step 4: r_t for every trajectory and step, (B, H) from the reward model r(s_t, a_t), or (B, H-1)
+    from the task's own reward of each transition (s_t, a_t, s_{t+1}) on raw states."""
+    B, H, obs_dim = states_env.shape
+    if models.reward_fn is None:
+        return models.reward_model(states_env.reshape(B * H, -1), actions.reshape(B * H, -1)).reshape(B, H)
+    raw = models.raw(states_env)
+    r = models.reward_fn(raw[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(B * (H - 1), -1),
+                         raw[:, 1:].reshape(-1, obs_dim))
+    return torch.as_tensor(r, dtype=states_env.dtype, device=states_env.device).reshape(B, H - 1)
 
 
 def n_keep(B: int, keep_fraction: float) -> int:
@@ -131,16 +158,16 @@ def n_keep(B: int, keep_fraction: float) -> int:
 
 
 def hardmax_filter(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
-    """Indices of the n_keep(B, keep_fraction) highest scores (best first)."""
+    """Step 5: indices of the n_keep(B, keep_fraction) highest scores (best first)."""
     return torch.topk(scores, n_keep(len(scores), keep_fraction)).indices
 
 
 def softmax_filter(scores: torch.Tensor, keep_fraction: float, temperature: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """n_keep(B, keep_fraction) distinct indices drawn without replacement, p = softmax(z-scored score / T)
-    mixed with a uniform floor. Z-scoring makes T independent of the reward scale; the floor keeps every
-    probability positive once exp() underflows, so the draws after the favourites stay uniformly random
-    (with p = 0, torch 2.x picks zero-probability indices in a fixed order and older versions raise)."""
+    """Step 5: n_keep(B, keep_fraction) distinct indices drawn without replacement, p = softmax(z-scored
+    score / T) mixed with a uniform floor. Z-scoring makes T independent of the reward scale; the floor
+    keeps every probability positive once exp() underflows, so the draws after the favourites stay
+    uniformly random (with p = 0, torch 2.x picks zero-probability indices in a fixed order)."""
     B = len(scores)
     s = scores.double()  # float32 exp() underflows already at a score gap of ~5 std for T = 0.05
     z = (s - s.mean()) / (s.std(correction=0) + 1e-8)  # equal scores give z = 0: a uniform draw
@@ -149,7 +176,7 @@ def softmax_filter(scores: torch.Tensor, keep_fraction: float, temperature: floa
 
 
 # --------------------------------------------------------------------------------------------------
-# Transitions
+# Step 6: transitions
 # --------------------------------------------------------------------------------------------------
 def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                    terminal: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -170,36 +197,25 @@ def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: tor
 # --------------------------------------------------------------------------------------------------
 # One full round
 # --------------------------------------------------------------------------------------------------
-def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_states_env: torch.Tensor,
-                  obs_mean, obs_std, cfg: RolloutConfig, generator: torch.Generator | None = None,
-                  return_iterates: bool = False, reward_fn=None):
-    """Steps 2-6 for the given start states s_0 (B, obs_dim), env space. ``terminal`` is
-    dynamics.terminal_fn(env). Rewards come from the learned r(s_t, a_t) (the paper), or, when
-    ``reward_fn`` (dynamics.env_reward_fn) is given, from the task's own r(s_t, a_t, s_{t+1}) on raw states;
-    a trajectory's score then sums its H-1 transitions. Returns (transitions, stats), plus the refine()
-    iterates when asked."""
-    if cfg.horizon != dm.horizon:
-        raise ValueError(f"rollout horizon H={cfg.horizon} differs from the diffusion model's H={dm.horizon}")
+def rollout_round(act_fn: ActFn, models: DyDiffModels, start_states_env: torch.Tensor, cfg: RolloutConfig,
+                  generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Steps 2-6 for the start states s_0 (B, obs_dim), env space. Returns (transitions, stats)."""
+    if cfg.horizon != models.dm.horizon:
+        raise ValueError(f"rollout horizon H={cfg.horizon} differs from the diffusion model's H={models.dm.horizon}")
     if cfg.filter not in ("hardmax", "softmax"):
         raise ValueError(f"unknown filter '{cfg.filter}': use 'hardmax' or 'softmax'")
     if not 0 < cfg.keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
     t0 = time.time()
-    states, actions = initial_rollout(act_fn, ensemble, start_states_env, cfg.horizon, generator)
+    states, actions = initial_rollout(act_fn, models.ensemble, start_states_env, cfg.horizon, generator)
     t_ensemble = time.time() - t0
-    iterates = refine(act_fn, dm, states, actions, obs_mean, obs_std, cfg.iterations, cfg.sampler_steps, generator)
+    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg.iterations,
+                      cfg.sampler_steps, generator)
     t_dm = time.time() - t0 - t_ensemble
     states, actions = iterates[-1]
     B, H, obs_dim = states.shape
 
-    raw_all = states * _as_tensor(obs_std, states) + _as_tensor(obs_mean, states)  # reward and terminal fns: raw
-    if reward_fn is None:
-        rewards = step_rewards(reward_model, states, actions)
-    else:
-        rewards = torch.as_tensor(reward_fn(raw_all[:, :-1].reshape(B * (H - 1), obs_dim),
-                                            actions[:, :-1].reshape(B * (H - 1), -1),
-                                            raw_all[:, 1:].reshape(B * (H - 1), obs_dim)),
-                                  dtype=states.dtype, device=states.device).reshape(B, H - 1)
+    rewards = transition_rewards(models, states, actions)
     scores = rewards.sum(1)
     if cfg.filter == "hardmax":
         kept = hardmax_filter(scores, cfg.keep_fraction)
@@ -208,11 +224,11 @@ def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_sta
     rejected = torch.ones(B, dtype=torch.bool, device=scores.device)
     rejected[kept] = False
 
-    raw = raw_all[kept]
+    raw = models.raw(states)[kept]
     k = len(kept)
     # terminal functions work on raw states; 'never' answers on the CPU whatever the input device
-    done = terminal(raw[:, :-1].reshape(k * (H - 1), obs_dim), actions[kept, :-1].reshape(k * (H - 1), -1),
-                    raw[:, 1:].reshape(k * (H - 1), obs_dim))
+    done = models.terminal(raw[:, :-1].reshape(k * (H - 1), obs_dim), actions[kept, :-1].reshape(k * (H - 1), -1),
+                           raw[:, 1:].reshape(k * (H - 1), obs_dim))
     done = torch.as_tensor(done, device=states.device).bool().reshape(k, H - 1)
     transitions = to_transitions(states[kept], actions[kept], rewards[kept], done)
 
@@ -225,49 +241,43 @@ def rollout_round(act_fn: ActFn, ensemble, reward_model, dm, terminal, start_sta
              "score_mean": float(scores.mean()),
              "terminated_fraction": float(done.any(1).float().mean()),
              **shifts, "time_ensemble_s": t_ensemble, "time_dm_s": t_dm, "time_s": time.time() - t0}
-    return (transitions, stats, iterates) if return_iterates else (transitions, stats)
+    return transitions, stats
 
 
 # --------------------------------------------------------------------------------------------------
-# Picture for learners
+# The picture for learners
 # --------------------------------------------------------------------------------------------------
-def plot_rollouts(path, data, starts_raw, initial_states_raw, final_states_raw, env: str, n_show: int = 8,
-                  n_dataset: int = 20) -> None:
-    """PNG of (x, y) = obs dims 0, 1: maze walls (maze2d), a few dataset episodes in grey, and for the first
-    n_show start states the initial ensemble rollout (dashed) and the final DyDiff rollout (solid)."""
+def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, start_states_env: torch.Tensor,
+                  cfg: RolloutConfig, generator: torch.Generator | None = None, draw_background=None) -> None:
+    """PNG of (x, y) = obs dims 0, 1: a few dataset episodes (grey) and, from the given start states, the
+    initial trajectory (step 2, dashed) and the final DyDiff trajectory (step 3, solid) of the policy.
+    ``draw_background(ax, env)`` draws the scene first (data.draw_maze: walls, goal, evaluation starts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    import numpy as np
 
-    to_np = lambda x: x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)  # noqa: E731
-    starts, initial, final = to_np(starts_raw), to_np(initial_states_raw), to_np(final_states_raw)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    if env.startswith("maze2d"):
-        eval_env = data.make_eval_env()
-        maze = eval_env.unwrapped.maze
-        size = maze.maze_size_scaling
-        for i, row in enumerate(maze.maze_map):
-            for j, cell in enumerate(row):
-                if cell == 1:  # 1 = wall; 0, 'g', 'r', 'c' are free cells
-                    x, y = maze.cell_rowcol_to_xy(np.array([i, j]))
-                    ax.add_patch(Rectangle((x - size / 2, y - size / 2), size, size, color="0.25"))
-        eval_env.close()
-    H = final.shape[1]
-    starts_idx = np.asarray(data.episode_starts)
-    for e in np.linspace(0, len(starts_idx) - 1, min(n_dataset, len(starts_idx))).astype(int):
-        seg = data.obs[starts_idx[e]:min(data.episode_ends[e], starts_idx[e] + 4 * H)]
-        ax.plot(seg[:, 0], seg[:, 1], color="0.7", lw=0.8, label="dataset episodes" if e == 0 else None)
-    for b in range(min(n_show, len(final))):
+    states, actions = initial_rollout(act_fn, models.ensemble, start_states_env, cfg.horizon, generator)
+    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg.iterations,
+                      cfg.sampler_steps, generator)
+    initial, final = (models.raw(s).cpu().numpy() for s in (iterates[0][0], iterates[-1][0]))
+    fig, ax = plt.subplots(figsize=(6, 6.3))
+    if draw_background is not None:
+        draw_background(ax, env)
+    H, starts, ends = cfg.horizon, data.episode_starts, data.episode_ends
+    for n, e in enumerate(np.linspace(0, len(starts) - 1, min(20, len(starts))).astype(int)):
+        seg = data.obs[starts[e]:min(ends[e], starts[e] + 4 * H)]
+        ax.plot(seg[:, 0], seg[:, 1], color="0.6", lw=0.8, label="dataset episodes" if n == 0 else None)
+    for b in range(len(final)):
         c = f"C{b % 10}"
         ax.plot(initial[b, :, 0], initial[b, :, 1], ls="--", color=c, lw=1,
-                label="initial (ensemble, pi)" if b == 0 else None)
-        ax.plot(final[b, :, 0], final[b, :, 1], color=c, lw=1.8, label="final DyDiff" if b == 0 else None)
-        ax.plot(starts[b, 0], starts[b, 1], "o", color=c, ms=5, label="start s_0" if b == 0 else None)
-    ax.set(aspect="equal", xlabel="x (obs dim 0)", ylabel="y (obs dim 1)",
-           title=f"{env}: {min(n_show, len(final))} rollouts of H={H} from the same starts")
-    ax.legend(fontsize=7, loc="upper right")
+                label="initial (pi in the ensemble)" if b == 0 else None)
+        ax.plot(final[b, :, 0], final[b, :, 1], color=c, lw=1.8, label=f"DyDiff after M={cfg.iterations}" if b == 0 else None)
+        ax.plot(initial[b, 0, 0], initial[b, 0, 1], "o", color=c, ms=5, label="start s_0" if b == 0 else None)
+    ax.set(aspect="equal", xlabel="x (obs dim 0)", ylabel="y (obs dim 1)")
+    ax.set_title(f"{env}: {len(final)} rollouts of H={H} steps by the final policy", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

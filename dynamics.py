@@ -1,21 +1,23 @@
-"""Single-step models for DyDiff (DESIGN.md section 5): a probabilistic dynamics ensemble, a reward
-model r(s, a), terminal functions, and the rollout-accuracy check against the real simulator.
+"""Single-step models of DyDiff: a probabilistic dynamics ensemble f(s, a), a reward model r(s, a) and
+terminal functions done(s, a, s').
 
-Spaces (DESIGN.md section 3): both models take s in env space (z-scored with the dataset's
-obs_mean/obs_std) and a in [-1, 1]; the ensemble predicts s' - s in env space, the reward model the
-raw reward. Terminal functions and `rollout_error` work on raw observations.
+DyDiff (Zhao et al., 2024) starts every rollout with the learning policy pi in the ensemble (the
+paper's initial trajectory, Algorithm 1), scores the final trajectories with r(s, a) and cuts them at
+the first terminal. The ensemble follows MBPO/MOPO: 7 Gaussian MLPs (4x200, SiLU) predicting the mean
+and log-variance of s' - s, trained by Gaussian NLL with per-layer weight decay; the 5 members best on
+a holdout set are the elites, and a rollout step uses the mean of one elite drawn per sample.
+
+Spaces: both models take s in env space (z-scored with the dataset's obs_mean/obs_std) and a in
+[-1, 1]; the ensemble predicts s' - s in env space, the reward model the raw reward. Terminal and
+reward functions take raw observations.
 
 ``python dynamics.py --env maze2d-umaze`` trains both (or loads them from the cache beside the
-dataset), prints holdout losses and the ensemble's rollout error against the simulator.
+dataset) and prints their holdout losses.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,14 +29,14 @@ from tqdm import tqdm
 # --------------------------------------------------------------------------------------------------
 # Batched ensemble layers: every member is computed in one bmm, no Python loop over members
 # --------------------------------------------------------------------------------------------------
-class EnsembleLinear(nn.Module):
-    """n independent linear layers; x (n, B, d_in) -> (n, B, d_out)."""
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers applied to a (n, B, in) input with one batched matmul."""
 
-    def __init__(self, n: int, d_in: int, d_out: int):
+    def __init__(self, in_features: int, out_features: int, n: int):
         super().__init__()
-        bound = 1.0 / d_in**0.5  # nn.Linear's default scale, drawn independently for each member
-        self.weight = nn.Parameter(torch.empty(n, d_in, d_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, d_out).uniform_(-bound, bound))
+        bound = 1.0 / in_features**0.5  # nn.Linear's default scale, drawn independently for each member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
@@ -46,7 +48,7 @@ class BatchedMLP(nn.Module):
     def __init__(self, n_members: int, d_in: int, d_out: int, hidden: int, n_layers: int):
         super().__init__()
         dims = [d_in] + [hidden] * n_layers + [d_out]
-        self.layers = nn.ModuleList(EnsembleLinear(n_members, i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(VectorizedLinear(i, o, n_members) for i, o in zip(dims[:-1], dims[1:]))
         self.n_members = n_members
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,14 +133,12 @@ class RewardModel(nn.Module):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class FitConfig:
-    # An "epoch" here is a fixed number of minibatch steps, not a pass over the data: on one shared
-    # CPU thread the 7x(4x200) ensemble does only ~16-30 steps/s at batch 256, so one pass over 1M
-    # transitions would already take 2-4 min per model. 250 steps per epoch keeps the 7-epoch
-    # patience meaningful (~10-15 s per epoch), and the caps (4000 ensemble steps = about one pass of
-    # 1M samples per member; 6000 cheap reward steps) bound the worst case at ~4.5 min for both
-    # models on 1M umaze transitions. Batch 256 and lr 1e-3 are MBPO's. The sparse maze2d reward
-    # (1 within 0.45 of the goal) is learned far faster at lr 3e-3: holdout MSE 0.0031 vs 0.0061
-    # after 6000 steps on umaze, while 3e-3 did not help the ensemble.
+    # An "epoch" here is a fixed number of minibatch steps, not a pass over the data (the official
+    # code's epoch): on one CPU thread a pass of the 7x(4x200) ensemble over 1M transitions takes
+    # minutes, so the 7-epoch patience would barely act. The caps (4000 ensemble steps, about one pass
+    # of 1M samples per member; 6000 cheap reward steps) bound pretraining on a CPU. Batch 256 and
+    # lr 1e-3 are MBPO's; the sparse maze2d reward (1 within 0.45 of the goal) is learnt faster at
+    # lr 3e-3, which did not help the ensemble.
     batch_size: int = 256
     lr: float = 1e-3
     reward_lr: float = 3e-3
@@ -232,51 +232,25 @@ def train_models(data, cfg: FitConfig, device="cpu", seed: int = 0, progress: bo
 
 
 # --------------------------------------------------------------------------------------------------
-# Cache: one checkpoint per (dataset fingerprint, settings, seed)
+# Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached)
 # --------------------------------------------------------------------------------------------------
-def cache_path(data, cfg: FitConfig, seed: int) -> Path:
-    key = json.dumps({"fingerprint": data.fingerprint, "seed": seed, **asdict(cfg)}, sort_keys=True)
-    return Path(data.cache_dir) / f"dynamics_{data.fingerprint}_{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt"
+def load_or_train(data, device="cpu", seed: int = 0, cfg: FitConfig | None = None, retrain: bool = False,
+                  progress: bool = True) -> tuple[Ensemble, RewardModel, dict]:
+    """(ensemble, reward model, info) for `data`: from the cache beside the dataset, else trained now."""
+    from data import load_or_train_cached
 
+    cfg = cfg or FitConfig()
 
-def load_checkpoint(path, data, device="cpu"):
-    """(Ensemble, RewardModel, info) from `path`; refuses a checkpoint made for another dataset."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, foreign or unsafe to unpickle
-        raise ValueError(f"cannot read {path} ({type(exc).__name__}): it is truncated or not a dynamics "
-                         f"checkpoint; delete it and it will be retrained") from None
-    if not isinstance(ckpt, dict) or not {"fingerprint", "ensemble", "reward", "config"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a dynamics checkpoint: delete it and it will be retrained")
-    if ckpt["fingerprint"] != data.fingerprint:
-        raise ValueError(f"{path} was trained on dataset {ckpt['dataset_id']} (fingerprint {ckpt['fingerprint']}), "
-                         f"not on {data.dataset_id} ({data.fingerprint}): delete it or pass retrain")
-    cfg = FitConfig(**ckpt["config"])
-    obs_dim, act_dim = data.obs.shape[1], data.actions.shape[1]
-    ens = Ensemble(obs_dim, act_dim, cfg.n_members, cfg.n_elites, cfg.hidden, cfg.n_layers).to(device)
-    rew = RewardModel(obs_dim, act_dim, cfg.reward_hidden, cfg.reward_layers).to(device)
+    def train():
+        ens, rew, info = train_models(data, cfg, device, seed, progress)
+        return {"info": info, "ensemble": ens.state_dict(), "reward": rew.state_dict()}
+
+    ckpt, path, cached = load_or_train_cached(data, "dynamics", {**asdict(cfg), "seed": seed}, train, device, retrain)
+    ens = Ensemble(data.obs_dim, data.act_dim, cfg.n_members, cfg.n_elites, cfg.hidden, cfg.n_layers).to(device)
+    rew = RewardModel(data.obs_dim, data.act_dim, cfg.reward_hidden, cfg.reward_layers).to(device)
     ens.load_state_dict(ckpt["ensemble"])
     rew.load_state_dict(ckpt["reward"])
-    return ens, rew, {**ckpt["info"], "path": str(path), "cached": True}
-
-
-def load_or_train(data, env: str, device="cpu", seed: int = 0, retrain: bool = False, progress: bool = True,
-                  cfg: FitConfig | None = None, path: str | Path | None = None):
-    """Load the models from the cache (or `path`), or train them and save them there atomically."""
-    cfg = cfg or FitConfig()
-    path = Path(path) if path is not None else cache_path(data, cfg, seed)
-    if path.exists() and not retrain:
-        return load_checkpoint(path, data, device)
-    ens, rew, info = train_models(data, cfg, device, seed, progress)
-    info = {**info, "env": env, "seed": seed}
-    ckpt = {"fingerprint": data.fingerprint, "dataset_id": data.dataset_id, "env": env, "seed": seed,
-            "config": asdict(cfg), "info": info, "ensemble": ens.state_dict(), "reward": rew.state_dict(),
-            "obs_mean": torch.as_tensor(data.obs_mean), "obs_std": torch.as_tensor(data.obs_std)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint under the real name
-    return ens, rew, {**info, "path": str(path), "cached": False}
+    return ens, rew, {**ckpt["info"], "path": str(path), "cached": cached}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,64 +292,11 @@ def env_reward_fn(env: str):
     sparse reward is 1 when the ball ends the step within 0.45 of the goal (gymnasium-robotics PointMaze),
     obs = [x, y, vx, vy, goal_x, goal_y]. The learned r(s, a) never sees a state inside that circle (the
     data cuts an episode at every success), so on the states where DyDiff's policy sits at the goal it
-    extrapolates (measured up to 2.45 at the goal centre; README, DyDiff results). Locomotion rewards need
+    extrapolates (bench/README.md, DyDiff vs the plain learner). Locomotion rewards need
     velocities the observation lacks, so they have no such function."""
     if env.split("-")[0] not in ENV_REWARDS:
         raise ValueError(f"no known reward function for '{env}' (only maze2d has one): use --reward model")
     return ENV_REWARDS[env.split("-")[0]]
-
-
-# --------------------------------------------------------------------------------------------------
-# Rollout accuracy against the real simulator (PointMaze)
-# --------------------------------------------------------------------------------------------------
-def simulate(data, s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """Ground truth (B, H+1, obs_dim): the PointMaze physics from each raw state s0 = [qpos, qvel,
-    goal] under the given actions; the goal dims are held fixed."""
-    env = data.make_eval_env()
-    if not hasattr(env.unwrapped, "point_env"):
-        raise ValueError(f"rollout_error needs a PointMaze dataset, got {data.dataset_id}")
-    env.reset(seed=0)
-    point = env.unwrapped.point_env
-    nq, nv = point.model.nq, point.model.nv
-    traj = np.repeat(s0[:, None].astype(np.float64), actions.shape[1] + 1, axis=1)
-    for b in range(len(s0)):
-        point.set_state(s0[b, :nq].astype(np.float64), s0[b, nq:nq + nv].astype(np.float64))
-        for h in range(actions.shape[1]):
-            traj[b, h + 1, :nq + nv] = point.step(actions[b, h].astype(np.float64))[0]
-    env.close()
-    return traj
-
-
-def rollout_error(predict, data, horizon: int = 100, n_starts: int = 256, seed: int = 0) -> dict:
-    """Open-loop accuracy of any model: from random dataset states, replay the dataset's next
-    `horizon` actions in `predict` (raw in, raw (B, horizon+1, obs_dim) out, index 0 = s0) and in the
-    simulator. The maze2d dataset is one continuous run, so any window of actions is replayable."""
-    rng = np.random.default_rng(seed)
-    t0 = rng.choice(len(data.obs) - horizon + 1, size=n_starts, replace=False)
-    s0 = data.obs[t0]
-    actions = data.actions[t0[:, None] + np.arange(horizon)]
-    true = simulate(data, s0, actions)
-    pred = np.asarray(predict(s0.copy(), actions.copy()), dtype=np.float64)
-    if pred.shape != true.shape:
-        raise ValueError(f"predict returned shape {pred.shape}, expected {true.shape}")
-    err = (pred - true)[:, 1:] ** 2
-    pos = err[..., :2].mean(-1)  # (B, H) per-start squared position error
-    return {"horizons": list(range(1, horizon + 1)), "mse": err.mean((0, 2)).tolist(),
-            "mse_pos": pos.mean(0).tolist(), "median_pos": np.median(pos, 0).tolist()}
-
-
-def ensemble_predict(ens: Ensemble, seed: int = 0):
-    """A `predict` for `rollout_error`: raw states in and out, z-scoring with the ensemble's stats."""
-    def predict(s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        dev = ens.obs_mean.device
-        g = torch.Generator(dev).manual_seed(seed)
-        s = (torch.as_tensor(s0, dtype=torch.float32, device=dev) - ens.obs_mean) / ens.obs_std
-        a = torch.as_tensor(actions, dtype=torch.float32, device=dev)
-        traj = [s]
-        for h in range(a.shape[1]):
-            traj.append(ens.step(traj[-1], a[:, h], generator=g))
-        return (torch.stack(traj, 1) * ens.obs_std + ens.obs_mean).cpu().numpy()
-    return predict
 
 
 if __name__ == "__main__":
@@ -387,7 +308,7 @@ if __name__ == "__main__":
         """D4RL-style dataset name (maze2d-umaze, hopper-medium, ...)"""
         dataset_id: str | None = None
         """any Minari dataset id, instead of --env"""
-        steps: int | None = None
+        dataset_steps: int | None = None
         """maze2d only: size of a local dataset rebuild (None: the D4RL size)"""
         device: str = "cpu"
         """torch device"""
@@ -397,24 +318,15 @@ if __name__ == "__main__":
         """torch CPU threads (1 is the safe choice on a shared machine)"""
         retrain: bool = False
         """train again even when a cached checkpoint exists (overwrites it)"""
-        checkpoint: str | None = None
-        """explicit checkpoint path instead of the cache key beside the dataset"""
-        horizon: int = 100
-        """rollout-error horizon against the simulator (maze2d only; 0 skips the check)"""
-        n_starts: int = 256
-        """rollout-error start states"""
 
     args = tyro.cli(Args)
     torch.set_num_threads(args.threads)
-    from data import DatasetError, load_dataset
+    from data import CheckpointError, DatasetError, load_dataset
 
     try:
-        data = load_dataset(args.env, args.dataset_id, args.steps)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}")
-    try:
-        ens, rew, info = load_or_train(data, args.env, args.device, args.seed, args.retrain, path=args.checkpoint)
-    except ValueError as e:
+        data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
+        ens, rew, info = load_or_train(data, args.device, args.seed, retrain=args.retrain)
+    except (DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     print(f"{'loaded' if info['cached'] else 'saved'} {info['path']}")
     print(f"ensemble: holdout MSE of s'-s (env space, mean of elites {info['elites']}) "
@@ -422,12 +334,3 @@ if __name__ == "__main__":
           f"{info['ensemble_epochs']} epochs, {info['ensemble_time_s']:.0f} s")
     print(f"reward model: holdout MSE {info['reward_holdout_mse']:.3e} (reward variance {info['reward_variance']:.3e}); "
           f"{info['reward_epochs']} epochs, {info['reward_time_s']:.0f} s; total training {info['train_time_s']:.0f} s")
-    if args.horizon > 0 and args.env.startswith("maze2d"):
-        res = rollout_error(ensemble_predict(ens, args.seed), data, args.horizon, args.n_starts, args.seed)
-        out = Path(info["path"]).with_suffix(".rollout_error.json")
-        out.write_text(json.dumps({"model": "ensemble", **res}))
-        for h in (1, 10, 25, 50, 100):
-            if h <= args.horizon:
-                print(f"h={h:3d}: mse {res['mse'][h - 1]:.3e}  mse_pos {res['mse_pos'][h - 1]:.3e}  "
-                      f"median_pos {res['median_pos'][h - 1]:.3e}")
-        print(f"rollout error written to {out}")

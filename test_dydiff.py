@@ -1,4 +1,7 @@
-"""Tests of the DyDiff reference implementation: `pytest -q` (about 2-4 minutes on 2 CPU cores).
+"""Tests of the DyDiff reference implementation, in pipeline order: data, learners, dynamics models,
+diffusion model, the DyDiff round, the training loop, robustness, benchmark tools.
+
+    python -m pytest -q test_dydiff.py        # about 2-4 minutes on 2 CPU cores
 
 Every test runs offline on small datasets generated into a temporary Minari folder, never ~/.minari.
 """
@@ -8,17 +11,44 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import minari
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+
+import diffusion
+import dydiff
+import dynamics
+from data import (CheckpointError, DatasetError, MAZE2D, TransitionBuffer, WaypointController, draw_maze,
+                  load_dataset, maze_eval_env, normalized_score, resolve_env)
+from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
+from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
+from iql import IQL
+from td3bc import TD3BC, TwinCritic
+from train import main, parse_args, sample_batch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "bench"))
+from fidelity import crossings, dm_predict, ensemble_predict, generate_long, in_episode_rollout_error, rollout_error, simulate  # noqa: E402
 
 torch.set_num_threads(1)
-HERE = Path(__file__).resolve().parent
 TINY_STEPS = 3000  # a few thousand maze steps: ~40 episodes, built in seconds
+TINY = FitConfig(steps_per_epoch=20, max_epochs=2, reward_max_epochs=2, hidden=32, reward_hidden=32)
+TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--dm-dim", "8", "--dm-mults", "1", "2", "--dm-train-steps", "30",
+               "--rollout-batch", "16", "--rollout-interval", "40", "--sampler-steps", "4", "--synthetic-capacity", "500"]
+# DyDiff unit tests: hand-made dataset stats (raw = env * STD + MEAN) and a tight dataset box
+OBS, ACT, H = 4, 2, 8
+MEAN = torch.tensor([0.5, -1.0, 2.0, 0.0])
+STD = torch.tensor([2.0, 0.5, 1.0, 3.0])
+BOX = 0.3  # the dataset box is [-0.3, 0.3] in env space: tight, so the ensemble leaves it
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +66,13 @@ def minari_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_data(minari_root):
-    from data import load_dataset
-
     return load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+
+
+@pytest.fixture
+def tiny_fit(monkeypatch):
+    """Seconds, not minutes, of ensemble training wherever the default FitConfig is asked for."""
+    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)
 
 
 def fixed_batch(n=256, obs_dim=6, act_dim=2, seed=0):
@@ -48,10 +82,33 @@ def fixed_batch(n=256, obs_dim=6, act_dim=2, seed=0):
             "dones": (torch.rand(n, generator=g) < 0.1).float()}
 
 
-# ---------------------------------------------------------------------------------------------- data
-def test_tiny_maze_dataset_loads_offline_through_minari(tiny_data, minari_root):
-    import minari
+def run_train(tmp_path, *flags):
+    return main(["--dataset-steps", str(TINY_STEPS), "--run-dir", str(tmp_path), "--eval-episodes", "2",
+                 "--eval-interval", "50", *flags, *([] if "--dydiff" in flags else ["--no-dydiff"])])
 
+
+def tiny_model(obs_dim=3, act_dim=2, H=8, seed=0):
+    torch.manual_seed(seed)
+    return DynamicsDiffusion(obs_dim, act_dim, horizon=H, dim=8, dim_mults=(1, 2))
+
+
+def toy_rows(n_episodes=20, length=40, seed=0):
+    """Linear toy dynamics s' = s + 0.1 a (a 2-D point), rows [s, a], episodes concatenated."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_episodes):
+        s = rng.uniform(-0.5, 0.5, 2)
+        for _ in range(length):
+            a = rng.uniform(-1, 1, 2)
+            rows.append(np.concatenate([s, a]))
+            s = np.clip(s + 0.1 * a, -1, 1)
+    starts = np.arange(n_episodes) * length
+    return torch.tensor(np.array(rows), dtype=torch.float32), starts, starts + length
+
+
+# ----------------------------------------------------------------------------------------- data
+def test_tiny_maze_dataset_loads_offline_through_minari(tiny_data, minari_root):
+    """Data: a local maze2d rebuild is stored with Minari under our own id."""
     d = tiny_data
     assert d.dataset_id == f"dydiff/pointmaze/umaze-{TINY_STEPS}-v0"
     assert d.dataset_id in minari.list_local_datasets()  # stored with Minari, under our own id
@@ -63,6 +120,7 @@ def test_tiny_maze_dataset_loads_offline_through_minari(tiny_data, minari_root):
 
 
 def test_episodes_are_cut_at_successes(tiny_data):
+    """Data: the continuing run is cut into episodes at every success."""
     d = tiny_data
     starts, ends = d.episode_starts, d.episode_ends
     assert len(starts) > 5 and starts[0] == 0 and ends[-1] == TINY_STEPS
@@ -78,6 +136,7 @@ def test_episodes_are_cut_at_successes(tiny_data):
 
 
 def test_flat_cache_is_used_and_rebuilt_when_the_dataset_changes(tiny_data, monkeypatch):
+    """Data: the flat arrays are cached and rebuilt when the dataset files change."""
     import data as data_mod
 
     calls = []
@@ -92,9 +151,18 @@ def test_flat_cache_is_used_and_rebuilt_when_the_dataset_changes(tiny_data, monk
     np.testing.assert_array_equal(rebuilt.obs, tiny_data.obs)
 
 
-def test_normalized_score_formula(tiny_data):
-    from data import DatasetError, normalized_score
+def test_corrupt_flat_cache_is_rebuilt(tiny_data):
+    """Data: a damaged flat cache is rebuilt, never trusted."""
+    cache = tiny_data.cache_dir / "flat.npz"
+    cache.write_bytes(b"\x00garbage")
+    again = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    np.testing.assert_array_equal(again.obs, tiny_data.obs)
+    with np.load(cache) as z:  # and the cache on disk is whole again
+        assert str(z["fingerprint"]) == again.fingerprint
 
+
+def test_normalized_score_formula(tiny_data):
+    """Scores: 0 = random policy, 100 = expert."""
     lo, hi = tiny_data.ref_min, tiny_data.ref_max
     np.testing.assert_allclose(tiny_data.normalized_score([lo, hi, (lo + hi) / 2]), [0.0, 100.0, 50.0])
     np.testing.assert_allclose(normalized_score(60.0, 10.0, 110.0), 50.0)
@@ -103,8 +171,7 @@ def test_normalized_score_formula(tiny_data):
 
 
 def test_planner_controller_reaches_the_goal_in_the_eval_env():
-    from data import MAZE2D, WaypointController, maze_eval_env
-
+    """Data: the D4RL planner + PD controller reaches and holds the goal."""
     for env_name in ("maze2d-umaze", "maze2d-medium"):
         env = maze_eval_env(env_name)
         goal_cell = MAZE2D[env_name][2]
@@ -120,8 +187,7 @@ def test_planner_controller_reaches_the_goal_in_the_eval_env():
 
 
 def test_unknown_env_name_fails_with_the_list_of_valid_names():
-    from data import DatasetError, resolve_env
-
+    """Data: an unknown name gives a one-line error listing the valid names."""
     with pytest.raises(DatasetError, match=r"unknown env 'maze2d-tiny'.*maze2d-umaze.*hopper-medium-replay"):
         resolve_env("maze2d-tiny")
     out = subprocess.run([sys.executable, "train.py", "--env", "maze2d-tiny"], cwd=HERE, capture_output=True,
@@ -132,18 +198,15 @@ def test_unknown_env_name_fails_with_the_list_of_valid_names():
 
 
 def test_locomotion_offline_says_how_to_get_the_data(minari_root):
-    from data import DatasetError, load_dataset
-
+    """Data: a locomotion dataset offline gives an error that says how to get it."""
     with pytest.raises(DatasetError, match=r"minari download mujoco/hopper/medium-v0"):
         load_dataset("hopper-medium")
 
 
-# ------------------------------------------------------------------------------------------ learners
+# ------------------------------------------------------------------------------------- learners
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
 def test_learner_update_lowers_critic_loss_and_keeps_shapes(algo):
-    from iql import IQL
-    from td3bc import TD3BC
-
+    """Learners: update(batch) fits the critics; act() is bounded."""
     learner = (TD3BC if algo == "td3bc" else IQL)(6, 2, seed=0)
     batch = fixed_batch()
     losses = [learner.update(batch) for _ in range(300)]
@@ -156,17 +219,14 @@ def test_learner_update_lowers_critic_loss_and_keeps_shapes(algo):
 
 
 def test_td3bc_q1_is_the_first_twin_critic():
-    from td3bc import TwinCritic
-
+    """TD3+BC: the actor's Q1 shortcut equals the first twin critic."""
     critic, b = TwinCritic(6, 2), fixed_batch(9)
     torch.testing.assert_close(critic.q1(b["obs"], b["actions"]), critic(b["obs"], b["actions"])[0])
 
 
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
 def test_learner_state_dict_round_trip_continues_identically(algo):
-    from iql import IQL
-    from td3bc import TD3BC
-
+    """Learners: a saved and reloaded learner continues bit for bit."""
     cls = TD3BC if algo == "td3bc" else IQL
     a, batch = cls(6, 2, seed=3), fixed_batch()
     for _ in range(5):
@@ -181,16 +241,503 @@ def test_learner_state_dict_round_trip_continues_identically(algo):
         assert la == lb
 
 
-# --------------------------------------------------------------------------------------------- train
-def run_train(tmp_path, *flags):
-    from train import main
+# --------------------------- dynamics.py: ensemble, reward model, terminal and reward functions
+@pytest.mark.parametrize("n_members,n_elites", [(1, 1), (3, 2), (7, 5)])
+def test_ensemble_shapes_and_independent_members(n_members, n_elites):
+    """Ensemble: every member is computed in one bmm and never mixes with the others."""
+    torch.manual_seed(0)
+    ens = Ensemble(5, 3, n_members=n_members, n_elites=n_elites, hidden=16, n_layers=2)
+    s, a = torch.randn(9, 5), torch.rand(9, 3) * 2 - 1
+    mean, logvar = ens(s, a)
+    assert mean.shape == logvar.shape == (n_members, 9, 5)
+    assert (logvar <= ens.max_logvar + 1e-6).all() and (logvar >= ens.min_logvar - 1e-6).all()
+    assert ens(s.expand(n_members, 9, 5), a.expand(n_members, 9, 3))[0].shape == (n_members, 9, 5)
+    assert ens.elites.dtype == torch.long and len(ens.elites) == n_elites
+    assert ens.step(s, a).shape == (9, 5)
+    # batched layers must not mix members: member 0's output has no gradient on the others' weights
+    mean[0].sum().backward()
+    for layer in ens.net.layers:
+        assert layer.weight.grad[0].abs().sum() > 0
+        assert (layer.weight.grad[1:] == 0).all()
 
-    return main(["--dataset-steps", str(TINY_STEPS), "--run-dir", str(tmp_path), "--eval-episodes", "2",
-                 "--eval-interval", "50", *flags, *([] if "--dydiff" in flags else ["--no-dydiff"])])
+
+@pytest.mark.parametrize("kind", ["reward", "ensemble"])
+def test_early_stopping_restores_best_weights(kind):
+    """Ensemble/reward training: early stopping restores each member's best weights. Training targets are 1 but holdout targets 0.3: predictions pass 0.3 and then get worse, so
+    the best epoch lies in the middle and the last weights are clearly not the best ones."""
+    torch.manual_seed(0)
+    s, a = torch.randn(512, 4), torch.rand(512, 2) * 2 - 1
+    if kind == "reward":
+        model, y_train, y_hold = RewardModel(4, 2, hidden=32), torch.ones(512), torch.full((512,), 0.3)
+    else:
+        model = Ensemble(4, 2, n_members=4, n_elites=2, hidden=32, n_layers=2)
+        y_train, y_hold = torch.ones(512, 4), torch.full((512, 4), 0.3)
+    cfg = FitConfig(steps_per_epoch=5, batch_size=64, lr=3e-3, patience=7)
+    out = fit(model, (s, a, y_train), (s, a, y_hold), cfg, max_epochs=200, progress=False)
+    hist = np.array(out["history"])  # (epochs, members)
+    assert out["epochs"] < 200  # stopped early
+    final = model.holdout_loss(s, a, y_hold).numpy()
+    np.testing.assert_allclose(final, hist.min(0), rtol=1e-5)  # each member at its own best epoch
+    assert (hist[-1] > 2 * hist.min(0)).all()  # ...which is much better than the last epoch
+    assert (hist.argmin(0) < len(hist) - 1).all()
+
+
+def test_elites_are_the_holdout_best_and_step_uses_only_elites():
+    """Ensemble: elites are the holdout-best members; a rollout step uses only them."""
+    torch.manual_seed(0)
+    s, a = torch.randn(600, 3), torch.rand(600, 1) * 2 - 1
+    delta = 0.1 * a.expand(600, 3)
+    ens = Ensemble(3, 1, n_members=7, n_elites=5, hidden=32, n_layers=2)
+    fit(ens, (s, a, delta), (s, a, delta), FitConfig(steps_per_epoch=50, batch_size=64), 4, progress=False)
+    with torch.no_grad():  # ruin members 2 and 5
+        for m in (2, 5):
+            ens.net.layers[-1].bias[m] += 50.0
+    holdout = ens.holdout_loss(s, a, delta)
+    ens.set_elites(holdout)
+    assert sorted(ens.elites.tolist()) == [0, 1, 3, 4, 6]
+    assert ens.elites.tolist() == torch.argsort(holdout)[:5].tolist()
+    g = torch.Generator().manual_seed(0)
+    s_next = ens.step(s, a, generator=g)
+    assert (s_next - s).abs().max() < 5  # the ruined members (+50) are never used
+    # each sample equals exactly one elite's mean prediction, and several elites get used
+    mean = ens(s, a)[0]
+    match = ((s + mean - s_next).abs().amax(-1) < 1e-6)  # (members, B)
+    assert (match[ens.elites].sum(0) >= 1).all()
+    assert (match[ens.elites].sum(1) > 0).sum() >= 3
+
+
+def test_reward_model_fits_a_known_function():
+    """Reward model r(s, a): fits a known function on a holdout."""
+    torch.manual_seed(0)
+    s, a = torch.randn(5000, 4), torch.rand(5000, 2) * 2 - 1
+    r = torch.sin(2 * s[:, 0]) + s[:, 1] * a[:, 0] - 0.5 * a[:, 1] ** 2
+    model = RewardModel(4, 2)
+    hold = slice(4000, None)
+    cfg = FitConfig(steps_per_epoch=200, batch_size=256)
+    out = fit(model, (s[:4000], a[:4000], r[:4000]), (s[hold], a[hold], r[hold]), cfg, 8, progress=False)
+    mse = model.holdout_loss(s[hold], a[hold], r[hold]).item()
+    assert mse == pytest.approx(min(h[0] for h in out["history"]))
+    assert mse < 0.03 * r[hold].var().item()
+    assert model(s[:7], a[:7]).shape == (7,)
+
+
+def test_terminal_functions_on_crafted_states():
+    """Terminal functions done(s, a, s') on crafted states."""
+    hop = terminal_fn("hopper-medium-replay")
+    ok = np.zeros((1, 11), dtype=np.float32)
+    ok[0, 0] = 1.2
+    cases = {"healthy": (ok, False)}
+    for name, (i, v) in {"low": (0, 0.6), "tilted": (1, 0.3), "tilted_neg": (1, -0.25), "fast": (7, 150.0),
+                         "fast_neg": (9, -150.0),  # the classic abs(s' < 100) bug lets this pass
+                         "nan": (3, np.nan)}.items():
+        x = ok.copy()
+        x[0, i] = v
+        cases[name] = (x, True)
+    for name, (s2, want) in cases.items():
+        assert hop(ok, np.zeros((1, 3)), torch.as_tensor(s2)).tolist() == [want], name
+    walk = terminal_fn("walker2d-medium")
+    s2 = torch.tensor([[1.2, 0.0], [0.7, 0.0], [2.1, 0.0], [1.2, 1.1], [1.2, -1.1], [1.9, 0.9]])
+    s2 = torch.cat([s2, torch.zeros(6, 15)], 1)
+    assert walk(s2, None, s2).tolist() == [False, True, True, True, True, False]
+    wild = torch.full((4, 17), 1e6)
+    assert not terminal_fn("halfcheetah-medium")(wild, None, wild).any()
+    assert not terminal_fn("maze2d-umaze")(wild[:, :6], None, wild[:, :6]).any()
+    with pytest.raises(ValueError):
+        terminal_fn("ant-medium")
+
+
+def test_env_reward_fn_reproduces_the_dataset_rewards(tiny_data):
+    """Task reward (--reward env): reproduces every reward of the maze2d data."""
+    r = env_reward_fn("maze2d-umaze")
+    got = r(tiny_data.obs, tiny_data.actions, tiny_data.next_obs).numpy()
+    assert tiny_data.rewards.sum() > 10  # the tiny run has successes, so both values are checked
+    np.testing.assert_array_equal(got, tiny_data.rewards)
+    at = lambda d: torch.tensor([[1.0 + d, 1.0, 0.0, 0.0, 1.0, 1.0]])  # noqa: E731  ball d from the goal
+    assert r(at(0), None, at(0.44)).item() == 1.0 and r(at(0), None, at(0.46)).item() == 0.0
+    with pytest.raises(ValueError, match="only maze2d has one"):
+        env_reward_fn("hopper-medium")
+
+
+def test_dynamics_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
+    """Cache: the ensemble and reward model are trained once per dataset and settings, then loaded."""
+    ens, rew, info = dynamics.load_or_train(tiny_data, cfg=TINY, progress=False)
+    path = Path(info["path"])
+    assert not info["cached"] and path.parent == tiny_data.cache_dir and path.name.startswith("dynamics_")
+    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]  # the atomic write left nothing behind
+    # elites are the holdout-best members
+    assert info["elites"] == np.argsort(info["ensemble_holdout_mse_members"], kind="stable")[:5].tolist()
+    assert math.isfinite(info["ensemble_holdout_mse"]) and math.isfinite(info["reward_holdout_mse"])
+
+    ens2, rew2, info2 = dynamics.load_or_train(tiny_data, cfg=TINY, progress=False)
+    assert info2["cached"] and info2["path"] == str(path) and ens2.elites.tolist() == ens.elites.tolist()
+    s = torch.as_tensor(tiny_data.normalize_obs(tiny_data.obs[:10]), dtype=torch.float32)
+    a = torch.as_tensor(tiny_data.actions[:10])
+    torch.testing.assert_close(ens2(s, a), ens(s, a))
+    torch.testing.assert_close(rew2(s, a), rew(s, a))
+    other_seed = dynamics.load_or_train(tiny_data, seed=1, cfg=TINY, progress=False)[2]
+    assert not other_seed["cached"] and other_seed["path"] != str(path)  # other settings, another file
+
+    ckpt = torch.load(path, weights_only=True)
+    backup = path.read_bytes()
+    try:
+        torch.save({**ckpt, "fingerprint": "0123456789abcdef"}, path)  # a file of another dataset under this name
+        with pytest.raises(CheckpointError, match="delete it and it will be retrained") as err:
+            dynamics.load_or_train(tiny_data, cfg=TINY, progress=False)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+        assert not dynamics.load_or_train(tiny_data, cfg=TINY, progress=False, retrain=True)[2]["cached"]
+        assert torch.load(path, weights_only=True)["fingerprint"] == tiny_data.fingerprint
+    finally:
+        path.write_bytes(backup)
+
+
+# ----------------------------------------------------------- diffusion.py: EDM + temporal U-Net
+@pytest.mark.parametrize("D,H,mults", [(3, 8, (1, 2)), (8, 32, (1, 2, 4)), (17, 12, (1, 2, 4)), (5, 5, (1,))])
+def test_unet_output_shape_equals_input(D, H, mults):
+    """U-Net F: (B, H, D + cond) in, (B, H, D) out, for any H its levels divide."""
+    net = TemporalUnet(D, cond_dim=D, dim=8, dim_mults=mults)
+    out = net(torch.randn(3, H, 2 * D), torch.randn(3))
+    assert out.shape == (3, H, D)
+
+
+def test_unet_rejects_bad_horizon_clearly():
+    """U-Net F: an H its down-sampling cannot halve gives a clear error."""
+    with pytest.raises(ValueError, match="H=30 must be a multiple of 4"):
+        TemporalUnet(4, dim=8, dim_mults=(1, 2, 4))(torch.randn(1, 30, 4), torch.zeros(1))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        DynamicsDiffusion(3, 2, horizon=7, dim=8, dim_mults=(1, 2))
+
+
+def test_denoiser_returns_input_as_sigma_goes_to_zero():
+    """EDM preconditioning: D(x; sigma) -> x as sigma -> 0 (c_skip -> 1, c_out -> 0)."""
+    model = tiny_model()
+    x = torch.rand(4, 8, 5) * 2 - 1
+    for sigma in (1e-4, 1e-6):
+        out = model.denoise(x, torch.full((4,), sigma), x, model.cond_mask())
+        assert torch.allclose(out, x, atol=50 * sigma)
+    # and it is not the identity at a real noise level
+    assert not torch.allclose(model.denoise(x, torch.full((4,), 1.0), x, model.cond_mask()), x, atol=1e-3)
+
+
+def test_sampling_keeps_conditions_exactly():
+    """Sampler: s_0 and every action are inpainted exactly; states stay in the box."""
+    model = tiny_model()
+    model.x_min[:] = torch.tensor([-2.0, -1.0, 0.0, -1.0, -1.0])
+    model.x_max[:] = torch.tensor([2.0, 3.0, 1.0, 1.0, 1.0])
+    cond = torch.rand(6, 8, 5) * 2 - 1
+    mask = model.cond_mask()
+    x = model.sample(cond, mask, sampler_steps=5, generator=torch.Generator().manual_seed(0))
+    assert (x[:, mask] - cond[:, mask]).abs().max() < 1e-6  # s_0 and every action
+    assert (x[:, ~mask] - cond[:, ~mask]).abs().max() > 1e-2  # the rest is generated
+    s0 = torch.rand(6, 3) * torch.tensor([4.0, 4.0, 1.0]) + torch.tensor([-2.0, -1.0, 0.0])
+    states = model.generate(s0, torch.rand(6, 8, 2) * 2 - 1, sampler_steps=5, generator=torch.Generator().manual_seed(0))
+    assert states.shape == (6, 8, 3) and (states[:, 0] - s0).abs().max() < 1e-6
+    assert (states >= model.x_min[:3] - 1e-6).all() and (states <= model.x_max[:3] + 1e-6).all()  # clipped to box
+
+
+def test_sampler_is_deterministic_for_a_seed():
+    """Sampler: the same generator seed gives the same samples."""
+    model = tiny_model()
+    s0, actions = torch.rand(5, 3) * 2 - 1, torch.rand(5, 8, 2) * 2 - 1
+    run = lambda seed: model.generate(s0, actions, sampler_steps=4, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(3), run(3))
+    assert not torch.allclose(run(3), run(4))
+
+
+def test_segments_and_mask_keep_padding_out():
+    """DM data: segments stay inside episodes; padded rows never reach the loss."""
+    starts, ends = np.array([0, 10, 13]), np.array([10, 13, 30])  # lengths 10, 3 (short), 17
+    seg_start, seg_len = segment_index(starts, ends, H=8)
+    assert len(seg_start) == 3 + 1 + 10
+    assert np.all(seg_start + seg_len <= np.repeat(ends, [3, 1, 10]))  # never crosses an episode end
+    assert seg_len[3] == 3 and seg_start[3] == 10
+    X = torch.arange(30, dtype=torch.float32)[:, None].repeat(1, 5)
+    x, mask = gather_segments(X, torch.as_tensor(seg_start), torch.as_tensor(seg_len), 8)
+    assert mask[3].tolist() == [True] * 3 + [False] * 5 and torch.all(x[3, 3:] == 12)
+
+    model = tiny_model()
+    x = torch.rand(4, 8, 5) * 2 - 1
+    loss_mask = torch.ones(4, 8, dtype=torch.bool)
+    loss_mask[1, 5:] = False
+    loss_mask[2, 1:] = False  # only s_0 is real: nothing to learn in this segment
+    garbage = x.clone()
+    garbage[~loss_mask] = 100.0
+    loss = lambda x_, m: model.loss(x_, model.cond_mask(), m, generator=torch.Generator().manual_seed(0))
+    ref = loss(x, loss_mask)
+    assert torch.equal(ref, loss(garbage, loss_mask))  # neither the loss nor the network sees the padding
+    assert not torch.equal(ref, loss(garbage, torch.ones_like(loss_mask)))  # unmasked, garbage would be learnt
+    garbage.requires_grad_(True)
+    loss(garbage, loss_mask).backward()
+    assert torch.all(garbage.grad[~loss_mask] == 0)
+
+
+def test_loss_falls_on_toy_dataset():
+    """DM training: the EDM loss falls on toy linear dynamics."""
+    X, starts, ends = toy_rows()
+    seg_start, seg_len = segment_index(starts, ends, H=8)
+    torch.manual_seed(0)
+    model = DynamicsDiffusion(2, 2, horizon=8, dim=16, dim_mults=(1, 2))
+
+    def eval_loss():  # fixed batch and noise, so before/after are comparable
+        g = torch.Generator().manual_seed(123)
+        x, m = gather_segments(X, torch.as_tensor(seg_start[:256]), torch.as_tensor(seg_len[:256]), 8)
+        return float(np.mean([model.loss(x, model.cond_mask(), m, generator=g).item() for _ in range(8)]))
+
+    before = eval_loss()
+    info = diffusion.train(model, X, seg_start, seg_len, train_steps=200, batch_size=32, lr=2e-3, warmup=20, progress=False)
+    after = eval_loss()
+    assert after < 0.5 * before, (before, after)
+    assert info["final_loss"] < info["first_loss"]
+
+
+def test_dm_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
+    """Cache: the DM is trained once per dataset and settings, then loaded with its EMA weights and box."""
+    kw = dict(H=8, dim=8, dim_mults=(1, 2), train_steps=30, batch_size=16, progress=False)
+    model, info = diffusion.load_or_train(tiny_data, **kw)
+    assert not info["cached"] and np.isfinite(info["final_loss"]) and info["train_steps"] == 30
+    again, info2 = diffusion.load_or_train(tiny_data, **kw)
+    assert info2["cached"] and info2["path"] == info["path"]
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k  # weights, EMA weights and min/max all round-trip
+    raw = np.concatenate([tiny_data.obs, tiny_data.actions], 1)
+    assert np.allclose(again.x_min.numpy(), raw.min(0)) and np.allclose(again.x_max.numpy(), raw.max(0))
+
+    s0 = torch.as_tensor(tiny_data.obs[:4])
+    acts = torch.as_tensor(tiny_data.actions[:8])[None].repeat(4, 1, 1)
+    states = again.generate(s0, acts, 3, generator=torch.Generator().manual_seed(0))
+    assert states.shape == (4, 8, tiny_data.obs_dim) and torch.equal(states[:, 0], s0)
+
+    path = Path(info["path"])
+    backup = path.read_bytes()
+    try:
+        ckpt = torch.load(path, weights_only=True)
+        torch.save({**ckpt, "settings": {**ckpt["settings"], "H": 16}}, path)
+        with pytest.raises(CheckpointError, match=r"diffusion_.*\.pt is not a diffusion model of .* with these settings"):
+            diffusion.load_or_train(tiny_data, **kw)
+    finally:
+        path.write_bytes(backup)
+
+
+# ------------------------------------------------------------------------- dydiff.py: one round
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    ens = Ensemble(OBS, ACT, n_members=3, n_elites=2, hidden=16, n_layers=2)
+    with torch.no_grad():  # x, y drift by +0.5 per step: the ensemble leaves the box within a step
+        ens.net.layers[-1].bias[..., :2] += 0.5
+    reward = RewardModel(OBS, ACT, hidden=16, n_layers=1)
+    x_min = torch.cat([MEAN - BOX * STD, -torch.ones(ACT)])
+    x_max = torch.cat([MEAN + BOX * STD, torch.ones(ACT)])
+    dm = DynamicsDiffusion(OBS, ACT, horizon=H, dim=8, dim_mults=(1, 2), x_min=x_min, x_max=x_max)
+    policy = nn.Sequential(nn.Linear(OBS, 16), nn.Tanh(), nn.Linear(16, ACT), nn.Tanh())
+    act_fn = lambda s: policy(s)  # noqa: E731  (the dydiff functions run it under no_grad)
+    return SimpleNamespace(ens=ens, reward=reward, dm=dm, act_fn=act_fn,
+                           bundle=lambda terminal, reward_fn=None: dydiff.DyDiffModels(ens, reward, dm, terminal, MEAN, STD,
+                                                                                      reward_fn))
+
+
+def starts(B, seed=1):
+    return (torch.rand(B, OBS, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * BOX
+
+
+def test_initial_rollout_follows_policy_and_ensemble(models):
+    """Step 2: the initial trajectory is pi in the ensemble, a_{H-1} included."""
+    models.ens.n_elites = 1
+    models.ens.set_elites(torch.tensor([0.3, 0.1, 0.2]))  # one elite (member 1): the step is deterministic
+    s, a = dydiff.initial_rollout(models.act_fn, models.ens, starts(16), H, torch.Generator().manual_seed(0))
+    assert s.shape == (16, H, OBS) and a.shape == (16, H, ACT)
+    assert torch.equal(s[:, 0], starts(16))
+    with torch.no_grad():
+        for t in range(H):
+            assert torch.allclose(a[:, t], models.act_fn(s[:, t]))
+        for t in range(H - 1):
+            assert torch.allclose(s[:, t + 1], models.ens.step(s[:, t], a[:, t]), atol=1e-6)
+
+
+def test_refine_is_policy_consistent_and_stays_in_dataset_box(models):
+    """Step 3: after M iterations a_t = pi(s_t) exactly, s_0 kept, states in the box."""
+    g = torch.Generator().manual_seed(0)
+    s0 = starts(32)
+    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, g)
+    assert states.abs().max() > 2.0  # precondition: the ensemble left the box, so the clip matters
+    iterates = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN.numpy(), STD.numpy(),
+                             iterations=2, sampler_steps=4, generator=g)
+    assert len(iterates) == 3 and iterates[0][0] is states and iterates[0][1] is actions
+    final_s, final_a = iterates[-1]
+    with torch.no_grad():
+        assert torch.equal(final_a, models.act_fn(final_s.reshape(-1, OBS)).reshape(32, H, ACT))
+    assert not torch.allclose(final_a, actions, atol=1e-3)  # the relabelling did change the actions
+    assert torch.equal(final_s[:, 0], s0)  # s_0 is kept exactly
+    for s, _ in iterates[1:]:
+        assert s.min() >= -BOX - 1e-6 and s.max() <= BOX + 1e-6
+        raw = s * STD + MEAN  # and in the DM's raw coordinates
+        assert (raw >= models.dm.x_min[:OBS] - 1e-5).all() and (raw <= models.dm.x_max[:OBS] + 1e-5).all()
+
+
+def test_state_averaging_with_previous_states(models):
+    """Step 3: states = clip((DM states + previous states) / 2), as the official code."""
+    s0 = starts(8)
+    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, torch.Generator().manual_seed(0))
+    out = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN, STD, 1, 4, torch.Generator().manual_seed(5))
+    dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 4, torch.Generator().manual_seed(5))
+    expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
+    assert torch.allclose(out[1][0][:, 1:], expect[:, 1:], atol=1e-5)
+
+
+def test_hardmax_keeps_exactly_the_top_fraction():
+    """Step 5 (hardmax): keeps exactly the top floor(fraction * B), never none."""
+    scores = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    kept = dydiff.hardmax_filter(scores, 0.6)
+    assert len(kept) == 30 and set(kept.tolist()) == set(torch.argsort(scores, descending=True)[:30].tolist())
+    assert len(dydiff.hardmax_filter(torch.randn(8), 0.6)) == 4  # floor(4.8), not round
+    assert len(dydiff.hardmax_filter(torch.randn(100), 0.29)) == 29  # floor, robust to 0.29*100 = 28.99..
+    assert len(dydiff.hardmax_filter(torch.randn(10), 0.01)) == 1  # never empty
+
+
+def test_softmax_keeps_count_without_repeats_and_prefers_high_scores():
+    """Step 5 (softmax): distinct draws that favour high scores; uniform floor."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.arange(100.0)
+    for frac in (0.6, 1.0):
+        kept = dydiff.softmax_filter(scores, frac, 0.05, g)
+        assert len(kept) == int(frac * 100) and len(set(kept.tolist())) == len(kept)
+    kept = dydiff.softmax_filter(scores, 0.3, 0.05, g)
+    # T = 0.05 concentrates on the top: the 15 best are always drawn (once the top ~25 are used up, the
+    # uniform floor dominates and the rest is drawn nearly uniformly)
+    assert set(range(85, 100)) <= set(kept.tolist())
+    kept = dydiff.softmax_filter(scores, 0.3, 1e3, g)
+    assert 25 < scores[kept].mean() < 75  # a huge T is nearly uniform
+    # an outlier at a small T underflows exp() even in float64 (z gap 4.6 / 1e-3): the outlier is drawn
+    # first, and thanks to the uniform floor the rest are drawn uniformly (with p = 0 torch 2.x draws
+    # zero-probability indices in a fixed order, and older versions raise)
+    outlier = torch.cat([torch.tensor([1e6]), torch.zeros(19)])
+    assert sorted(dydiff.softmax_filter(outlier, 1.0, 1e-3, g).tolist()) == list(range(20))
+    draws = torch.stack([dydiff.softmax_filter(outlier, 0.1, 1e-3, g) for _ in range(200)])
+    assert (draws[:, 0] == 0).all() and len(set(draws[:, 1].tolist())) > 10
+
+
+def test_transitions_stop_at_first_terminal():
+    """Step 6: transitions stop at the first terminal, which keeps done = 1."""
+    B, H6 = 3, 6
+    states = (torch.arange(B)[:, None] * 100 + torch.arange(H6)[None]).float()[..., None].expand(B, H6, OBS)
+    actions = -states[..., :ACT]
+    rewards = states[..., 0] + 0.5
+    terminal = torch.zeros(B, H6 - 1, dtype=torch.bool)
+    terminal[1, 2] = terminal[1, 4] = True  # trajectory 1: t = 0, 1, 2 kept, done at t = 2
+    terminal[2, 0] = True                   # trajectory 2: only its first transition
+    tr = dydiff.to_transitions(states, actions, rewards, terminal)
+    t_expect = [(0, t) for t in range(5)] + [(1, 0), (1, 1), (1, 2), (2, 0)]
+    code = torch.tensor([100.0 * b + t for b, t in t_expect])
+    assert torch.equal(tr["obs"][:, 0], code) and torch.equal(tr["next_obs"][:, 0], code + 1)
+    assert torch.equal(tr["actions"], -tr["obs"][:, :ACT]) and torch.equal(tr["rewards"], code + 0.5)
+    assert tr["dones"].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1]
+
+
+def test_rollout_round_with_the_env_reward(models):
+    """Steps 4-5 with the task's reward: r(s_t, a_t, s_{t+1}) of raw states, summed."""
+    cfg = dydiff.RolloutConfig(rollout_batch=30, horizon=H, iterations=1, sampler_steps=4, keep_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+
+    def reward_fn(s, a, s_next):  # a known function of the raw next state, as dynamics.env_reward_fn
+        return (s_next[:, 3] > MEAN[3]).float()
+
+    tr, stats = dydiff.rollout_round(models.act_fn, models.bundle(terminal_fn("maze2d"), reward_fn), starts(30), cfg, g)
+    assert len(tr["obs"]) == 15 * (H - 1)
+    raw_next = tr["next_obs"] * STD + MEAN
+    assert torch.equal(tr["rewards"], reward_fn(None, None, raw_next))
+    assert 0 < tr["rewards"].mean() < 1
+    # hardmax on the sum of the H - 1 transition rewards: the kept ones score at least the rejected ones
+    assert stats["score_kept_mean"] >= stats["score_rejected_mean"]
+
+
+@pytest.mark.parametrize("filt", ["hardmax", "softmax"])
+def test_rollout_round_end_to_end(models, filt):
+    """Steps 2-6: a round with terminals, either filter, reward model scores."""
+    cfg = dydiff.RolloutConfig(rollout_batch=40, horizon=H, iterations=2, sampler_steps=4, filter=filt,
+                               keep_fraction=0.5)
+    data_env = starts(200, seed=3)
+    g = torch.Generator().manual_seed(0)
+    s0, idx = dydiff.draw_start_states(data_env, cfg.rollout_batch, g)
+    assert torch.equal(s0, data_env[idx])
+    def terminal(s, a, s_next):  # raw states, as dynamics.terminal_fn; fires on part of the box
+        return s_next[:, 3] > 0.45
+
+    tr, stats = dydiff.rollout_round(models.act_fn, models.bundle(terminal), s0, cfg, g)
+    assert stats["n_kept"] == 20 and stats["n_transitions"] == len(tr["obs"]) > 0
+    assert 0 < stats["terminated_fraction"] < 1  # both kinds of trajectories occur, so the cut is exercised
+    assert len(tr["obs"]) < 20 * (H - 1)
+    # every transition is consistent with the final (policy-consistent) trajectories and the reward model
+    with torch.no_grad():
+        assert torch.allclose(tr["actions"], models.act_fn(tr["obs"]))
+        assert torch.allclose(tr["rewards"], models.reward(tr["obs"], tr["actions"]), atol=1e-6)
+    raw_next = tr["next_obs"] * STD + MEAN
+    done = raw_next[:, 3] > 0.45
+    assert torch.equal(tr["dones"].bool(), done)
+    # at most one done per kept trajectory, and it ends it: #dones = #terminated kept trajectories
+    assert tr["dones"].sum() == round(stats["terminated_fraction"] * 20)
+    assert tr["obs"].abs().max() <= BOX + 1e-6 and tr["next_obs"].abs().max() <= BOX + 1e-6
+    if filt == "hardmax":
+        assert stats["score_kept_mean"] > stats["score_rejected_mean"]
+    with pytest.raises(ValueError, match="horizon"):
+        dydiff.rollout_round(models.act_fn, models.bundle(terminal_fn("maze2d")), s0, dydiff.RolloutConfig(horizon=16), g)
+
+
+def test_maze_picture_marks_walls_goal_and_evaluation_starts():
+    """Pictures: the maze drawing has one square per wall cell, the start cells, and the goal's circle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+
+    fig, ax = plt.subplots()
+    draw_maze(ax, "maze2d-umaze")
+    maze = maze_eval_env("maze2d-umaze").unwrapped.maze
+    walls = sum(c == 1 for row in maze.maze_map for c in row)
+    free = sum(c != 1 for row in maze.maze_map for c in row)
+    squares = [p for p in ax.patches if not isinstance(p, Circle)]
+    assert sum(p.get_facecolor()[0] < 0.3 for p in squares) == walls
+    assert len(squares) == walls + free - 1  # every free cell but the goal's is a start cell
+    (goal,) = [p for p in ax.patches if isinstance(p, Circle)]
+    assert goal.radius == 0.45
+    np.testing.assert_allclose(goal.center, maze.cell_rowcol_to_xy(np.array(MAZE2D["maze2d-umaze"][2])))
+    assert {"evaluation starts", "goal (success radius 0.45)"} <= set(ax.get_legend_handles_labels()[1])
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- train.py: the loop
+def test_batch_mix_has_the_requested_real_ratio():
+    """Mixed batches: int(batch * real_ratio) real; the synthetic FIFO keeps the newest rows."""
+    real, syn = TransitionBuffer(1000, 3, 1, "cpu"), TransitionBuffer(100, 3, 1, "cpu")
+    z = lambda n, v: dict(obs=torch.zeros(n, 3), actions=torch.zeros(n, 1), rewards=torch.full((n,), v),  # noqa: E731
+                          next_obs=torch.zeros(n, 3), dones=torch.zeros(n))
+    real.add(**z(1000, 0.0))
+    gen = torch.Generator().manual_seed(0)
+    syn.add(**z(50, 1.0))  # fewer than one batch: all real
+    assert sample_batch(real, syn, 256, 0.6, gen)["rewards"].sum() == 0
+    syn.add(**z(300, 1.0))  # FIFO: 350 added, capacity 100
+    assert syn.size == 100 and syn.ptr == 50
+    fifo = TransitionBuffer(4, 3, 1, "cpu")
+    fifo.add(**{**z(3, 0.0), "rewards": torch.arange(3.0)})
+    fifo.add(**{**z(6, 0.0), "rewards": torch.arange(3.0, 9.0)})  # more than the capacity in one call
+    assert fifo.ptr == 1 and sorted(fifo.data["rewards"].tolist()) == [5.0, 6.0, 7.0, 8.0]  # the newest four
+    for ratio, n_syn in ((0.6, 64 - int(64 * 0.6)), (0.0, 64), (1.0, 0)):
+        assert sample_batch(real, syn, 64, ratio, gen)["rewards"].sum() == n_syn
+
+
+def test_paper_preset_changes_defaults_but_flags_given_win():
+    """Args: the cpu values are the defaults; --preset paper changes them; a flag given always wins."""
+    cpu = parse_args([])
+    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps, cpu.rollout_batch) == (50_000, 32, 32, 20, 256)
+    paper = parse_args(["--preset", "paper", "--rollout-batch", "64"])
+    assert paper.rollout_batch == 64 and paper.preset == "paper"
+    assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.rollout_interval,
+            paper.total_steps) == (100, 128, (1, 4, 8), 34, 500, 1_000_000)
+    assert parse_args(["--rollout-batch", "64", "--preset=paper"]).horizon == 100  # in any order, either spelling
 
 
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
 def test_train_smoke_run_writes_summary(tiny_data, tmp_path, algo):
+    """The loop: a plain run writes its summary, curve, config and TensorBoard events."""
     summary = run_train(tmp_path, "--algo", algo, "--total-steps", "100", "--run-name", "smoke")
     run = tmp_path / "smoke"
     on_disk = json.loads((run / "summary.json").read_text())
@@ -202,7 +749,18 @@ def test_train_smoke_run_writes_summary(tiny_data, tmp_path, algo):
     assert any(run.glob("events.out.tfevents.*"))
 
 
+def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, tiny_fit):
+    """The loop with DyDiff: rounds every K steps fill the synthetic buffer; a picture is drawn."""
+    summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "dyd", *TINY_DYDIFF)
+    assert summary["dydiff"] and summary["steps"] == 100 and summary["rollout_time_s"] > 0
+    ckpt = torch.load(tmp_path / "dyd" / "checkpoint.pt", weights_only=True)
+    # rounds at steps 0, 40, 80; each keeps int(0.6 * 16) = 9 trajectories of at most H - 1 = 7 transitions
+    assert 9 * 7 < ckpt["synthetic"]["size"] <= 3 * 9 * 7
+    assert (tmp_path / "dyd" / "rollouts.png").stat().st_size > 1000
+
+
 def test_resume_gives_the_same_run_as_an_uninterrupted_one(tiny_data, tmp_path):
+    """Resume: a run stopped and resumed equals the uninterrupted run."""
     full = run_train(tmp_path, "--total-steps", "150", "--run-name", "full")
     run_train(tmp_path, "--total-steps", "100", "--run-name", "split")
     resumed = run_train(tmp_path, "--total-steps", "150", "--run-name", "split", "--resume")
@@ -213,10 +771,26 @@ def test_resume_gives_the_same_run_as_an_uninterrupted_one(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_sigkill_or_ctrl_c_mid_run_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
-    import signal
-    import time
+def test_dydiff_run_resumed_mid_way_matches_an_uninterrupted_one(tiny_data, tmp_path, tiny_fit):
+    """Resume with DyDiff: rounds are seeded by (seed, step) and the synthetic buffer is in the checkpoint, so a DyDiff run
+    stopped at step 100 and resumed (in a rollout interval that began before the stop) ends bit-identical."""
 
+    flags = [*TINY_DYDIFF, "--reward", "env"]
+    full = run_train(tmp_path, "--total-steps", "150", "--run-name", "full", *flags)
+    run_train(tmp_path, "--total-steps", "100", "--run-name", "split", *flags)
+    resumed = run_train(tmp_path, "--total-steps", "150", "--run-name", "split", "--resume", *flags)
+    assert resumed["evaluations"] == full["evaluations"]
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("full", "split"))
+    assert a["synthetic"]["size"] == b["synthetic"]["size"] > 0
+    for k in ("obs", "rewards", "next_obs"):
+        torch.testing.assert_close(a["synthetic"][k], b["synthetic"][k], rtol=0, atol=0)
+    for k in a["learner"]["critic"]:
+        torch.testing.assert_close(a["learner"]["critic"][k], b["learner"]["critic"][k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------- robustness: interrupts, NaN, bad input
+def test_sigkill_or_ctrl_c_mid_run_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    """Robustness: SIGKILL loses at most an eval interval; Ctrl-C saves and exits 130."""
     cmd = [sys.executable, "train.py", "--dataset-steps", str(TINY_STEPS), "--run-dir", str(tmp_path),
            "--eval-episodes", "2", "--eval-interval", "50", "--total-steps", "250", "--no-track-tensorboard",
            "--no-dydiff"]
@@ -259,15 +833,14 @@ def test_sigkill_or_ctrl_c_mid_run_then_resume_matches_an_uninterrupted_run(tiny
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
-    import td3bc
-
-    real_update = td3bc.TD3BC.update
+    """Robustness: a NaN loss stops the run with a one-line error; the last checkpoint stays good."""
+    real_update = TD3BC.update
 
     def poisoned(self, batch):
         out = real_update(self, batch)
         return {**out, "critic_loss": float("nan")} if self.total_it == 120 else out
 
-    monkeypatch.setattr(td3bc.TD3BC, "update", poisoned)
+    monkeypatch.setattr(TD3BC, "update", poisoned)
     with pytest.raises(SystemExit) as exit_info:
         run_train(tmp_path, "--total-steps", "200", "--run-name", "nan")
     assert exit_info.value.code == 2
@@ -275,17 +848,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     assert err.startswith("error: td3bc critic_loss became nan at step 120; last good checkpoint:")
     assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 100
     assert not (tmp_path / "nan" / "summary.json").exists()
-
-
-def test_corrupt_flat_cache_is_rebuilt(tiny_data):
-    from data import load_dataset
-
-    cache = tiny_data.cache_dir / "flat.npz"
-    cache.write_bytes(b"\x00garbage")
-    again = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
-    np.testing.assert_array_equal(again.obs, tiny_data.obs)
-    with np.load(cache) as z:  # and the cache on disk is whole again
-        assert str(z["fingerprint"]) == again.fingerprint
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -302,8 +864,7 @@ def test_corrupt_flat_cache_is_rebuilt(tiny_data):
     (["--preset", "gpu"], "invalid choice 'gpu' for argument '--preset'. Expected one of ('cpu', 'paper')"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
-    from train import main
-
+    """Robustness: every bad flag fails before any work with a one-line message."""
     with pytest.raises(SystemExit) as exit_info:
         main(["--run-dir", str(tmp_path), *flags])
     assert exit_info.value.code == 2
@@ -311,6 +872,7 @@ def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
 
 
 def test_resume_with_other_settings_is_refused(tiny_data, tmp_path, capsys):
+    """Robustness: resuming with other settings names the flag that differs."""
     run_train(tmp_path, "--total-steps", "50", "--run-name", "r")
     with pytest.raises(SystemExit):
         run_train(tmp_path, "--total-steps", "100", "--run-name", "r", "--resume", "--alpha", "3.0")
@@ -318,153 +880,35 @@ def test_resume_with_other_settings_is_refused(tiny_data, tmp_path, capsys):
 
 
 def test_foreign_checkpoint_is_refused_with_a_clear_error(tiny_data, tmp_path, capsys):
+    """Robustness: a file that is not a checkpoint gives a one-line error."""
     run = tmp_path / "foreign"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(SystemExit):
         run_train(tmp_path, "--total-steps", "100", "--run-name", "foreign", "--resume")
-    assert "cannot read checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot read {run / 'checkpoint.pt'} (") and err.endswith("delete it to start over")
 
 
-# ------------------------------------------------------------------------- dynamics.py (issue 3)
-from dynamics import (Ensemble, FitConfig, RewardModel, cache_path, ensemble_predict, fit,  # noqa: E402
-                      load_or_train, rollout_error, terminal_fn)
-
-TINY = FitConfig(steps_per_epoch=20, max_epochs=2, reward_max_epochs=2, hidden=32, reward_hidden=32)
-
-
-@pytest.mark.parametrize("n_members,n_elites", [(1, 1), (3, 2), (7, 5)])
-def test_ensemble_shapes_and_independent_members(n_members, n_elites):
-    torch.manual_seed(0)
-    ens = Ensemble(5, 3, n_members=n_members, n_elites=n_elites, hidden=16, n_layers=2)
-    s, a = torch.randn(9, 5), torch.rand(9, 3) * 2 - 1
-    mean, logvar = ens(s, a)
-    assert mean.shape == logvar.shape == (n_members, 9, 5)
-    assert (logvar <= ens.max_logvar + 1e-6).all() and (logvar >= ens.min_logvar - 1e-6).all()
-    assert ens(s.expand(n_members, 9, 5), a.expand(n_members, 9, 3))[0].shape == (n_members, 9, 5)
-    assert ens.elites.dtype == torch.long and len(ens.elites) == n_elites
-    assert ens.step(s, a).shape == (9, 5)
-    # batched layers must not mix members: member 0's output has no gradient on the others' weights
-    mean[0].sum().backward()
-    for layer in ens.net.layers:
-        assert layer.weight.grad[0].abs().sum() > 0
-        assert (layer.weight.grad[1:] == 0).all()
+def test_truncated_cached_model_gives_a_one_line_error(tiny_data, tmp_path, tiny_fit, capsys):
+    """Robustness: a damaged cached model gives a one-line error naming the file."""
+    fresh = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)  # an earlier test touched the files
+    path = Path(dynamics.load_or_train(fresh, progress=False)[2]["path"])  # the file the run will look for
+    backup = path.read_bytes()
+    path.write_bytes(b"PK\x03\x04 truncated")
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_train(tmp_path, "--total-steps", "50", "--run-name", "t", *TINY_DYDIFF)
+    finally:
+        path.write_bytes(backup)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot read {path} (") and "delete it and it will be retrained" in err
 
 
-@pytest.mark.parametrize("kind", ["reward", "ensemble"])
-def test_early_stopping_restores_best_weights(kind):
-    """Training targets are 1 but holdout targets 0.3: predictions pass 0.3 and then get worse, so
-    the best epoch lies in the middle and the last weights are clearly not the best ones."""
-    torch.manual_seed(0)
-    s, a = torch.randn(512, 4), torch.rand(512, 2) * 2 - 1
-    if kind == "reward":
-        model, y_train, y_hold = RewardModel(4, 2, hidden=32), torch.ones(512), torch.full((512,), 0.3)
-    else:
-        model = Ensemble(4, 2, n_members=4, n_elites=2, hidden=32, n_layers=2)
-        y_train, y_hold = torch.ones(512, 4), torch.full((512, 4), 0.3)
-    cfg = FitConfig(steps_per_epoch=5, batch_size=64, lr=3e-3, patience=7)
-    out = fit(model, (s, a, y_train), (s, a, y_hold), cfg, max_epochs=200, progress=False)
-    hist = np.array(out["history"])  # (epochs, members)
-    assert out["epochs"] < 200  # stopped early
-    final = model.holdout_loss(s, a, y_hold).numpy()
-    np.testing.assert_allclose(final, hist.min(0), rtol=1e-5)  # each member at its own best epoch
-    assert (hist[-1] > 2 * hist.min(0)).all()  # ...which is much better than the last epoch
-    assert (hist.argmin(0) < len(hist) - 1).all()
-
-
-def test_elites_are_the_holdout_best_and_step_uses_only_elites():
-    torch.manual_seed(0)
-    s, a = torch.randn(600, 3), torch.rand(600, 1) * 2 - 1
-    delta = 0.1 * a.expand(600, 3)
-    ens = Ensemble(3, 1, n_members=7, n_elites=5, hidden=32, n_layers=2)
-    fit(ens, (s, a, delta), (s, a, delta), FitConfig(steps_per_epoch=50, batch_size=64), 4, progress=False)
-    with torch.no_grad():  # ruin members 2 and 5
-        for m in (2, 5):
-            ens.net.layers[-1].bias[m] += 50.0
-    holdout = ens.holdout_loss(s, a, delta)
-    ens.set_elites(holdout)
-    assert sorted(ens.elites.tolist()) == [0, 1, 3, 4, 6]
-    assert ens.elites.tolist() == torch.argsort(holdout)[:5].tolist()
-    g = torch.Generator().manual_seed(0)
-    s_next = ens.step(s, a, generator=g)
-    assert (s_next - s).abs().max() < 5  # the ruined members (+50) are never used
-    # each sample equals exactly one elite's mean prediction, and several elites get used
-    mean = ens(s, a)[0]
-    match = ((s + mean - s_next).abs().amax(-1) < 1e-6)  # (members, B)
-    assert (match[ens.elites].sum(0) >= 1).all()
-    assert (match[ens.elites].sum(1) > 0).sum() >= 3
-
-
-def test_terminal_functions_on_crafted_states():
-    hop = terminal_fn("hopper-medium-replay")
-    ok = np.zeros((1, 11), dtype=np.float32)
-    ok[0, 0] = 1.2
-    cases = {"healthy": (ok, False)}
-    for name, (i, v) in {"low": (0, 0.6), "tilted": (1, 0.3), "tilted_neg": (1, -0.25), "fast": (7, 150.0),
-                         "fast_neg": (9, -150.0),  # the classic abs(s' < 100) bug lets this pass
-                         "nan": (3, np.nan)}.items():
-        x = ok.copy()
-        x[0, i] = v
-        cases[name] = (x, True)
-    for name, (s2, want) in cases.items():
-        assert hop(ok, np.zeros((1, 3)), torch.as_tensor(s2)).tolist() == [want], name
-    walk = terminal_fn("walker2d-medium")
-    s2 = torch.tensor([[1.2, 0.0], [0.7, 0.0], [2.1, 0.0], [1.2, 1.1], [1.2, -1.1], [1.9, 0.9]])
-    s2 = torch.cat([s2, torch.zeros(6, 15)], 1)
-    assert walk(s2, None, s2).tolist() == [False, True, True, True, True, False]
-    wild = torch.full((4, 17), 1e6)
-    assert not terminal_fn("halfcheetah-medium")(wild, None, wild).any()
-    assert not terminal_fn("maze2d-umaze")(wild[:, :6], None, wild[:, :6]).any()
-    with pytest.raises(ValueError):
-        terminal_fn("ant-medium")
-
-
-def test_reward_model_fits_a_known_function():
-    torch.manual_seed(0)
-    s, a = torch.randn(5000, 4), torch.rand(5000, 2) * 2 - 1
-    r = torch.sin(2 * s[:, 0]) + s[:, 1] * a[:, 0] - 0.5 * a[:, 1] ** 2
-    model = RewardModel(4, 2)
-    hold = slice(4000, None)
-    cfg = FitConfig(steps_per_epoch=200, batch_size=256)
-    out = fit(model, (s[:4000], a[:4000], r[:4000]), (s[hold], a[hold], r[hold]), cfg, 8, progress=False)
-    mse = model.holdout_loss(s[hold], a[hold], r[hold]).item()
-    assert mse == pytest.approx(min(h[0] for h in out["history"]))
-    assert mse < 0.03 * r[hold].var().item()
-    assert model(s[:7], a[:7]).shape == (7,)
-
-
-def test_load_or_train_caches_and_rejects_another_dataset(tiny_data, monkeypatch, tmp_path):
-    data = tiny_data
-    ens, rew, info = load_or_train(data, "maze2d-umaze", cfg=TINY, progress=False)
-    path = cache_path(data, TINY, seed=0)
-    assert not info["cached"] and path.exists() and info["path"] == str(path)
-    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]  # atomic write left nothing behind
-    # elites are the holdout-best members
-    assert info["elites"] == np.argsort(info["ensemble_holdout_mse_members"], kind="stable")[:5].tolist()
-    assert math.isfinite(info["ensemble_holdout_mse"]) and math.isfinite(info["reward_holdout_mse"])
-    assert cache_path(data, FitConfig(), seed=0) != path and cache_path(data, TINY, seed=1) != path
-
-    ens2, rew2, info2 = load_or_train(data, "maze2d-umaze", cfg=TINY, progress=False)
-    assert info2["cached"] and ens2.elites.tolist() == ens.elites.tolist()
-    s = torch.as_tensor(data.normalize_obs(data.obs[:10]), dtype=torch.float32)
-    a = torch.as_tensor(data.actions[:10])
-    torch.testing.assert_close(ens2(s, a), ens(s, a))
-    torch.testing.assert_close(rew2(s, a), rew(s, a))
-    np.testing.assert_allclose(ens2.obs_mean.numpy(), data.obs_mean, rtol=1e-6)
-
-    import shutil
-
-    path = Path(shutil.copy(path, tmp_path / path.name))  # the fake fingerprint below must not reach the cache
-    monkeypatch.setattr(data, "fingerprint", "0123456789abcdef")
-    with pytest.raises(ValueError, match="delete it or pass retrain") as err:
-        load_or_train(data, "maze2d-umaze", cfg=TINY, progress=False, path=path)
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
-    _, _, info3 = load_or_train(data, "maze2d-umaze", cfg=TINY, progress=False, path=path, retrain=True)
-    assert not info3["cached"]
-    assert torch.load(path, weights_only=True)["fingerprint"] == "0123456789abcdef"
-
-
+# -------------------------------------- bench/fidelity.py: the simulator and the Figure-3 tools
 def test_rollout_error_against_the_simulator(tiny_data):
+    """Benchmark tools: the simulator replays the data exactly; errors grow with h."""
     data = tiny_data
 
     def dataset_lookup(s0, actions):  # the recorded future: the simulator must reproduce it
@@ -493,459 +937,32 @@ def test_rollout_error_against_the_simulator(tiny_data):
         rollout_error(lambda s0, act: s0, data, horizon=5, n_starts=4)
 
 
-# ------------------------------------------------------------------------ diffusion.py (issue 4)
-import diffusion  # noqa: E402
-from diffusion import (DynamicsDiffusion, TemporalUnet, crossings, dm_predict, gather_segments,  # noqa: E402
-                       generate_long, in_episode_rollout_error, segment_index)
-
-
-def tiny_model(obs_dim=3, act_dim=2, H=8, seed=0):
-    torch.manual_seed(seed)
-    return DynamicsDiffusion(obs_dim, act_dim, horizon=H, dim=8, dim_mults=(1, 2))
-
-
-def toy_rows(n_episodes=20, length=40, seed=0):
-    """Linear toy dynamics s' = s + 0.1 a (a 2-D point), rows [s, a], episodes concatenated."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n_episodes):
-        s = rng.uniform(-0.5, 0.5, 2)
-        for _ in range(length):
-            a = rng.uniform(-1, 1, 2)
-            rows.append(np.concatenate([s, a]))
-            s = np.clip(s + 0.1 * a, -1, 1)
-    starts = np.arange(n_episodes) * length
-    return torch.tensor(np.array(rows), dtype=torch.float32), starts, starts + length
-
-
-@pytest.mark.parametrize("D,H,mults", [(3, 8, (1, 2)), (8, 32, (1, 2, 4)), (17, 12, (1, 2, 4)), (5, 5, (1,))])
-def test_unet_output_shape_equals_input(D, H, mults):
-    net = TemporalUnet(D, cond_dim=D, dim=8, dim_mults=mults)
-    out = net(torch.randn(3, H, 2 * D), torch.randn(3))
-    assert out.shape == (3, H, D)
-
-
-def test_unet_rejects_bad_horizon_clearly():
-    with pytest.raises(ValueError, match="H=30 must be a multiple of 4"):
-        TemporalUnet(4, dim=8, dim_mults=(1, 2, 4))(torch.randn(1, 30, 4), torch.zeros(1))
-    with pytest.raises(ValueError, match="multiple of 2"):
-        DynamicsDiffusion(3, 2, horizon=7, dim=8, dim_mults=(1, 2))
-
-
-def test_denoiser_returns_input_as_sigma_goes_to_zero():
-    model = tiny_model()
-    x = torch.rand(4, 8, 5) * 2 - 1
-    for sigma in (1e-4, 1e-6):
-        out = model.denoise(x, torch.full((4,), sigma), x, model.cond_mask())
-        assert torch.allclose(out, x, atol=50 * sigma)
-    # and it is not the identity at a real noise level
-    assert not torch.allclose(model.denoise(x, torch.full((4,), 1.0), x, model.cond_mask()), x, atol=1e-3)
-
-
-def test_sampling_keeps_conditions_exactly():
-    model = tiny_model()
-    model.x_min[:] = torch.tensor([-2.0, -1.0, 0.0, -1.0, -1.0])
-    model.x_max[:] = torch.tensor([2.0, 3.0, 1.0, 1.0, 1.0])
-    cond = torch.rand(6, 8, 5) * 2 - 1
-    mask = model.cond_mask()
-    x = model.sample(cond, mask, n_steps=5, generator=torch.Generator().manual_seed(0))
-    assert (x[:, mask] - cond[:, mask]).abs().max() < 1e-6  # s_0 and every action
-    assert (x[:, ~mask] - cond[:, ~mask]).abs().max() > 1e-2  # the rest is generated
-    s0 = torch.rand(6, 3) * torch.tensor([4.0, 4.0, 1.0]) + torch.tensor([-2.0, -1.0, 0.0])
-    states = model.generate(s0, torch.rand(6, 8, 2) * 2 - 1, n_steps=5, generator=torch.Generator().manual_seed(0))
-    assert states.shape == (6, 8, 3) and (states[:, 0] - s0).abs().max() < 1e-6
-    assert (states >= model.x_min[:3] - 1e-6).all() and (states <= model.x_max[:3] + 1e-6).all()  # clipped to box
-
-
 def test_generate_long_chains_windows():
+    """Benchmark tools: the DM chains H-windows to any horizon, each from the last state."""
     model = tiny_model()
     s0, actions = torch.rand(4, 3) * 2 - 1, torch.rand(4, 20, 2) * 2 - 1
-    states = generate_long(model, s0, actions, n_steps=3, generator=torch.Generator().manual_seed(1))
+    states = generate_long(model, s0, actions, sampler_steps=3, generator=torch.Generator().manual_seed(1))
     assert states.shape == (4, 21, 3) and torch.equal(states[:, 0], s0)
     # windows of 7 transitions start from the previous window's last state; the last one is shifted back
     # to end at s_20 (starting from s_13) rather than padded with invented actions: replay all three
     g = torch.Generator().manual_seed(1)
-    w1 = model.generate(s0, actions[:, :8], n_steps=3, generator=g)
-    w2 = model.generate(w1[:, -1], actions[:, 7:15], n_steps=3, generator=g)
-    w3 = model.generate(w2[:, -2], torch.cat([actions[:, 13:], actions[:, -1:]], 1), n_steps=3, generator=g)
+    w1 = model.generate(s0, actions[:, :8], sampler_steps=3, generator=g)
+    w2 = model.generate(w1[:, -1], actions[:, 7:15], sampler_steps=3, generator=g)
+    w3 = model.generate(w2[:, -2], torch.cat([actions[:, 13:], actions[:, -1:]], 1), sampler_steps=3, generator=g)
     assert torch.allclose(states[:, :8], w1, atol=1e-6) and torch.allclose(states[:, 8:15], w2[:, 1:], atol=1e-6)
     assert torch.allclose(states[:, 15:], w3[:, 2:], atol=1e-6)
-    short = generate_long(model, s0, actions[:, :3], n_steps=3, generator=torch.Generator().manual_seed(1))
+    short = generate_long(model, s0, actions[:, :3], sampler_steps=3, generator=torch.Generator().manual_seed(1))
     assert short.shape == (4, 4, 3)
 
 
-def test_sampler_is_deterministic_for_a_seed():
-    model = tiny_model()
-    s0, actions = torch.rand(5, 3) * 2 - 1, torch.rand(5, 8, 2) * 2 - 1
-    run = lambda seed: model.generate(s0, actions, n_steps=4, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(run(3), run(3))
-    assert not torch.allclose(run(3), run(4))
-
-
-def test_segments_and_mask_keep_padding_out():
-    starts, ends = np.array([0, 10, 13]), np.array([10, 13, 30])  # lengths 10, 3 (short), 17
-    seg_start, seg_len = segment_index(starts, ends, H=8)
-    assert len(seg_start) == 3 + 1 + 10
-    assert np.all(seg_start + seg_len <= np.repeat(ends, [3, 1, 10]))  # never crosses an episode end
-    assert seg_len[3] == 3 and seg_start[3] == 10
-    X = torch.arange(30, dtype=torch.float32)[:, None].repeat(1, 5)
-    x, mask = gather_segments(X, torch.as_tensor(seg_start), torch.as_tensor(seg_len), 8)
-    assert mask[3].tolist() == [True] * 3 + [False] * 5 and torch.all(x[3, 3:] == 12)
-
-    model = tiny_model()
-    x = torch.rand(4, 8, 5) * 2 - 1
-    loss_mask = torch.ones(4, 8, dtype=torch.bool)
-    loss_mask[1, 5:] = False
-    loss_mask[2, 1:] = False  # only s_0 is real: nothing to learn in this segment
-    garbage = x.clone()
-    garbage[~loss_mask] = 100.0
-    loss = lambda x_, m: model.loss(x_, model.cond_mask(), m, generator=torch.Generator().manual_seed(0))
-    ref = loss(x, loss_mask)
-    assert torch.equal(ref, loss(garbage, loss_mask))  # neither the loss nor the network sees the padding
-    assert not torch.equal(ref, loss(garbage, torch.ones_like(loss_mask)))  # unmasked, garbage would be learnt
-    garbage.requires_grad_(True)
-    loss(garbage, loss_mask).backward()
-    assert torch.all(garbage.grad[~loss_mask] == 0)
-
-
-def test_loss_falls_on_toy_dataset():
-    X, starts, ends = toy_rows()
-    seg_start, seg_len = segment_index(starts, ends, H=8)
-    torch.manual_seed(0)
-    model = DynamicsDiffusion(2, 2, horizon=8, dim=16, dim_mults=(1, 2))
-
-    def eval_loss():  # fixed batch and noise, so before/after are comparable
-        g = torch.Generator().manual_seed(123)
-        x, m = gather_segments(X, torch.as_tensor(seg_start[:256]), torch.as_tensor(seg_len[:256]), 8)
-        return float(np.mean([model.loss(x, model.cond_mask(), m, generator=g).item() for _ in range(8)]))
-
-    before = eval_loss()
-    info = diffusion.train(model, X, seg_start, seg_len, train_steps=200, batch_size=32, lr=2e-3, warmup=20, progress=False)
-    after = eval_loss()
-    assert after < 0.5 * before, (before, after)
-    assert info["final_loss"] < info["first_loss"]
-
-
-def test_dm_load_or_train_caches_and_rejects_mismatches(tiny_data):
-    kw = dict(H=8, dim=8, dim_mults=(1, 2), train_steps=30, batch_size=16, progress=False)
-    model, info = diffusion.load_or_train(tiny_data, "maze2d-umaze", **kw)
-    assert not info["cached"] and np.isfinite(info["final_loss"]) and info["train_steps"] == 30
-    again, info2 = diffusion.load_or_train(tiny_data, "maze2d-umaze", **kw)
-    assert info2["cached"] and info2["path"] == info["path"]
-    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(a, b), k  # weights, EMA weights and min/max all round-trip
-    raw = np.concatenate([tiny_data.obs, tiny_data.actions], 1)
-    assert np.allclose(again.x_min.numpy(), raw.min(0)) and np.allclose(again.x_max.numpy(), raw.max(0))
-
-    s0 = torch.as_tensor(tiny_data.obs[:4])
-    acts = torch.as_tensor(tiny_data.actions[:8])[None].repeat(4, 1, 1)
-    states = again.generate(s0, acts, n_steps=3, generator=torch.Generator().manual_seed(0))
-    assert states.shape == (4, 8, tiny_data.obs.shape[1]) and torch.equal(states[:, 0], s0)
-
-    with pytest.raises(ValueError, match="another dataset.*retrain"):
-        diffusion.load_checkpoint(info["path"], fingerprint="not-this-one")
-    with pytest.raises(ValueError, match=r"diffusion_.*\.pt has settings"):
-        diffusion.load_checkpoint(info["path"], settings={**info["settings"], "H": 16})
-
-
 def test_fidelity_helpers(tiny_data):
-    import dynamics
-
-    perfect = lambda s0, actions: dynamics.simulate(tiny_data, s0, actions)
+    """Benchmark tools: in-episode windows line up; crossings of two error curves."""
+    perfect = lambda s0, actions: simulate(tiny_data, s0, actions)
     r = in_episode_rollout_error(perfect, tiny_data, horizon=12, n_starts=8)
     assert r["horizons"] == list(range(1, 13)) and max(r["mse"]) < 1e-10  # starts and actions line up
-    model, _ = diffusion.load_or_train(tiny_data, "maze2d-umaze", H=8, dim=8, dim_mults=(1, 2), train_steps=30,
+    model, _ = diffusion.load_or_train(tiny_data, H=8, dim=8, dim_mults=(1, 2), train_steps=30,
                              batch_size=16, progress=False)
     s0, actions = tiny_data.obs[:3], tiny_data.actions[:17][None].repeat(3, 0)
-    assert dm_predict(model, n_steps=3)(s0, actions).shape == (3, 18, tiny_data.obs.shape[1])
+    assert dm_predict(model, sampler_steps=3)(s0, actions).shape == (3, 18, tiny_data.obs.shape[1])
     assert crossings([3, 1, 3, 1, 1], [2, 2, 2, 2, 2], [1, 2, 3, 4, 5]) == {"first_below": 2, "stays_below_from": 4}
     assert crossings([3, 3], [2, 2], [1, 2]) == {"first_below": None, "stays_below_from": None}
-
-
-# --------------------------------------------------------------------------- dydiff.py (issue 5)
-from types import SimpleNamespace  # noqa: E402
-
-import torch.nn as nn  # noqa: E402
-
-import dydiff  # noqa: E402
-OBS, ACT, H = 4, 2, 8
-MEAN = torch.tensor([0.5, -1.0, 2.0, 0.0])  # hand-made dataset stats (raw = env * STD + MEAN)
-STD = torch.tensor([2.0, 0.5, 1.0, 3.0])
-BOX = 0.3  # the dataset box is [-0.3, 0.3] in env space: tight, so the ensemble leaves it
-
-
-@pytest.fixture
-def models():
-    torch.manual_seed(0)
-    ens = Ensemble(OBS, ACT, n_members=3, n_elites=2, hidden=16, n_layers=2)
-    with torch.no_grad():  # x, y drift by +0.5 per step: the ensemble leaves the box within a step
-        ens.net.layers[-1].bias[..., :2] += 0.5
-    reward = RewardModel(OBS, ACT, hidden=16, n_layers=1)
-    x_min = torch.cat([MEAN - BOX * STD, -torch.ones(ACT)])
-    x_max = torch.cat([MEAN + BOX * STD, torch.ones(ACT)])
-    dm = DynamicsDiffusion(OBS, ACT, horizon=H, dim=8, dim_mults=(1, 2), x_min=x_min, x_max=x_max)
-    policy = nn.Sequential(nn.Linear(OBS, 16), nn.Tanh(), nn.Linear(16, ACT), nn.Tanh())
-    act_fn = lambda s: policy(s)  # noqa: E731  (the dydiff functions run it under no_grad)
-    return SimpleNamespace(ens=ens, reward=reward, dm=dm, act_fn=act_fn)
-
-
-def starts(B, seed=1):
-    return (torch.rand(B, OBS, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * BOX
-
-
-def test_initial_rollout_follows_policy_and_ensemble(models):
-    models.ens.n_elites = 1
-    models.ens.set_elites(torch.tensor([0.3, 0.1, 0.2]))  # one elite (member 1): the step is deterministic
-    s, a = dydiff.initial_rollout(models.act_fn, models.ens, starts(16), H, torch.Generator().manual_seed(0))
-    assert s.shape == (16, H, OBS) and a.shape == (16, H, ACT)
-    assert torch.equal(s[:, 0], starts(16))
-    with torch.no_grad():
-        for t in range(H):
-            assert torch.allclose(a[:, t], models.act_fn(s[:, t]))
-        for t in range(H - 1):
-            assert torch.allclose(s[:, t + 1], models.ens.step(s[:, t], a[:, t]), atol=1e-6)
-
-
-def test_refine_is_policy_consistent_and_stays_in_dataset_box(models):
-    g = torch.Generator().manual_seed(0)
-    s0 = starts(32)
-    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, g)
-    assert states.abs().max() > 2.0  # precondition: the ensemble left the box, so the clip matters
-    iterates = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN.numpy(), STD.numpy(),
-                             iterations=2, sampler_steps=4, generator=g)
-    assert len(iterates) == 3 and iterates[0][0] is states and iterates[0][1] is actions
-    final_s, final_a = iterates[-1]
-    with torch.no_grad():
-        assert torch.equal(final_a, models.act_fn(final_s.reshape(-1, OBS)).reshape(32, H, ACT))
-    assert not torch.allclose(final_a, actions, atol=1e-3)  # the relabelling did change the actions
-    assert torch.equal(final_s[:, 0], s0)  # s_0 is kept exactly
-    for s, _ in iterates[1:]:
-        assert s.min() >= -BOX - 1e-6 and s.max() <= BOX + 1e-6
-        raw = s * STD + MEAN  # and in the DM's raw coordinates
-        assert (raw >= models.dm.x_min[:OBS] - 1e-5).all() and (raw <= models.dm.x_max[:OBS] + 1e-5).all()
-
-
-def test_state_averaging_with_previous_states(models):
-    """One iteration with the same sampler noise: states = clip((DM + previous) / 2)."""
-    s0 = starts(8)
-    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, torch.Generator().manual_seed(0))
-    out = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN, STD, 1, 4, torch.Generator().manual_seed(5))
-    dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 4, torch.Generator().manual_seed(5))
-    expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
-    assert torch.allclose(out[1][0][:, 1:], expect[:, 1:], atol=1e-5)
-
-
-def test_hardmax_keeps_exactly_the_top_fraction():
-    scores = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    kept = dydiff.hardmax_filter(scores, 0.6)
-    assert len(kept) == 30 and set(kept.tolist()) == set(torch.argsort(scores, descending=True)[:30].tolist())
-    assert len(dydiff.hardmax_filter(torch.randn(8), 0.6)) == 4  # floor(4.8), not round
-    assert len(dydiff.hardmax_filter(torch.randn(100), 0.29)) == 29  # floor, robust to 0.29*100 = 28.99..
-    assert len(dydiff.hardmax_filter(torch.randn(10), 0.01)) == 1  # never empty
-
-
-def test_softmax_keeps_count_without_repeats_and_prefers_high_scores():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.arange(100.0)
-    for frac in (0.6, 1.0):
-        kept = dydiff.softmax_filter(scores, frac, 0.05, g)
-        assert len(kept) == int(frac * 100) and len(set(kept.tolist())) == len(kept)
-    kept = dydiff.softmax_filter(scores, 0.3, 0.05, g)
-    # T = 0.05 concentrates on the top: the 15 best are always drawn (once the top ~25 are used up, the
-    # uniform floor dominates and the rest is drawn nearly uniformly)
-    assert set(range(85, 100)) <= set(kept.tolist())
-    kept = dydiff.softmax_filter(scores, 0.3, 1e3, g)
-    assert 25 < scores[kept].mean() < 75  # a huge T is nearly uniform
-    # an outlier at a small T underflows exp() even in float64 (z gap 4.6 / 1e-3): the outlier is drawn
-    # first, and thanks to the uniform floor the rest are drawn uniformly (with p = 0 torch 2.x draws
-    # zero-probability indices in a fixed order, and older versions raise)
-    outlier = torch.cat([torch.tensor([1e6]), torch.zeros(19)])
-    assert sorted(dydiff.softmax_filter(outlier, 1.0, 1e-3, g).tolist()) == list(range(20))
-    draws = torch.stack([dydiff.softmax_filter(outlier, 0.1, 1e-3, g) for _ in range(200)])
-    assert (draws[:, 0] == 0).all() and len(set(draws[:, 1].tolist())) > 10
-
-
-def test_transitions_stop_at_first_terminal():
-    B, H6 = 3, 6
-    states = (torch.arange(B)[:, None] * 100 + torch.arange(H6)[None]).float()[..., None].expand(B, H6, OBS)
-    actions = -states[..., :ACT]
-    rewards = states[..., 0] + 0.5
-    terminal = torch.zeros(B, H6 - 1, dtype=torch.bool)
-    terminal[1, 2] = terminal[1, 4] = True  # trajectory 1: t = 0, 1, 2 kept, done at t = 2
-    terminal[2, 0] = True                   # trajectory 2: only its first transition
-    tr = dydiff.to_transitions(states, actions, rewards, terminal)
-    t_expect = [(0, t) for t in range(5)] + [(1, 0), (1, 1), (1, 2), (2, 0)]
-    code = torch.tensor([100.0 * b + t for b, t in t_expect])
-    assert torch.equal(tr["obs"][:, 0], code) and torch.equal(tr["next_obs"][:, 0], code + 1)
-    assert torch.equal(tr["actions"], -tr["obs"][:, :ACT]) and torch.equal(tr["rewards"], code + 0.5)
-    assert tr["dones"].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1]
-
-
-def test_env_reward_fn_reproduces_the_dataset_rewards(tiny_data):
-    from dynamics import env_reward_fn
-
-    r = env_reward_fn("maze2d-umaze")
-    got = r(tiny_data.obs, tiny_data.actions, tiny_data.next_obs).numpy()
-    assert tiny_data.rewards.sum() > 10  # the tiny run has successes, so both values are checked
-    np.testing.assert_array_equal(got, tiny_data.rewards)
-    at = lambda d: torch.tensor([[1.0 + d, 1.0, 0.0, 0.0, 1.0, 1.0]])  # noqa: E731  ball d from the goal
-    assert r(at(0), None, at(0.44)).item() == 1.0 and r(at(0), None, at(0.46)).item() == 0.0
-    with pytest.raises(ValueError, match="only maze2d has one"):
-        env_reward_fn("hopper-medium")
-
-
-def test_rollout_round_with_the_env_reward(models):
-    cfg = dydiff.RolloutConfig(n_rollouts=30, horizon=H, iterations=1, sampler_steps=4, keep_fraction=0.5)
-    g = torch.Generator().manual_seed(0)
-
-    def reward_fn(s, a, s_next):  # a known function of the raw next state, as dynamics.env_reward_fn
-        return (s_next[:, 3] > MEAN[3]).float()
-
-    tr, stats = dydiff.rollout_round(models.act_fn, models.ens, models.reward, models.dm, terminal_fn("maze2d"),
-                                     starts(30), MEAN, STD, cfg, g, reward_fn=reward_fn)
-    assert len(tr["obs"]) == 15 * (H - 1)
-    raw_next = tr["next_obs"] * STD + MEAN
-    assert torch.equal(tr["rewards"], reward_fn(None, None, raw_next))
-    assert 0 < tr["rewards"].mean() < 1
-    # hardmax on the sum of the H - 1 transition rewards: the kept ones score at least the rejected ones
-    assert stats["score_kept_mean"] >= stats["score_rejected_mean"]
-
-
-@pytest.mark.parametrize("filt", ["hardmax", "softmax"])
-def test_rollout_round_end_to_end(models, filt):
-    cfg = dydiff.RolloutConfig(n_rollouts=40, horizon=H, iterations=2, sampler_steps=4, filter=filt,
-                               keep_fraction=0.5)
-    data_env = starts(200, seed=3)
-    g = torch.Generator().manual_seed(0)
-    s0, idx = dydiff.draw_start_states(data_env, cfg.n_rollouts, g)
-    assert torch.equal(s0, data_env[idx])
-    def terminal(s, a, s_next):  # raw states, as dynamics.terminal_fn; fires on part of the box
-        return s_next[:, 3] > 0.45
-
-    tr, stats, iterates = dydiff.rollout_round(models.act_fn, models.ens, models.reward, models.dm, terminal,
-                                               s0, MEAN, STD, cfg, g, return_iterates=True)
-    assert stats["n_kept"] == 20 and stats["n_transitions"] == len(tr["obs"]) > 0
-    assert 0 < stats["terminated_fraction"] < 1  # both kinds of trajectories occur, so the cut is exercised
-    assert len(tr["obs"]) < 20 * (H - 1)
-    # every transition is consistent with the final trajectories and the reward model
-    final_s, final_a = iterates[-1]
-    with torch.no_grad():
-        assert torch.allclose(tr["actions"], models.act_fn(tr["obs"]))
-        assert torch.allclose(tr["rewards"], models.reward(tr["obs"], tr["actions"]), atol=1e-6)
-    raw_next = tr["next_obs"] * STD + MEAN
-    done = raw_next[:, 3] > 0.45
-    assert torch.equal(tr["dones"].bool(), done)
-    # at most one done per kept trajectory, and it ends it: #dones = #terminated kept trajectories
-    assert tr["dones"].sum() == round(stats["terminated_fraction"] * 20)
-    assert tr["obs"].abs().max() <= BOX + 1e-6 and tr["next_obs"].abs().max() <= BOX + 1e-6
-    if filt == "hardmax":
-        assert stats["score_kept_mean"] > stats["score_rejected_mean"]
-    with pytest.raises(ValueError, match="horizon"):
-        dydiff.rollout_round(models.act_fn, models.ens, models.reward, models.dm, terminal_fn("maze2d"), s0,
-                             MEAN, STD, dydiff.RolloutConfig(horizon=16), g)
-
-
-def test_plot_rollouts_writes_maze_png(tmp_path):
-    import matplotlib.image as mpimg
-
-    from data import maze_eval_env
-
-    rng = np.random.default_rng(0)
-    obs = np.concatenate([rng.uniform(-1.5, 1.5, (300, 2)), np.zeros((300, 4))], 1).astype(np.float32)
-    data = SimpleNamespace(make_eval_env=lambda: maze_eval_env("maze2d-umaze"), obs=obs,
-                           episode_starts=np.array([0, 100, 200]), episode_ends=np.array([100, 200, 300]))
-    start = obs[:4]
-    traj = start[:, None] + np.cumsum(rng.normal(0, 0.05, (4, H, 6)), 1)
-    path = tmp_path / "rollouts.png"
-    dydiff.plot_rollouts(path, data, torch.as_tensor(start), traj, traj + 0.1, "maze2d-umaze")
-    img = mpimg.imread(path)
-    assert img.shape[0] > 300 and img.shape[1] > 300
-    assert (img[..., :3] < 0.3).all(-1).mean() > 0.05  # the dark maze walls are drawn
-
-
-# ---------------------------------------------------------------------------------- train.py + DyDiff
-def test_batch_mix_has_the_requested_real_ratio():
-    from train import TransitionBuffer, sample_batch
-
-    real, syn = TransitionBuffer(1000, 3, 1, "cpu"), TransitionBuffer(100, 3, 1, "cpu")
-    z = lambda n, v: dict(obs=torch.zeros(n, 3), actions=torch.zeros(n, 1), rewards=torch.full((n,), v),  # noqa: E731
-                          next_obs=torch.zeros(n, 3), dones=torch.zeros(n))
-    real.add(**z(1000, 0.0))
-    gen = torch.Generator().manual_seed(0)
-    syn.add(**z(50, 1.0))  # fewer than one batch: all real
-    assert sample_batch(real, syn, 256, 0.6, gen)["rewards"].sum() == 0
-    syn.add(**z(300, 1.0))  # FIFO: 350 added, capacity 100
-    assert syn.size == 100 and syn.ptr == 50
-    fifo = TransitionBuffer(4, 3, 1, "cpu")
-    fifo.add(**{**z(3, 0.0), "rewards": torch.arange(3.0)})
-    fifo.add(**{**z(6, 0.0), "rewards": torch.arange(3.0, 9.0)})  # more than the capacity in one call
-    assert fifo.ptr == 1 and sorted(fifo.data["rewards"].tolist()) == [5.0, 6.0, 7.0, 8.0]  # the newest four
-    for ratio, n_syn in ((0.6, 64 - int(64 * 0.6)), (0.0, 64), (1.0, 0)):
-        assert sample_batch(real, syn, 64, ratio, gen)["rewards"].sum() == n_syn
-
-
-def test_presets_fill_only_unset_flags():
-    from train import PRESETS, Args, apply_preset
-
-    cpu = apply_preset(Args())
-    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps) == (50_000, 32, 32, 20)
-    paper = apply_preset(Args(preset="paper", rollout_batch=64))
-    assert paper.rollout_batch == 64  # an explicit flag wins
-    assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.rollout_interval,
-            paper.total_steps) == (100, 128, (1, 4, 8), 34, 500, 1_000_000)
-    assert PRESETS["paper"]["rollout_batch"] == 2048
-
-
-TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--dm-dim", "8", "--dm-mults", "1", "2", "--dm-train-steps", "30",
-               "--rollout-batch", "16", "--rollout-interval", "40", "--sampler-steps", "4", "--synthetic-capacity", "500"]
-
-
-def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, monkeypatch):
-    import dynamics
-
-    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)  # seconds, not minutes, of ensemble training
-    summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "dyd", *TINY_DYDIFF)
-    assert summary["dydiff"] and summary["steps"] == 100 and summary["rollout_time_s"] > 0
-    ckpt = torch.load(tmp_path / "dyd" / "checkpoint.pt", weights_only=True)
-    # rounds at steps 0, 40, 80; each keeps int(0.6 * 16) = 9 trajectories of at most H - 1 = 7 transitions
-    assert 9 * 7 < ckpt["synthetic"]["size"] <= 3 * 9 * 7
-    assert (tmp_path / "dyd" / "rollouts.png").stat().st_size > 1000
-
-
-def test_dydiff_run_resumed_mid_way_matches_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
-    """Rounds are seeded by (seed, step) and the synthetic buffer is in the checkpoint, so a DyDiff run
-    stopped at step 100 and resumed (in a rollout interval that began before the stop) ends bit-identical."""
-    import dynamics
-
-    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)
-    flags = [*TINY_DYDIFF, "--reward", "env"]
-    full = run_train(tmp_path, "--total-steps", "150", "--run-name", "full", *flags)
-    run_train(tmp_path, "--total-steps", "100", "--run-name", "split", *flags)
-    resumed = run_train(tmp_path, "--total-steps", "150", "--run-name", "split", "--resume", *flags)
-    assert resumed["evaluations"] == full["evaluations"]
-    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("full", "split"))
-    assert a["synthetic"]["size"] == b["synthetic"]["size"] > 0
-    for k in ("obs", "rewards", "next_obs"):
-        torch.testing.assert_close(a["synthetic"][k], b["synthetic"][k], rtol=0, atol=0)
-    for k in a["learner"]["critic"]:
-        torch.testing.assert_close(a["learner"]["critic"][k], b["learner"]["critic"][k], rtol=0, atol=0)
-
-
-def test_truncated_cached_model_gives_a_one_line_error(tiny_data, tmp_path, monkeypatch, capsys):
-    import dynamics
-
-    from data import load_dataset
-
-    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)
-    fresh = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)  # an earlier test touched the files
-    path = dynamics.cache_path(fresh, TINY, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"PK\x03\x04 truncated")
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_train(tmp_path, "--total-steps", "50", "--run-name", "t", *TINY_DYDIFF)
-    finally:
-        path.unlink()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: cannot read {path} (") and "delete it and it will be retrained" in err

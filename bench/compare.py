@@ -11,8 +11,8 @@ command can be repeated after a crash or extended with more seeds. Writes, all f
   bench/results/compare_<env>.md    the markdown table (mean +- std of last and best, wall time)
   bench/results/compare_<env>.png   learning curves, mean and min-max band over seeds
 
---jobs runs that many at once. On the 2-vCPU development machine keep 1: its two vCPUs share one core's
-compute, so two runs side by side each go half as fast (README, Threads) and their wall times mislead.
+--jobs runs that many at once. Where the vCPUs share one core's compute (bench/README.md, The machine),
+keep 1: two runs side by side would each go half as fast and their wall times would mislead.
 """
 from __future__ import annotations
 

@@ -77,14 +77,15 @@ def main(args: Args) -> None:
     import dydiff
     import dynamics
     from data import load_dataset
-    from train import PRESETS
+    from fidelity import simulate
+    from train import parse_args
 
     torch.set_num_threads(1)
     data = load_dataset("maze2d-umaze")
-    ens, reward_model, _ = dynamics.load_or_train(data, "maze2d-umaze", "cpu", seed=0)
-    p = PRESETS["cpu"]
-    dm, _ = diffusion.load_or_train(data, "maze2d-umaze", H=p["horizon"], dim=p["dm_dim"], dim_mults=p["dm_mults"],
-                                    train_steps=p["dm_train_steps"], device="cpu", seed=0)
+    ens, reward_model, _ = dynamics.load_or_train(data, "cpu", seed=0)
+    p = parse_args([])  # the cpu preset
+    dm, _ = diffusion.load_or_train(data, H=p.horizon, dim=p.dm_dim, dim_mults=p.dm_mults,
+                                    train_steps=p.dm_train_steps, device="cpu", seed=0)
     out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
 
     # 1. the learned reward of a still ball d away from its goal, zero action
@@ -102,16 +103,20 @@ def main(args: Args) -> None:
     g = torch.Generator().manual_seed(0)
     obs_env = torch.as_tensor(data.normalize_obs(data.obs), dtype=torch.float32)
     s0, _ = dydiff.draw_start_states(obs_env, args.n_rollouts, g)
-    cfg = dydiff.RolloutConfig(args.n_rollouts, p["horizon"], 2, p["sampler_steps"], keep_fraction=1.0)
-    tr, _, iterates = dydiff.rollout_round(learner.act, ens, reward_model, dm, dynamics.terminal_fn("maze2d"), s0,
-                                           data.obs_mean, data.obs_std, cfg, g, return_iterates=True)
+    # steps 2-4 and 6 of a round (dydiff.py) with every trajectory kept: the learned reward of each transition
+    B, H = args.n_rollouts, p.horizon
+    states, actions = dydiff.initial_rollout(learner.act, ens, s0, H, g)
+    states, actions = dydiff.refine(learner.act, dm, states, actions, data.obs_mean, data.obs_std, 2, p.sampler_steps,
+                                    g)[-1]
+    models = dydiff.DyDiffModels(ens, reward_model, dm, dynamics.terminal_fn("maze2d"),
+                                 torch.as_tensor(data.obs_mean), torch.as_tensor(data.obs_std))
+    tr = dydiff.to_transitions(states, actions, dydiff.transition_rewards(models, states, actions),
+                               torch.zeros(B, H - 1, dtype=torch.bool))
     raw = lambda x: x.numpy() * data.obs_std + data.obs_mean  # noqa: E731
     reward = dynamics.env_reward_fn("maze2d-umaze")
     true = reward(raw(tr["obs"]), None, raw(tr["next_obs"])).numpy()
     # Are the generated trajectories physically right where it matters? Replay their actions in the simulator.
-    states, actions = iterates[-1]
-    H = states.shape[1]
-    sim = dynamics.simulate(data, raw(s0).astype(np.float64), actions[:, : H - 1].numpy())[:, 1:]
+    sim = simulate(data, raw(s0).astype(np.float64), actions[:, : H - 1].numpy())[:, 1:]
     gen_r = reward(None, None, raw(states[:, 1:]).reshape(-1, states.shape[-1])).numpy()
     sim_r = reward(None, None, torch.as_tensor(sim.reshape(-1, sim.shape[-1]))).numpy()
     out["dydiff_round"] = {"policy": args.runs[0], "transitions": len(true),

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
 
+from fidelity import dm_predict, ensemble_predict, simulate  # noqa: E402
+
 
 @dataclass
 class Args:
@@ -55,18 +57,19 @@ class Args:
 
 
 def load_policy(args: Args, data, obs_dim: int, act_dim: int):
-    import train
+    from data import CheckpointError, real_buffer
+    from train import learner_from_checkpoint
 
     if args.policy:
         try:
-            learner, state = train.learner_from_checkpoint(args.policy, obs_dim, act_dim)
-        except train.ConfigError as exc:
+            learner, state = learner_from_checkpoint(args.policy, obs_dim, act_dim)
+        except CheckpointError as exc:
             raise SystemExit(f"error: {exc}") from None
         return learner, f"{args.policy} (step {state['step']})"
     from td3bc import TD3BC
 
     learner = TD3BC(obs_dim, act_dim, seed=args.seed)
-    real = train.real_buffer(data, "cpu")
+    real = real_buffer(data, "cpu")
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(args.policy_steps):
         learner.update(real.sample(256, gen))
@@ -75,8 +78,6 @@ def load_policy(args: Args, data, obs_dim: int, act_dim: int):
 
 def closed_loop(data, act, s0_raw: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
     """The policy in the simulator: raw states (B, T+1, obs) and its actions (B, T)."""
-    from dynamics import simulate
-
     states, actions = [s0_raw], []
     for _ in range(T):
         a = act(torch.as_tensor(data.normalize_obs(states[-1]), dtype=torch.float32)).numpy()
@@ -95,28 +96,26 @@ def main(args: Args) -> None:
     import dydiff
     import dynamics
     from data import load_dataset
-    from dynamics import simulate
-    from train import PRESETS
+    from train import parse_args
 
     torch.set_num_threads(args.threads)
     if not args.env.startswith("maze2d"):
         raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d env")
     t0 = time.time()
-    p = PRESETS[args.preset]
+    p = parse_args(["--preset", args.preset])
     data = load_dataset(args.env)
-    ens, _, _ = dynamics.load_or_train(data, args.env, "cpu", seed=0)
-    dm, _ = diffusion.load_or_train(data, args.env, H=p["horizon"], dim=p["dm_dim"], dim_mults=p["dm_mults"],
-                                    train_steps=p["dm_train_steps"], device="cpu", seed=0)
-    learner, policy_info = load_policy(args, data, data.obs.shape[1], data.actions.shape[1])
-    H, N = p["horizon"], p["sampler_steps"]
+    ens, _, _ = dynamics.load_or_train(data, "cpu", seed=0)
+    dm, _ = diffusion.load_or_train(data, H=p.horizon, dim=p.dm_dim, dim_mults=p.dm_mults,
+                                    train_steps=p.dm_train_steps, device="cpu", seed=0)
+    learner, policy_info = load_policy(args, data, data.obs_dim, data.act_dim)
+    H, N = p.horizon, p.sampler_steps
     rng = np.random.default_rng(args.seed)
     s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
 
     # models on the trajectory the policy really takes
     true, actions = closed_loop(data, learner.act, s0, H - 1)
     curves, curves_pos = {}, {}
-    preds = {"ensemble": dynamics.ensemble_predict(ens, args.seed)(s0, actions),
-             "dm": diffusion.dm_predict(dm, N, args.seed)(s0, actions)}
+    preds = {"ensemble": ensemble_predict(ens, args.seed)(s0, actions), "dm": dm_predict(dm, N, args.seed)(s0, actions)}
     for name, pred in preds.items():
         curves[name], curves_pos[name] = mse(np.asarray(pred, dtype=np.float64), true)
 

@@ -122,7 +122,7 @@ class CorlTD3BC:
 def learner_rates(device: str, seconds: float) -> dict:
     from iql import IQL
     from td3bc import TD3BC
-    from train import TransitionBuffer
+    from data import TransitionBuffer
 
     N = 100_000
     data = {"obs": np.random.randn(N, OBS_DIM).astype(np.float32), "next_obs": np.random.randn(N, OBS_DIM).astype(np.float32),
@@ -164,13 +164,13 @@ def dydiff_rates(preset: dict, device: str, seconds: float, peak: float) -> dict
     actor = TD3BC(OBS_DIM, ACT_DIM, device=device)
     cfg = dydiff.RolloutConfig(B, H, 2, N)
     s0 = torch.randn(B, OBS_DIM, device=device)
-    zeros, ones = np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32)
+    models = dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn("maze2d"),
+                                 torch.zeros(OBS_DIM, device=device), torch.ones(OBS_DIM, device=device))
     g = torch.Generator(device=device).manual_seed(0)
-    dydiff.rollout_round(actor.act, ensemble, reward_model, dm, dynamics.terminal_fn("maze2d"), s0, zeros, ones, cfg, g)
+    dydiff.rollout_round(actor.act, models, s0, cfg, g)
     sync(device)
     t0 = time.perf_counter()
-    _, stats = dydiff.rollout_round(actor.act, ensemble, reward_model, dm, dynamics.terminal_fn("maze2d"), s0, zeros,
-                                    ones, cfg, g)
+    _, stats = dydiff.rollout_round(actor.act, models, s0, cfg, g)
     sync(device)
     round_s = time.perf_counter() - t0
 
@@ -206,12 +206,13 @@ def run_shares(pattern: str) -> dict:
 
 
 def main(args: Args) -> None:
-    from train import PRESETS
+    from train import parse_args
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)
-    preset = PRESETS[args.preset]
+    p = parse_args(["--preset", args.preset])
+    preset = {k: getattr(p, k) for k in ("horizon", "rollout_batch", "sampler_steps", "dm_dim", "dm_mults")}
     peak = matmul_flops(args.device, args.seconds)
     out = {"preset": args.preset, "device": args.device, "threads": args.threads,
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}, "
