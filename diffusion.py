@@ -30,42 +30,78 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln(sigma) ~ N(P_MEAN, P_STD^2)
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
-# Official DyDiff churn settings; gamma = min(S_churn/N, sqrt(2)-1) saturates for any N <= 145.
-S_CHURN, S_MIN, S_MAX, S_NOISE = 60.0, 0.37, 52.24, 1.002
+# Churn of the official DyDiff sampler (train.py --preset paper sets --sampler-churn 60); the cpu preset
+# samples deterministically (S_churn = 0, EDM's Algorithm 1). gamma = min(S_churn/N, sqrt(2)-1).
+S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002
 MODEL_VERSION = 2  # part of the cache key: bump whenever the network's inputs or layout change
 
 
 # --------------------------------------------------------------------------------------------------
 # Temporal U-Net (Diffuser-style, 1-D convolutions over time)
 # --------------------------------------------------------------------------------------------------
-class ConvBlock(nn.Sequential):
-    """Conv1d(k5) -> GroupNorm(8) -> Mish, length preserving."""
+# The activation: Diffuser's temporal U-Net (and the official DyDiff code) uses Mish; EDM's own networks
+# use SiLU, which computes the same kind of smooth gate for about a third of Mish's cost on a CPU.
+ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish}
+# Layout: activations are (B, time, channels), as the segments themselves. A convolution sees that memory
+# as a (B, channels, 1, time) channels-last image, for which oneDNN's CPU kernels run near the matmul
+# peak (its 1-D path ran our small convolutions at a third to a half of it); additions, activations and
+# concatenations stay plain contiguous operations. Conv1d, GroupNorm and Upsample keep the parameters
+# of the torch layers they subclass, so the network is the same, only computed faster (bench/speed.py).
 
-    def __init__(self, c_in: int, c_out: int, kernel: int = 5):
-        super().__init__(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(8, c_out), nn.Mish())
+
+class Conv1d(nn.Conv1d):
+    """nn.Conv1d on a (B, T, C_in) input, returning (B, T', C_out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]),
+                     (0, self.padding[0]))
+        return y.squeeze(2).transpose(1, 2)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm on a (B, T, C) input: per sample and group of channels, over all time steps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        G = self.num_groups
+        # per (sample, group): mean and E[x^2] over time and the group's channels
+        mean = x.sum(1).view(B, G, -1).mean(-1, keepdim=True) / T  # (B, G, 1)
+        var = (x * x).sum(1).view(B, G, -1).mean(-1, keepdim=True) / T - mean * mean
+        scale = var.clamp_min_(0).add_(self.eps).rsqrt_() * self.weight.view(G, -1)  # (B, G, C / G)
+        shift = self.bias.view(G, -1) - mean * scale
+        return torch.addcmul(shift.view(B, 1, C), x, scale.view(B, 1, C))
+
+
+class ConvBlock(nn.Sequential):
+    """Conv1d(k5) -> GroupNorm(8) -> activation, length preserving."""
+
+    def __init__(self, c_in: int, c_out: int, act: str = "silu", kernel: int = 5):
+        super().__init__(Conv1d(c_in, c_out, kernel, padding=kernel // 2), GroupNorm(8, c_out),
+                         ACTIVATIONS[act](inplace=True))  # in place: the normalized values are not needed again
 
 
 class ResidualTemporalBlock(nn.Module):
     """Two conv blocks with the noise embedding added in between, plus a (1x1 conv) residual path."""
 
-    def __init__(self, c_in: int, c_out: int, embed_dim: int):
+    def __init__(self, c_in: int, c_out: int, embed_dim: int, act: str = "silu"):
         super().__init__()
-        self.block1, self.block2 = ConvBlock(c_in, c_out), ConvBlock(c_out, c_out)
-        self.embed = nn.Sequential(nn.Mish(), nn.Linear(embed_dim, c_out))
-        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.block1, self.block2 = ConvBlock(c_in, c_out, act), ConvBlock(c_out, c_out, act)
+        self.embed = nn.Sequential(ACTIVATIONS[act](), nn.Linear(embed_dim, c_out))
+        self.skip = Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x) + self.embed(emb)[:, :, None]
+        h = self.block1(x) + self.embed(emb)[:, None, :]
         return self.block2(h) + self.skip(x)
 
 
@@ -74,15 +110,36 @@ class NoiseEmbedding(nn.Module):
     training, so it is stretched by ``scale`` first: unstretched, the lowest frequencies barely change
     across that range and the network learnt more slowly."""
 
-    def __init__(self, dim: int, scale: float = 100.0):
+    def __init__(self, dim: int, act: str = "silu", scale: float = 100.0):
         super().__init__()
         half = dim // 2
         self.register_buffer("freqs", torch.exp(-math.log(10_000.0) * torch.arange(half) / half) * scale)
-        self.mlp = nn.Sequential(nn.Linear(2 * half, 4 * dim), nn.Mish(), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(2 * half, 4 * dim), ACTIVATIONS[act](), nn.Linear(4 * dim, dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         phase = c_noise[:, None] * self.freqs[None]
         return self.mlp(torch.cat([phase.sin(), phase.cos()], dim=-1))
+
+
+class Upsample(nn.ConvTranspose1d):
+    """ConvTranspose1d(c, c, 4, stride=2, padding=1), the U-Net's upsampling, computed as one ordinary
+    k3 convolution per output phase: out[2t] = W_1 x[t] + W_3 x[t-1], out[2t+1] = W_2 x[t] + W_0 x[t+1].
+    The same function of the same weights (and state-dict keys); the CPU backend runs a transposed
+    convolution on a slow path, and this form on its fast one."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) -> (B, 2T, C)."""
+        W, zero = self.weight, torch.zeros_like(self.weight[..., 0])  # W: (c_in, c_out, 4)
+        even = torch.stack([W[..., 3], W[..., 1], zero], -1)  # taps x[t-1], x[t], x[t+1]
+        odd = torch.stack([zero, W[..., 2], W[..., 0]], -1)
+        kernel = torch.cat([even, odd], 1).transpose(0, 1).unsqueeze(2)  # (2 c_out, c_in, 1, 3)
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), kernel, torch.cat([self.bias, self.bias]), padding=(0, 1))
+        B, _, _, T = y.shape
+        # y is stored as (B, T, [even | odd] channels): read as (B, 2T, channels) it is interleaved, no copy
+        return y.squeeze(2).transpose(1, 2).reshape(B, 2 * T, -1)
 
 
 class TemporalUnet(nn.Module):
@@ -93,7 +150,8 @@ class TemporalUnet(nn.Module):
     for GroupNorm(8)).
     """
 
-    def __init__(self, transition_dim: int, cond_dim: int = 0, dim: int = 32, dim_mults=(1, 2, 4)):
+    def __init__(self, transition_dim: int, cond_dim: int = 0, dim: int = 32, dim_mults=(1, 2, 4),
+                 act: str = "silu"):
         super().__init__()
         if dim % 8:
             raise ValueError(f"dim={dim} must be a multiple of 8 (GroupNorm uses 8 groups)")
@@ -101,24 +159,24 @@ class TemporalUnet(nn.Module):
         self.downsampling = 2 ** (len(dim_mults) - 1)
         widths = [transition_dim + cond_dim] + [dim * m for m in dim_mults]
         pairs = list(zip(widths[:-1], widths[1:]))
-        self.embed = NoiseEmbedding(dim)
+        self.embed = NoiseEmbedding(dim, act)
         self.downs = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(pairs):
             last = i == len(pairs) - 1
             self.downs.append(nn.ModuleList([
-                ResidualTemporalBlock(c_in, c_out, dim), ResidualTemporalBlock(c_out, c_out, dim),
-                nn.Identity() if last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1)]))
+                ResidualTemporalBlock(c_in, c_out, dim, act), ResidualTemporalBlock(c_out, c_out, dim, act),
+                nn.Identity() if last else Conv1d(c_out, c_out, 3, stride=2, padding=1)]))
         mid = widths[-1]
-        self.mid1, self.mid2 = ResidualTemporalBlock(mid, mid, dim), ResidualTemporalBlock(mid, mid, dim)
+        self.mid1, self.mid2 = ResidualTemporalBlock(mid, mid, dim, act), ResidualTemporalBlock(mid, mid, dim, act)
         self.ups = nn.ModuleList()
         # Going up: upsample, concatenate the skip saved at that resolution on the way down, two blocks.
         # The deepest level's output is the mid blocks' input, so it needs no skip.
         for level in reversed(range(len(dim_mults) - 1)):
             c_skip, c_h = widths[level + 1], widths[level + 2]
             self.ups.append(nn.ModuleList([
-                nn.ConvTranspose1d(c_h, c_h, 4, stride=2, padding=1),
-                ResidualTemporalBlock(c_h + c_skip, c_skip, dim), ResidualTemporalBlock(c_skip, c_skip, dim)]))
-        self.final = nn.Sequential(ConvBlock(widths[1], dim), nn.Conv1d(dim, transition_dim, 1))
+                Upsample(c_h),
+                ResidualTemporalBlock(c_h + c_skip, c_skip, dim, act), ResidualTemporalBlock(c_skip, c_skip, dim, act)]))
+        self.final = nn.Sequential(ConvBlock(widths[1], dim, act), Conv1d(dim, transition_dim, 1))
 
     def check_horizon(self, H: int) -> None:
         k = self.downsampling
@@ -130,7 +188,7 @@ class TemporalUnet(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         self.check_horizon(x.shape[1])
         emb = self.embed(c_noise)
-        h, skips = x.transpose(1, 2), []  # Conv1d wants (B, channels, time)
+        h, skips = x, []  # (B, time, channels) throughout
         for block1, block2, down in self.downs:
             h = block2(block1(h, emb), emb)
             skips.append(h)
@@ -138,8 +196,8 @@ class TemporalUnet(nn.Module):
         h = self.mid2(self.mid1(h, emb), emb)
         skips.pop()
         for up, block1, block2 in self.ups:
-            h = block2(block1(torch.cat([up(h), skips.pop()], dim=1), emb), emb)
-        return self.final(h).transpose(1, 2)
+            h = block2(block1(torch.cat([up(h), skips.pop()], dim=-1), emb), emb)
+        return self.final(h)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,11 +208,11 @@ class DynamicsDiffusion(nn.Module):
     and the min-max box of [obs, act] (buffers, so the checkpoint carries them)."""
 
     def __init__(self, obs_dim: int, act_dim: int, horizon: int = 32, dim: int = 32, dim_mults=(1, 2, 4),
-                 x_min: torch.Tensor | None = None, x_max: torch.Tensor | None = None):
+                 x_min: torch.Tensor | None = None, x_max: torch.Tensor | None = None, act: str = "silu"):
         super().__init__()
         self.obs_dim, self.act_dim, self.horizon = obs_dim, act_dim, horizon
         D = obs_dim + act_dim
-        self.net = TemporalUnet(D, cond_dim=D, dim=dim, dim_mults=dim_mults)
+        self.net = TemporalUnet(D, cond_dim=D, dim=dim, dim_mults=dim_mults, act=act)
         self.net.check_horizon(horizon)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.register_buffer("x_min", torch.full((D,), -1.0) if x_min is None else torch.as_tensor(x_min).float())
@@ -196,7 +254,7 @@ class DynamicsDiffusion(nn.Module):
         return torch.where(cond_mask, cond, c_skip * x + c_out * F_x)
 
     def loss(self, x: torch.Tensor, cond_mask: torch.Tensor, loss_mask: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, net: nn.Module | None = None) -> torch.Tensor:
         """EDM loss on the generated entries of valid rows. x: (B, H, D) clean segments in [-1, 1];
         cond_mask: (H, D) or (B, H, D); loss_mask: (B, H), True on real rows (a prefix of each segment).
 
@@ -209,23 +267,25 @@ class DynamicsDiffusion(nn.Module):
         sigma = (P_MEAN + P_STD * torch.randn(B, device=x.device, generator=generator)).exp()
         noise = torch.randn(x.shape, device=x.device, generator=generator) * sigma[:, None, None]
         weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
-        err = weight[:, None, None] * (self.denoise(x + noise, sigma, x, cond_mask) - x) ** 2
+        err = weight[:, None, None] * (self.denoise(x + noise, sigma, x, cond_mask, net) - x) ** 2
         keep = (~cond_mask & loss_mask[..., None]).float()
         return (err * keep).sum() / keep.sum().clamp(min=1)
 
     @torch.no_grad()
-    def update_ema(self, step: int, decay: float = 0.999) -> None:
-        decay = min(decay, (1 + step) / (10 + step))  # short memory early, when the weights move fast
-        for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
-            p_ema.lerp_(p, 1 - decay)
+    def update_ema(self, samples_seen: int, batch_size: int, halflife: float, rampup: float) -> None:
+        """EDM's EMA: a half-life of min(halflife, rampup * samples_seen) training samples, so the average
+        forgets the fast-moving early weights quickly and settles to `halflife` later."""
+        beta = 0.5 ** (batch_size / max(min(halflife, rampup * samples_seen), 1e-8))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - beta)
 
     # ---- sampling ----
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, sampler_steps: int = 20,
-               generator: torch.Generator | None = None, S_churn: float = S_CHURN, S_min: float = S_MIN,
+    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, sampler_steps: int = 8,
+               generator: torch.Generator | None = None, S_churn: float = 0.0, S_min: float = S_MIN,
                S_max: float = S_MAX, S_noise: float = S_NOISE) -> torch.Tensor:
-        """EDM Heun sampler with churn (Karras et al. 2022, Algorithm 2) using the EMA weights.
-        cond: (B, H, D) values in [-1, 1] at the cond_mask entries. Returns (B, H, D) in [-1, 1] space."""
+        """EDM's Heun sampler (Karras et al. 2022, Algorithm 2; deterministic, Algorithm 1, when S_churn = 0)
+        with the EMA weights. cond: (B, H, D) values in [-1, 1] at the cond_mask entries. Returns (B, H, D)
+        in [-1, 1] space. It makes 2 N - 1 network calls: no correction on the last step, to sigma = 0."""
         i = torch.arange(sampler_steps, dtype=torch.float64)
         t = (SIGMA_MAX ** (1 / RHO) + i / max(sampler_steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
         t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()  # t_N = 0
@@ -248,7 +308,7 @@ class DynamicsDiffusion(nn.Module):
         return x
 
     @torch.no_grad()
-    def generate(self, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 20,
+    def generate(self, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
                  generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
         """Raw states (B, H, obs_dim) for raw s_0 (B, obs_dim) and actions (B, H, act_dim); index 0 is s_0."""
         B, H, _ = actions.shape
@@ -288,71 +348,124 @@ def gather_segments(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
     return X[rows], mask
 
 
-def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths: np.ndarray, train_steps: int,
-          batch_size: int = 64, lr: float = 5e-4, warmup: int = 200, seed: int = 0, progress: bool = True) -> dict:
-    """Adam with a linear warm-up on random segments of X (N, D) (normalized rows); EMA after every step."""
+@dataclass
+class DMConfig:
+    """The DM's size and its training recipe. Defaults: train.py's cpu preset (--preset paper: the official)."""
+
+    horizon: int = 32
+    """H, rows per segment; a multiple of 2 ** (len(dim_mults) - 1)"""
+    dim: int = 32
+    """U-Net base width"""
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    """U-Net width multipliers per level"""
+    act: str = "silu"
+    """activation: silu or mish"""
+    train_steps: int = 1800
+    """gradient steps"""
+    batch_size: int = 96
+    """segments per gradient step"""
+    lr: float = 2.5e-3
+    """Adam learning rate after the warm-up"""
+    warmup_steps: int = 200
+    """linear learning-rate warm-up"""
+    lr_schedule: str = "cosine"
+    """after the warm-up: constant, or cosine (decay to 0 at the last step)"""
+    grad_clip: float = 1.0
+    """gradient-norm clipping (0: none)"""
+    ema_halflife: float = 500_000
+    """EMA half-life in training samples (EDM's default)"""
+    ema_rampup: float = 0.05
+    """early on the half-life is at most this share of the samples seen (EDM's default)"""
+    seed: int = 0
+    """seed of the initialisation, the batches and the training noise"""
+
+
+def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths: np.ndarray, cfg: DMConfig,
+          progress: bool = True, val_every: int = 250) -> dict:
+    """Adam with a linear warm-up on random segments of X (N, D) (normalized rows); EMA after every step.
+
+    Every val_every steps, the validation loss: the EDM loss of the EMA network (the one that samples) on
+    512 fixed segments with fixed noise levels and noise, so that runs with other settings compare on one
+    smooth curve (the per-step training loss jumps with its random sigma). Its time is not training time."""
     dev = model.x_min.device
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     starts_t, lengths_t = torch.as_tensor(starts), torch.as_tensor(lengths)
     cond_mask = model.cond_mask()
-    opt = torch.optim.Adam(model.net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup))
-    losses, curve, t0, cpu0 = [], [], time.time(), time.process_time()
-    bar = tqdm(range(train_steps), desc="diffusion", disable=not progress, mininterval=2.0)
+    pick = torch.randint(len(starts_t), (512,), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    x_val, m_val = gather_segments(X, starts_t[pick], lengths_t[pick], model.horizon)
+    opt = torch.optim.Adam(model.net.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
+    def lr_factor(k: int) -> float:  # linear warm-up, then constant or a cosine decay to 0
+        if k < cfg.warmup_steps or cfg.lr_schedule == "constant":
+            return min(1.0, (k + 1) / max(cfg.warmup_steps, 1))
+        return 0.5 * (1 + math.cos(math.pi * (k - cfg.warmup_steps) / max(cfg.train_steps - cfg.warmup_steps, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    losses, curve, val_curve, t_val, t0, cpu0 = [], [], [], 0.0, time.time(), time.process_time()
+
+    def validate(step: int) -> None:  # appends [step, training seconds so far, validation loss]
+        nonlocal t_val
+        t1 = time.time()
+        with torch.no_grad():
+            g = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
+            val = float(model.loss(x_val.to(dev), cond_mask, m_val.to(dev), generator=g, net=model.ema))
+        val_curve.append([step, t1 - t0 - t_val, val])
+        t_val += time.time() - t1
+
+    bar = tqdm(range(cfg.train_steps), desc="diffusion", disable=not progress, mininterval=2.0)
     for step in bar:
-        pick = torch.randint(len(starts_t), (batch_size,), generator=gen)
+        pick = torch.randint(len(starts_t), (cfg.batch_size,), generator=gen)
         x, mask = gather_segments(X, starts_t[pick], lengths_t[pick], model.horizon)
         loss = model.loss(x.to(dev), cond_mask, mask.to(dev), generator=gen if dev == torch.device("cpu") else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.net.parameters(), 1.0)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.net.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        model.update_ema(step)
+        model.update_ema((step + 1) * cfg.batch_size, cfg.batch_size, cfg.ema_halflife, cfg.ema_rampup)
         losses.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == train_steps:
+        if (step + 1) % 100 == 0 or step + 1 == cfg.train_steps:
             curve.append([step + 1, float(np.mean(losses[-100:]))])  # per-step loss is noisy (random sigma)
             bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
+        if (step + 1) % val_every == 0 or step + 1 == cfg.train_steps:
+            validate(step + 1)
     # cpu_seconds ~ the wall time on an idle core (torch runs single-threaded here by default)
-    return {"train_seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0, "train_steps": train_steps,
-            "final_loss": float(np.mean(losses[-200:])), "first_loss": float(np.mean(losses[:50])),
-            "loss_curve": curve}
-
-
+    return {"train_seconds": time.time() - t0 - t_val, "cpu_seconds": time.process_time() - cpu0,
+            "train_steps": cfg.train_steps, "final_loss": float(np.mean(losses[-200:])),
+            "first_loss": float(np.mean(losses[:50])), "loss_curve": curve, "val_loss": val_curve[-1][2],
+            "val_curve": val_curve}
 
 
 # --------------------------------------------------------------------------------------------------
 # Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached)
 # --------------------------------------------------------------------------------------------------
-def load_or_train(data, H: int = 32, dim: int = 32, dim_mults=(1, 2, 4), train_steps: int = 4000,
-                  batch_size: int = 64, lr: float = 5e-4, device: str = "cpu", seed: int = 0, retrain: bool = False,
+def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrain: bool = False,
                   progress: bool = True) -> tuple[DynamicsDiffusion, dict]:
     """The DM for ``data`` (an OfflineData): from the cache beside the dataset, else trained now."""
     from data import load_or_train_cached
 
-    settings = {"version": MODEL_VERSION, "obs_dim": data.obs_dim, "act_dim": data.act_dim, "H": H, "dim": dim,
-                "dim_mults": list(dim_mults), "train_steps": train_steps, "batch_size": batch_size, "lr": lr,
-                "seed": seed}
+    cfg = cfg or DMConfig()
+    settings = {"version": MODEL_VERSION, "obs_dim": data.obs_dim, "act_dim": data.act_dim, **asdict(cfg)}
     raw = np.concatenate([data.obs, data.actions], axis=1)
 
     def train_now():
-        torch.manual_seed(seed)  # network initialisation
-        model = DynamicsDiffusion(data.obs_dim, data.act_dim, H, dim, dim_mults, torch.as_tensor(raw.min(0)),
-                                  torch.as_tensor(raw.max(0))).to(device)
+        torch.manual_seed(cfg.seed)  # network initialisation
+        model = DynamicsDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.dim, cfg.dim_mults,
+                                  torch.as_tensor(raw.min(0)), torch.as_tensor(raw.max(0)), cfg.act).to(device)
         X = model.normalize(torch.as_tensor(raw).to(device)).cpu()
-        starts, lengths = segment_index(data.episode_starts, data.episode_ends, H)
+        starts, lengths = segment_index(data.episode_starts, data.episode_ends, cfg.horizon)
         n_params = sum(p.numel() for p in model.net.parameters())
-        print(f"training the diffusion model on {data.dataset_id}: {len(starts)} segments of H={H}, "
-              f"{n_params / 1e6:.2f}M params, {train_steps} steps of batch {batch_size}")
-        info = train(model, X, starts, lengths, train_steps, batch_size, lr, seed=seed, progress=progress)
+        print(f"training the diffusion model on {data.dataset_id}: {len(starts)} segments of H={cfg.horizon}, "
+              f"{n_params / 1e6:.2f}M params, {cfg.train_steps} steps of batch {cfg.batch_size}")
+        info = train(model, X, starts, lengths, cfg, progress=progress)
         return {"state_dict": model.state_dict(), "info": {**info, "n_params": n_params, "n_segments": len(starts)}}
 
     ckpt, path, cached = load_or_train_cached(data, "diffusion", settings, train_now, device, retrain)
-    model = DynamicsDiffusion(data.obs_dim, data.act_dim, H, dim, dim_mults).to(device)
+    model = DynamicsDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.dim, cfg.dim_mults, act=cfg.act).to(device)
     model.load_state_dict(ckpt["state_dict"])
     info = {**ckpt["info"], "settings": ckpt["settings"], "path": str(path), "cached": cached}
     print(f"diffusion model: {'loaded' if cached else 'saved'} {path} ({info['train_steps']} steps, "
-          f"{info['train_seconds']:.0f} s, final loss {info['final_loss']:.4f})")
+          f"{info['train_seconds']:.0f} s, validation loss {info['val_loss']:.4f})")
     return model, info
 
 
@@ -367,22 +480,10 @@ if __name__ == "__main__":
         """any Minari dataset id, instead of --env"""
         dataset_steps: int | None = None
         """maze2d only: size of a local dataset rebuild (default: the full D4RL size)"""
-        H: int = 32
-        """segment length (official 100); a multiple of 2**(len(dim_mults)-1)"""
-        dim: int = 32
-        """U-Net base width (official 128)"""
-        dim_mults: tuple[int, ...] = (1, 2, 4)
-        """U-Net width multipliers per level (official 1 4 8)"""
-        train_steps: int = 4000
-        """gradient steps (official ~375k)"""
-        batch_size: int = 64
-        """segments per gradient step"""
-        lr: float = 5e-4
-        """Adam learning rate (after a 200-step linear warm-up)"""
+        dm: DMConfig = field(default_factory=DMConfig)
+        """the DM's size and training"""
         device: str = "cpu"
         """torch device"""
-        seed: int = 0
-        """seed of initialisation and batches"""
         threads: int = 1
         """torch CPU threads (more threads collapse when other processes share the cores)"""
         retrain: bool = False
@@ -394,8 +495,7 @@ if __name__ == "__main__":
 
     try:
         data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
-        model, info = load_or_train(data, args.H, args.dim, args.dim_mults, args.train_steps, args.batch_size,
-                                    args.lr, args.device, args.seed, args.retrain)
+        model, info = load_or_train(data, args.dm, args.device, args.retrain)
     except (DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
-    print(f"first loss {info['first_loss']:.4f} -> final loss {info['final_loss']:.4f}")
+    print(f"validation loss {info['val_curve'][0][2]:.4f} (step {info['val_curve'][0][0]}) -> {info['val_loss']:.4f}")

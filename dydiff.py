@@ -48,8 +48,10 @@ class RolloutConfig:
     """H, rows [s_t, a_t] per trajectory; must equal the DM's horizon (official 100)"""
     iterations: int = 2
     """M, rounds of DM sampling + action relabelling (official 2)"""
-    sampler_steps: int = 20
+    sampler_steps: int = 8
     """N, Heun steps of the DM sampler (official 34)"""
+    sampler_churn: float = 0.0
+    """S_churn of the sampler; 0 = deterministic (official 60)"""
     filter: str = "hardmax"
     """'hardmax' keeps the top keep_fraction by score; 'softmax' samples that many by score"""
     keep_fraction: float = 0.6
@@ -110,7 +112,7 @@ def initial_rollout(act_fn: ActFn, ensemble, s0_env: torch.Tensor, H: int,
 
 @torch.no_grad()
 def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, obs_mean: torch.Tensor,
-           obs_std: torch.Tensor, iterations: int, sampler_steps: int = 20,
+           obs_std: torch.Tensor, cfg: RolloutConfig,
            generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Step 3: M iterations of (DM states given s_0 and the actions -> average -> clip -> relabel).
 
@@ -123,8 +125,9 @@ def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, o
     lo, hi = (dm.x_min[obs].to(states_env) - mean) / std, (dm.x_max[obs].to(states_env) - mean) / std
     s_0 = states_env[:, 0].clone()
     iterates = [(states_env, actions)]
-    for _ in range(iterations):
-        dm_env = (dm.generate(s_0 * std + mean, actions, sampler_steps, generator).to(states_env) - mean) / std
+    for _ in range(cfg.iterations):
+        dm_env = (dm.generate(s_0 * std + mean, actions, cfg.sampler_steps, generator,
+                              S_churn=cfg.sampler_churn).to(states_env) - mean) / std
         # The official code averages with the previous states (the paper does not say so): a cheap
         # ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.
@@ -209,8 +212,7 @@ def rollout_round(act_fn: ActFn, models: DyDiffModels, start_states_env: torch.T
     t0 = time.time()
     states, actions = initial_rollout(act_fn, models.ensemble, start_states_env, cfg.horizon, generator)
     t_ensemble = time.time() - t0
-    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg.iterations,
-                      cfg.sampler_steps, generator)
+    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg, generator)
     t_dm = time.time() - t0 - t_ensemble
     states, actions = iterates[-1]
     B, H, obs_dim = states.shape
@@ -259,8 +261,7 @@ def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, sta
     import numpy as np
 
     states, actions = initial_rollout(act_fn, models.ensemble, start_states_env, cfg.horizon, generator)
-    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg.iterations,
-                      cfg.sampler_steps, generator)
+    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg, generator)
     initial, final = (models.raw(s).cpu().numpy() for s in (iterates[0][0], iterates[-1][0]))
     fig, ax = plt.subplots(figsize=(6, 6.3))
     if draw_background is not None:

@@ -58,6 +58,12 @@ class BatchedMLP(nn.Module):
             x = F.silu(layer(x))
         return self.layers[-1](x)
 
+    def member(self, m: int, x: torch.Tensor) -> torch.Tensor:
+        """Member m alone on x (B, d_in): one member's cost, where forward pays for all of them."""
+        for layer in self.layers[:-1]:
+            x = F.silu(torch.addmm(layer.bias[m, 0], x, layer.weight[m]))
+        return torch.addmm(self.layers[-1].bias[m, 0], x, self.layers[-1].weight[m])
+
 
 class Ensemble(nn.Module):
     """Probabilistic ensemble f(s, a) -> N(mean, exp(logvar)) of delta s = s' - s, env space."""
@@ -103,10 +109,14 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def step(self, s: torch.Tensor, a: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """s' = s + mean of a uniformly drawn elite, drawn independently for every sample (env space)."""
-        mean, _ = self(s, a)
+        """s' = s + mean of a uniformly drawn elite, drawn independently for every sample (env space).
+        Each elite runs only on the samples that drew it."""
         pick = self.elites[torch.randint(len(self.elites), (s.shape[0],), generator=generator, device=s.device)]
-        return s + mean[pick, torch.arange(s.shape[0], device=s.device)]
+        x, delta = torch.cat([s, a], -1), torch.empty_like(s)
+        for m in pick.unique().tolist():
+            rows = (pick == m).nonzero().squeeze(1)
+            delta[rows] = self.net.member(m, x[rows])[:, : self.obs_dim]  # the mean half of the output
+        return s + delta
 
 
 class RewardModel(nn.Module):

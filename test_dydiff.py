@@ -407,6 +407,34 @@ def test_unet_rejects_bad_horizon_clearly():
         DynamicsDiffusion(3, 2, horizon=7, dim=8, dim_mults=(1, 2))
 
 
+def test_upsample_is_the_transposed_convolution():
+    """U-Net F: its phase-convolution upsampling of (B, T, C) computes ConvTranspose1d(c, c, 4, stride 2, padding 1)."""
+    torch.manual_seed(0)
+    up = diffusion.Upsample(16)
+    ref = nn.ConvTranspose1d(16, 16, 4, stride=2, padding=1)
+    ref.load_state_dict(up.state_dict())  # the same parameters under the same names
+    x = torch.randn(5, 16, 8, requires_grad=True)  # (B, C, T) for the torch layer, (B, T, C) for ours
+    torch.testing.assert_close(up(x.transpose(1, 2)), ref(x).transpose(1, 2), rtol=1e-5, atol=1e-6)
+    up(x.transpose(1, 2)).square().sum().backward()  # and it trains the same weights
+    g_up = up.weight.grad.clone()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(g_up, ref.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_layers_compute_the_torch_layers_on_time_major_inputs():
+    """U-Net F: Conv1d and GroupNorm on (B, T, C) compute nn.Conv1d and nn.GroupNorm on (B, C, T)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 64, 12) * 3 + 1  # (B, C, T); an offset, as conv outputs have
+    for ours, ref in ((diffusion.Conv1d(64, 32, 5, padding=2), nn.Conv1d(64, 32, 5, padding=2)),
+                      (diffusion.Conv1d(64, 64, 3, stride=2, padding=1), nn.Conv1d(64, 64, 3, stride=2, padding=1)),
+                      (diffusion.GroupNorm(8, 64), nn.GroupNorm(8, 64))):
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_()  # GroupNorm's affine too
+        ref.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(ours(x.transpose(1, 2)), ref(x).transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
 def test_denoiser_returns_input_as_sigma_goes_to_zero():
     """EDM preconditioning: D(x; sigma) -> x as sigma -> 0 (c_skip -> 1, c_out -> 0)."""
     model = tiny_model()
@@ -483,15 +511,19 @@ def test_loss_falls_on_toy_dataset():
         return float(np.mean([model.loss(x, model.cond_mask(), m, generator=g).item() for _ in range(8)]))
 
     before = eval_loss()
-    info = diffusion.train(model, X, seg_start, seg_len, train_steps=200, batch_size=32, lr=2e-3, warmup=20, progress=False)
+    cfg = diffusion.DMConfig(horizon=8, dim=16, dim_mults=(1, 2), train_steps=200, batch_size=32, lr=2e-3, warmup_steps=20,
+                             lr_schedule="constant")
+    info = diffusion.train(model, X, seg_start, seg_len, cfg, progress=False, val_every=50)
     after = eval_loss()
     assert after < 0.5 * before, (before, after)
     assert info["final_loss"] < info["first_loss"]
+    assert info["val_curve"][-1][2] < 0.5 * info["val_curve"][0][2]  # the EMA network's fixed validation loss too
+    assert info["train_seconds"] > info["val_curve"][-1][1] > info["val_curve"][0][1] > 0
 
 
 def test_dm_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
     """Cache: the DM is trained once per dataset and settings, then loaded with its EMA weights and box."""
-    kw = dict(H=8, dim=8, dim_mults=(1, 2), train_steps=30, batch_size=16, progress=False)
+    kw = dict(cfg=diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=30, batch_size=16), progress=False)
     model, info = diffusion.load_or_train(tiny_data, **kw)
     assert not info["cached"] and np.isfinite(info["final_loss"]) and info["train_steps"] == 30
     again, info2 = diffusion.load_or_train(tiny_data, **kw)
@@ -510,7 +542,7 @@ def test_dm_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
     backup = path.read_bytes()
     try:
         ckpt = torch.load(path, weights_only=True)
-        torch.save({**ckpt, "settings": {**ckpt["settings"], "H": 16}}, path)
+        torch.save({**ckpt, "settings": {**ckpt["settings"], "horizon": 16}}, path)
         with pytest.raises(CheckpointError, match=r"diffusion_.*\.pt is not a diffusion model of .* with these settings"):
             diffusion.load_or_train(tiny_data, **kw)
     finally:
@@ -559,8 +591,8 @@ def test_refine_is_policy_consistent_and_stays_in_dataset_box(models):
     s0 = starts(32)
     states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, g)
     assert states.abs().max() > 2.0  # precondition: the ensemble left the box, so the clip matters
-    iterates = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN.numpy(), STD.numpy(),
-                             iterations=2, sampler_steps=4, generator=g)
+    cfg = dydiff.RolloutConfig(horizon=H, iterations=2, sampler_steps=4)
+    iterates = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN.numpy(), STD.numpy(), cfg, g)
     assert len(iterates) == 3 and iterates[0][0] is states and iterates[0][1] is actions
     final_s, final_a = iterates[-1]
     with torch.no_grad():
@@ -577,7 +609,8 @@ def test_state_averaging_with_previous_states(models):
     """Step 3: states = clip((DM states + previous states) / 2), as the official code."""
     s0 = starts(8)
     states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, torch.Generator().manual_seed(0))
-    out = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN, STD, 1, 4, torch.Generator().manual_seed(5))
+    cfg = dydiff.RolloutConfig(horizon=H, iterations=1, sampler_steps=4)
+    out = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN, STD, cfg, torch.Generator().manual_seed(5))
     dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 4, torch.Generator().manual_seed(5))
     expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
     assert torch.allclose(out[1][0][:, 1:], expect[:, 1:], atol=1e-5)
@@ -727,7 +760,7 @@ def test_batch_mix_has_the_requested_real_ratio():
 def test_paper_preset_changes_defaults_but_flags_given_win():
     """Args: the cpu values are the defaults; --preset paper changes them; a flag given always wins."""
     cpu = parse_args([])
-    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps, cpu.rollout_batch) == (50_000, 32, 32, 20, 256)
+    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps, cpu.rollout_batch) == (50_000, 32, 32, 8, 256)
     paper = parse_args(["--preset", "paper", "--rollout-batch", "64"])
     assert paper.rollout_batch == 64 and paper.preset == "paper"
     assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.rollout_interval,
@@ -960,8 +993,8 @@ def test_fidelity_helpers(tiny_data):
     perfect = lambda s0, actions: simulate(tiny_data, s0, actions)
     r = in_episode_rollout_error(perfect, tiny_data, horizon=12, n_starts=8)
     assert r["horizons"] == list(range(1, 13)) and max(r["mse"]) < 1e-10  # starts and actions line up
-    model, _ = diffusion.load_or_train(tiny_data, H=8, dim=8, dim_mults=(1, 2), train_steps=30,
-                             batch_size=16, progress=False)
+    model, _ = diffusion.load_or_train(tiny_data, diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=30,
+                                                                     batch_size=16), progress=False)
     s0, actions = tiny_data.obs[:3], tiny_data.actions[:17][None].repeat(3, 0)
     assert dm_predict(model, sampler_steps=3)(s0, actions).shape == (3, 18, tiny_data.obs.shape[1])
     assert crossings([3, 1, 3, 1, 1], [2, 2, 2, 2, 2], [1, 2, 3, 4, 5]) == {"first_below": 2, "stays_below_from": 4}

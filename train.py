@@ -103,23 +103,39 @@ class Args:
     reward: Literal["auto", "model", "env"] = "auto"
     """rewards of synthetic transitions: 'model' = the learned r(s, a) (the paper); 'env' = the task's own
     r(s, a, s') (maze2d only: the learned one extrapolates at the goal, bench/README.md); 'auto' = env on maze2d"""
-    sampler_steps: int = 20
-    """N, Heun steps of the DM sampler (paper 34)"""
+    sampler_steps: int = 8
+    """N, Heun steps of the DM sampler, 2N - 1 network calls (paper 34)"""
+    sampler_churn: float = 0.0
+    """S_churn of the sampler: 0 = EDM's deterministic Heun sampler (paper 60, with S_min 0.37, S_max 52.24)"""
     synthetic_capacity: int = 50_000
     """FIFO capacity of the synthetic buffer in transitions (paper 2M)"""
     dm_dim: int = 32
     """U-Net base width of the DM (paper 128)"""
     dm_mults: tuple[int, ...] = (1, 2, 4)
     """U-Net width multipliers per resolution (paper 1 4 8)"""
-    dm_train_steps: int = 4_000
+    dm_act: Literal["silu", "mish"] = "silu"
+    """activation of the DM's U-Net (paper: Mish, as Diffuser; SiLU, as EDM's networks, is cheaper on a CPU)"""
+    dm_train_steps: int = 1_800
     """gradient steps of DM pretraining (paper 375k)"""
+    dm_batch_size: int = 96
+    """segments per DM training step (paper 8)"""
+    dm_lr: float = 2.5e-3
+    """Adam learning rate of the DM after its warm-up (paper 1e-3)"""
+    dm_warmup_steps: int = 200
+    """linear learning-rate warm-up of the DM (paper: over 10M samples, 1.25M steps at batch 8)"""
+    dm_lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """DM learning rate after the warm-up: cosine decay to 0 at the last step, or constant (paper)"""
+    dm_grad_clip: float = 1.0
+    """gradient-norm clipping of the DM (0: none; paper none)"""
     model_seed: int = 0
     """seed of the pretrained models; shared by all learner seeds, so they are trained once and cached"""
 
 
 # --preset paper: the official settings that differ from the cpu defaults above
 PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_interval=500, sampler_steps=34,
-             synthetic_capacity=2_000_000, dm_dim=128, dm_mults=(1, 4, 8), dm_train_steps=375_000)
+             sampler_churn=60.0, synthetic_capacity=2_000_000, dm_dim=128, dm_mults=(1, 4, 8), dm_act="mish",
+             dm_train_steps=375_000, dm_batch_size=8, dm_lr=1e-3, dm_warmup_steps=1_250_000, dm_lr_schedule="constant",
+             dm_grad_clip=0.0)
 
 
 class ConfigError(ValueError):
@@ -137,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def resolve(args: Args) -> Args:
     """Check every flag (one-line ConfigError) and resolve --reward auto."""
     positive = ("total_steps", "batch_size", "eval_interval", "eval_episodes", "threads", "rollout_batch", "horizon",
-                "rollout_interval", "sampler_steps", "synthetic_capacity", "dm_dim", "dm_train_steps")
+                "rollout_interval", "sampler_steps", "synthetic_capacity", "dm_dim", "dm_train_steps", "dm_batch_size",
+                "dm_lr")
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -176,11 +193,21 @@ def make_learner(args: Args, obs_dim: int, act_dim: int, device: str):
                max_steps=args.total_steps, seed=args.seed)
 
 
+def dm_config(args: Args) -> diffusion.DMConfig:
+    return diffusion.DMConfig(args.horizon, args.dm_dim, args.dm_mults, args.dm_act, args.dm_train_steps,
+                              args.dm_batch_size, args.dm_lr, args.dm_warmup_steps, args.dm_lr_schedule,
+                              args.dm_grad_clip, seed=args.model_seed)
+
+
+def rollout_config(args: Args, rollout_batch: int | None = None) -> dydiff.RolloutConfig:
+    return dydiff.RolloutConfig(rollout_batch or args.rollout_batch, args.horizon, args.iterations, args.sampler_steps,
+                                args.sampler_churn, args.filter, args.keep_fraction, args.temperature)
+
+
 def pretrain(args: Args, data, device: str) -> dydiff.DyDiffModels:
     """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache."""
     ensemble, reward_model, _ = dynamics.load_or_train(data, device, seed=args.model_seed)
-    dm, _ = diffusion.load_or_train(data, H=args.horizon, dim=args.dm_dim, dim_mults=args.dm_mults,
-                                    train_steps=args.dm_train_steps, device=device, seed=args.model_seed)
+    dm, _ = diffusion.load_or_train(data, dm_config(args), device)
     return dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn(args.env),
                                torch.as_tensor(data.obs_mean, device=device), torch.as_tensor(data.obs_std, device=device),
                                dynamics.env_reward_fn(args.env) if args.reward == "env" else None)
@@ -238,8 +265,7 @@ def train(args: Args) -> dict:
     if args.dydiff:
         models = pretrain(args, data, device)
         synthetic = TransitionBuffer(args.synthetic_capacity, data.obs_dim, data.act_dim, device)
-        rollout_cfg = dydiff.RolloutConfig(args.rollout_batch, args.horizon, args.iterations, args.sampler_steps,
-                                           args.filter, args.keep_fraction, args.temperature)
+        rollout_cfg = rollout_config(args)
 
     step = run.start(data, learner, gen, synthetic)  # 0, or the step of the checkpoint --resume continues
     with run:  # however the loop ends: close the progress bar and TensorBoard, restore Ctrl-C
@@ -428,7 +454,7 @@ class Run:
             # the final policy's rollouts from a few data states, before and after the DM iterations
             g = round_generator(args.seed, -1, self.device)
             s0, _ = dydiff.draw_start_states(real.data["obs"], 8, g)
-            cfg = dydiff.RolloutConfig(8, args.horizon, args.iterations, args.sampler_steps)
+            cfg = rollout_config(args, rollout_batch=8)
             dydiff.plot_rollouts(self.path / "rollouts.png", args.env, data, self.learner.act, models, s0, cfg, g,
                                  draw_maze if args.env.startswith("maze2d") else None)
         best = max(self.evals, key=lambda e: e["score"])

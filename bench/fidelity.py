@@ -115,12 +115,14 @@ def generate_long(model: DynamicsDiffusion, s0_raw: torch.Tensor, actions: torch
     return traj
 
 
-def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 20, seed: int = 0, stride: int | None = None):
+def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 20, seed: int = 0, stride: int | None = None,
+               S_churn: float = 0.0):
     """The DM as a ``predict(s0, actions) -> states`` callable on numpy arrays (rollout_error's API)."""
     gen = torch.Generator().manual_seed(seed)
 
     def predict(s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        return generate_long(model, torch.as_tensor(s0), torch.as_tensor(actions), sampler_steps, gen, stride).cpu().numpy()
+        return generate_long(model, torch.as_tensor(s0), torch.as_tensor(actions), sampler_steps, gen, stride,
+                             S_churn=S_churn).cpu().numpy()
 
     return predict
 
@@ -177,7 +179,8 @@ def plot_fidelity(result: dict, path: Path) -> None:
 
 
 def fidelity(model: DynamicsDiffusion, info: dict, data, env: str, horizon: int = 100, n_starts: int = 256,
-             sampler_steps: int = 20, device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
+             sampler_steps: int = 20, device: str = "cpu", seed: int = 0, progress: bool = True,
+             S_churn: float = 0.0) -> dict:
     """DM (chained H-windows) vs the single-step ensemble against the simulator on the same starts: any
     dataset start (rollout_error) and starts that stay inside one episode."""
     ensemble, _, _ = dynamics.load_or_train(data, device, seed=seed, progress=progress)
@@ -189,7 +192,8 @@ def fidelity(model: DynamicsDiffusion, info: dict, data, env: str, horizon: int 
               "labels": {"dm": f"DM (H={s['H']} chained, N={sampler_steps})", "ensemble": "ensemble"}, "starts": {}}
     for starts, error_fn in (("any", rollout_error), ("in_episode", in_episode_rollout_error)):
         t0 = time.time()
-        dm = error_fn(dm_predict(model, sampler_steps, seed), data, horizon=horizon, n_starts=n_starts, seed=seed)
+        dm = error_fn(dm_predict(model, sampler_steps, seed, S_churn=S_churn), data, horizon=horizon, n_starts=n_starts,
+                      seed=seed)
         dm_seconds = time.time() - t0
         ens = error_fn(ensemble_predict(ensemble, seed=seed), data, horizon=horizon, n_starts=n_starts,
                        seed=seed)
@@ -221,16 +225,17 @@ class Args:
 
 def main(args: Args) -> None:
     from data import CheckpointError, DatasetError, load_dataset
-    from train import parse_args
+    from train import dm_config, parse_args
 
     torch.set_num_threads(args.threads)
     p = parse_args(["--preset", args.preset])
     try:
         data = load_dataset(args.env)
-        model, info = diffusion.load_or_train(data, p.horizon, p.dm_dim, p.dm_mults, p.dm_train_steps)
+        model, info = diffusion.load_or_train(data, dm_config(p))
     except (DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
-    res = fidelity(model, info, data, args.env, args.horizon, args.n_starts, p.sampler_steps, "cpu", args.seed)
+    res = fidelity(model, info, data, args.env, args.horizon, args.n_starts, p.sampler_steps, "cpu", args.seed,
+                   S_churn=p.sampler_churn)
     for starts, r in res["starts"].items():
         dm, ens = r["dm"], r["ensemble"]
         print(f"{starts} starts (DM sampling {r['dm_seconds']:.0f} s)\n{'h':>4} {'DM mse':>9} {'ens mse':>9} "

@@ -78,14 +78,13 @@ def main(args: Args) -> None:
     import dynamics
     from data import load_dataset
     from fidelity import simulate
-    from train import parse_args
+    from train import dm_config, parse_args, rollout_config
 
     torch.set_num_threads(1)
     data = load_dataset("maze2d-umaze")
     ens, reward_model, _ = dynamics.load_or_train(data, "cpu", seed=0)
     p = parse_args([])  # the cpu preset
-    dm, _ = diffusion.load_or_train(data, H=p.horizon, dim=p.dm_dim, dim_mults=p.dm_mults,
-                                    train_steps=p.dm_train_steps, device="cpu", seed=0)
+    dm, _ = diffusion.load_or_train(data, dm_config(p))
     out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
 
     # 1. the learned reward of a still ball d away from its goal, zero action
@@ -106,7 +105,7 @@ def main(args: Args) -> None:
     # steps 2-4 and 6 of a round (dydiff.py) with every trajectory kept: the learned reward of each transition
     B, H = args.n_rollouts, p.horizon
     states, actions = dydiff.initial_rollout(learner.act, ens, s0, H, g)
-    states, actions = dydiff.refine(learner.act, dm, states, actions, data.obs_mean, data.obs_std, 2, p.sampler_steps,
+    states, actions = dydiff.refine(learner.act, dm, states, actions, data.obs_mean, data.obs_std, rollout_config(p),
                                     g)[-1]
     models = dydiff.DyDiffModels(ens, reward_model, dm, dynamics.terminal_fn("maze2d"),
                                  torch.as_tensor(data.obs_mean), torch.as_tensor(data.obs_std))

@@ -18,9 +18,10 @@ and bench/results/rollout_error.png.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,9 @@ class Args:
     policy_steps: int = 5000
     """gradient steps of the fallback TD3+BC policy"""
     preset: str = "cpu"
-    """train.py preset whose DM (H, width) and sampler steps are used"""
+    """train.py preset whose DM (H, width, training) and sampler (N, S_churn) are used"""
+    train_flags: str = ""
+    """more train.py flags for the DM and sampler, e.g. "--sampler-steps 10 --sampler-churn 0" """
     n_starts: int = 256
     """dataset start states"""
     max_iterations: int = 3
@@ -96,17 +99,16 @@ def main(args: Args) -> None:
     import dydiff
     import dynamics
     from data import load_dataset
-    from train import parse_args
+    from train import dm_config, parse_args, rollout_config
 
     torch.set_num_threads(args.threads)
     if not args.env.startswith("maze2d"):
         raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d env")
     t0 = time.time()
-    p = parse_args(["--preset", args.preset])
+    p = parse_args(["--preset", args.preset, *shlex.split(args.train_flags)])
     data = load_dataset(args.env)
     ens, _, _ = dynamics.load_or_train(data, "cpu", seed=0)
-    dm, _ = diffusion.load_or_train(data, H=p.horizon, dim=p.dm_dim, dim_mults=p.dm_mults,
-                                    train_steps=p.dm_train_steps, device="cpu", seed=0)
+    dm, _ = diffusion.load_or_train(data, dm_config(p))
     learner, policy_info = load_policy(args, data, data.obs_dim, data.act_dim)
     H, N = p.horizon, p.sampler_steps
     rng = np.random.default_rng(args.seed)
@@ -115,7 +117,7 @@ def main(args: Args) -> None:
     # models on the trajectory the policy really takes
     true, actions = closed_loop(data, learner.act, s0, H - 1)
     curves, curves_pos = {}, {}
-    preds = {"ensemble": ensemble_predict(ens, args.seed)(s0, actions), "dm": dm_predict(dm, N, args.seed)(s0, actions)}
+    preds = {"ensemble": ensemble_predict(ens, args.seed)(s0, actions), "dm": dm_predict(dm, N, args.seed, S_churn=p.sampler_churn)(s0, actions)}
     for name, pred in preds.items():
         curves[name], curves_pos[name] = mse(np.asarray(pred, dtype=np.float64), true)
 
@@ -123,14 +125,16 @@ def main(args: Args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     s0_env = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
     states, acts = dydiff.initial_rollout(learner.act, ens, s0_env, H, g)
-    iterates = dydiff.refine(learner.act, dm, states, acts, data.obs_mean, data.obs_std, args.max_iterations, N, g)
+    cfg = replace(rollout_config(p), iterations=args.max_iterations)
+    iterates = dydiff.refine(learner.act, dm, states, acts, data.obs_mean, data.obs_std, cfg, g)
     for m, (states_env, acts) in enumerate(iterates):
         raw = states_env.numpy() * data.obs_std + data.obs_mean
         replay = simulate(data, s0, acts[:, : H - 1].numpy())
         curves[f"dydiff_m{m}"], curves_pos[f"dydiff_m{m}"] = mse(raw.astype(np.float64), replay)
 
     out = {"env": args.env, "dataset_id": data.dataset_id, "policy": policy_info, "n_starts": args.n_starts,
-           "H": H, "sampler_steps": N, "horizons": list(range(1, H)), "curves": curves,
+           "H": H, "sampler_steps": N, "sampler_churn": p.sampler_churn, "dm": asdict(dm_config(p)),
+           "train_flags": args.train_flags, "horizons": list(range(1, H)), "curves": curves,
            "curves_position": curves_pos, "seconds": time.time() - t0}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))

@@ -21,7 +21,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -141,28 +141,41 @@ def learner_rates(device: str, seconds: float) -> dict:
     return out
 
 
-def dydiff_rates(preset: dict, device: str, seconds: float, peak: float) -> dict:
+def paths(p) -> dict:
+    """The DM and its sampler before this benchmark's speed work ("before": Mish, the official churn
+    S_churn 60 with N = 20 steps) and now (train.py's preset), as (DMConfig, RolloutConfig) pairs."""
+    from train import dm_config, rollout_config
+
+    dm_now, roll_now = dm_config(p), rollout_config(p)
+    before = (replace(dm_now, act="mish", batch_size=64, lr=5e-4), replace(roll_now, sampler_steps=20, sampler_churn=60.0))
+    return {"before": before, "now": (dm_now, roll_now)}
+
+
+def dydiff_rates(dm_cfg, cfg, device: str, seconds: float, peak: float) -> dict:
+    """One path's costs with fresh models (speed does not depend on the weights): DM training steps/s,
+    a whole DyDiff round, and the sampler's achieved FLOP/s."""
     import diffusion
     import dydiff
     import dynamics
     from td3bc import TD3BC
     from torch.utils.flop_counter import FlopCounterMode
 
-    H, B, N = preset["horizon"], preset["rollout_batch"], preset["sampler_steps"]
-    dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, H, preset["dm_dim"], preset["dm_mults"]).to(device)
+    H, B, N = cfg.horizon, cfg.rollout_batch, cfg.sampler_steps
+    torch.manual_seed(0)
+    dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, H, dm_cfg.dim, dm_cfg.dim_mults, act=dm_cfg.act).to(device)
     n_params = sum(p.numel() for p in dm.net.parameters())
     # DM training: random rows stand in for the data (the cost does not depend on the values)
     X = torch.rand(20_000, OBS_DIM + ACT_DIM) * 2 - 1
     starts, lengths = np.arange(0, 20_000 - H), np.full(20_000 - H, H)
-    n_train = 5 if device == "cpu" and preset["dm_dim"] > 64 else 30
-    info = diffusion.train(dm, X, starts, lengths, train_steps=n_train, progress=False)
+    n_train = 5 if device == "cpu" and dm_cfg.dim > 64 else max(10, int(2000 / dm_cfg.batch_size))
+    info = diffusion.train(dm, X, starts, lengths, replace(dm_cfg, train_steps=n_train), progress=False,
+                           val_every=10**9)
     dm_steps_per_s = n_train / info["train_seconds"]
 
-    # one DyDiff round with fresh models: ensemble trajectory + M=2 DM iterations + filter
+    # one DyDiff round with fresh models: ensemble trajectory + M DM iterations + filter
     ensemble = dynamics.Ensemble(OBS_DIM, ACT_DIM).to(device)
     reward_model = dynamics.RewardModel(OBS_DIM, ACT_DIM).to(device)
     actor = TD3BC(OBS_DIM, ACT_DIM, device=device)
-    cfg = dydiff.RolloutConfig(B, H, 2, N)
     s0 = torch.randn(B, OBS_DIM, device=device)
     models = dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn("maze2d"),
                                  torch.zeros(OBS_DIM, device=device), torch.ones(OBS_DIM, device=device))
@@ -181,9 +194,11 @@ def dydiff_rates(preset: dict, device: str, seconds: float, peak: float) -> dict
     with FlopCounterMode(display=False) as counter:
         dm.denoise(cond, torch.ones(B, device=device), cond, mask, dm.ema)
     flops_per_sample_call = counter.get_total_flops() * (2 * N - 1)
-    per_s, _ = rate(lambda: dm.sample(cond, mask, N, g), device, seconds, warmup=1)
+    per_s, _ = rate(lambda: dm.sample(cond, mask, N, g, S_churn=cfg.sampler_churn), device, seconds, warmup=1)
     achieved = flops_per_sample_call * per_s
-    return {"dm_params": n_params, "dm_train_steps_per_s": dm_steps_per_s, "dm_train_batch": 64,
+    return {"dm_act": dm_cfg.act, "dm_params": n_params, "dm_train_batch": dm_cfg.batch_size,
+            "dm_train_steps_per_s": dm_steps_per_s, "dm_train_samples_per_s": dm_steps_per_s * dm_cfg.batch_size,
+            "sampler_steps": N, "sampler_churn": cfg.sampler_churn, "network_calls_per_sample": 2 * N - 1,
             "rollout_round_s": round_s, "rollout_transitions": stats["n_transitions"],
             "rollout_transitions_per_s": stats["n_transitions"] / round_s,
             "rollout_states_generated_per_s": B * (H - 1) / round_s,
@@ -212,28 +227,36 @@ def main(args: Args) -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     p = parse_args(["--preset", args.preset])
-    preset = {k: getattr(p, k) for k in ("horizon", "rollout_batch", "sampler_steps", "dm_dim", "dm_mults")}
     peak = matmul_flops(args.device, args.seconds)
+    dydiff_paths = {name: dydiff_rates(*cfgs, args.device, args.seconds, peak) for name, cfgs in paths(p).items()}
+    before, now = dydiff_paths["before"], dydiff_paths["now"]
     out = {"preset": args.preset, "device": args.device, "threads": args.threads,
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}, "
                       f"torch {torch.__version__}"
                       + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-           "sizes": {k: preset[k] for k in ("horizon", "rollout_batch", "sampler_steps", "dm_dim", "dm_mults")},
+           "sizes": {k: getattr(p, k) for k in ("horizon", "rollout_batch", "iterations", "dm_dim", "dm_mults")},
            "matmul_gflop_per_s": peak / 1e9,
            **learner_rates(args.device, args.seconds),
-           **dydiff_rates(preset, args.device, args.seconds, peak),
+           "dydiff": dydiff_paths,
+           "speedup": {k: now[k] / before[k] for k in ("rollout_transitions_per_s", "dm_train_steps_per_s",
+                                                       "sampler_gflop_per_s")},
            "wall_time_share": run_shares(args.runs)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     print(f"| measure ({args.preset} sizes, {args.device}, {args.threads} thread(s)) | value |\n|---|---|")
     for key, fmt in (("matmul_gflop_per_s", ".1f"), ("td3bc_updates_per_s", ".0f"), ("iql_updates_per_s", ".0f"),
-                     ("corl_style_td3bc_updates_per_s", ".0f"), ("td3bc_speedup_vs_corl_style", ".2f"),
-                     ("dm_train_steps_per_s", ".2f"), ("rollout_round_s", ".1f"), ("rollout_transitions_per_s", ".0f"),
-                     ("rollout_dm_share", ".3f"), ("sampler_gflop_per_s", ".1f"), ("sampler_utilisation_of_matmul", ".3f")):
+                     ("corl_style_td3bc_updates_per_s", ".0f"), ("td3bc_speedup_vs_corl_style", ".2f")):
         print(f"| {key} | {out[key]:{fmt}} |")
+    print("\n| DyDiff measure | before | now | now / before |\n|---|---|---|---|")
+    for key, fmt in (("dm_act", ""), ("network_calls_per_sample", "d"), ("sampler_churn", ".0f"),
+                     ("sampler_gflop_per_s", ".1f"), ("sampler_utilisation_of_matmul", ".3f"),
+                     ("rollout_round_s", ".2f"), ("rollout_transitions_per_s", ".0f"), ("rollout_dm_share", ".3f"),
+                     ("dm_train_batch", "d"), ("dm_train_steps_per_s", ".2f"), ("dm_train_samples_per_s", ".0f")):
+        ratio = f"{now[key] / before[key]:.2f}" if isinstance(now[key], float) else ""
+        print(f"| {key} | {before[key]:{fmt}} | {now[key]:{fmt}} | {ratio} |")
     share = out["wall_time_share"]
     if share["runs"]:
-        print(f"| DyDiff share of run wall time (mean of {len(share['runs'])} runs) | {share['rollout_share_mean']:.3f} |")
+        print(f"\nDyDiff share of run wall time (mean of {len(share['runs'])} runs): {share['rollout_share_mean']:.3f}")
     print(f"wrote {RESULTS / args.name}.json")
 
 
