@@ -287,6 +287,12 @@ class OfflineData:
         return np.append(self.episode_starts[1:], len(self.obs))
 
     @property
+    def constant_dims(self) -> np.ndarray:
+        """(obs_dim,) bool: the state dimensions that never change within any episode (maze2d: the goal)."""
+        first = np.repeat(self.episode_starts, self.episode_ends - self.episode_starts)
+        return (self.obs == self.obs[first]).all(0)
+
+    @property
     def obs_dim(self) -> int:
         return self.obs.shape[1]
 

@@ -310,10 +310,32 @@ class DynamicsDiffusion(nn.Module):
     @torch.no_grad()
     def generate(self, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
                  generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
-        """Raw states (B, H, obs_dim) for raw s_0 (B, obs_dim) and actions (B, H, act_dim); index 0 is s_0."""
+        """Raw states s_0..s_{T-1} (B, T, obs_dim) for raw s_0 (B, obs_dim) and actions a_0..a_{T-1}
+        (B, T, act_dim), T >= H; index 0 is s_0 itself.
+
+        Beyond H rows, windows of H rows are chained: each starts from the last state the previous one
+        generated (a stride of H - 1 rows), and the last one is shifted back to end at row T - 1 rather
+        than padded with invented actions (the DM is not causal: every row sees every action)."""
+        B, T, _ = actions.shape
+        H = self.horizon
+        if T < H:
+            raise ValueError(f"generate needs at least H={H} actions (got {T})")
+        states = torch.empty(B, T, self.obs_dim, device=self.x_min.device)
+        states[:, 0] = s0_raw
+        done = 0  # rows 0..done are final
+        while done < T - 1:
+            start = min(done, T - H)
+            window = self.generate_window(states[:, start], actions[:, start:start + H], sampler_steps, generator,
+                                          **sampler)
+            states[:, done + 1:start + H] = window[:, done - start + 1:]
+            done = start + H - 1
+        return states
+
+    @torch.no_grad()
+    def generate_window(self, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
+                        generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
+        """One window: raw states (B, H, obs_dim) for raw s_0 and H actions; index 0 is s_0."""
         B, H, _ = actions.shape
-        if H != self.horizon:
-            raise ValueError(f"generate needs exactly H={self.horizon} actions (got {H})")
         dev, obs = self.x_min.device, slice(0, self.obs_dim)
         s0_raw = s0_raw.to(dev, torch.float32)
         cond = torch.zeros(B, H, self.obs_dim + self.act_dim, device=dev)

@@ -6,20 +6,24 @@ the actions on those states, and repeats, so the trajectory becomes consistent w
 The steps, each a function below:
 
   1. draw_start_states  B start states s_0 from the dataset.
-  2. initial_rollout    the initial trajectory from the single-step ensemble f:
-                        a_t = pi(s_t), s_{t+1} = f(s_t, a_t) for t < H-1, and a_{H-1} = pi(s_{H-1}).
-  3. refine             M times: the DM generates s_1..s_{H-1} given s_0 and the current actions;
-                        states = (DM states + previous states) / 2, clipped to the dataset's box;
-                        every action relabelled a_t = pi(s_t).
+  2. initial_rollout    the initial trajectory of T rows from the single-step ensemble f:
+                        a_t = pi(s_t), s_{t+1} = f(s_t, a_t) for t < T-1, and a_{T-1} = pi(s_{T-1}).
+  3. refine             M times: the DM generates s_1..s_{T-1} given s_0 and the current actions (in
+                        windows of its H rows, chained when T > H); states = (DM states + previous
+                        states) / 2; every action relabelled a_t = pi(s_t).
   4. transition_rewards r_t of every transition: the reward model r(s_t, a_t) (the paper), or the
                         task's own reward of (s_t, a_t, s_{t+1}) where it has one (train.py --reward);
                         a trajectory's score is the sum of its rewards.
-  5. hardmax_filter /   keep the best-scoring share keep_fraction of the B trajectories, or sample
-     softmax_filter     that many with p = softmax(z-scored score / T).
-  6. to_transitions     cut the kept trajectories into (s_t, a_t, r_t, s_{t+1}, done_t), t < H-1, each
+  5. hardmax_filter /   keep every trajectory scoring at least the (1 - keep_fraction) quantile, or
+     softmax_filter     sample that share with p = softmax(z-scored score / T).
+  6. to_transitions     cut the kept trajectories into (s_t, a_t, r_t, s_{t+1}, done_t), t < T-1, each
                         stopped at its first terminal.
 rollout_round runs steps 2-6 for given start states. Everything is batched over the B trajectories;
 the only Python loops run over time steps (the ensemble is autoregressive) and the M iterations.
+
+As the official code's conversions between spaces do, every state the policy or the ensemble sees and
+every state and action returned lies in the dataset's box (per-dimension min/max). State dimensions
+that never change within a dataset episode (maze2d's goal) are copied from s_0, not generated.
 
 Spaces: states are in env space (z-scored with the dataset's obs_mean/obs_std), as the learner, the
 ensemble and the reward model use them; the DM takes and returns raw states; terminal and task reward
@@ -42,10 +46,10 @@ UNIFORM_FLOOR = 1e-6  # softmax filter: every trajectory keeps at least this sha
 
 @dataclass
 class RolloutConfig:
-    rollout_batch: int = 256
+    rollout_batch: int = 512
     """B, start states per round (official 2048)"""
-    horizon: int = 32
-    """H, rows [s_t, a_t] per trajectory; must equal the DM's horizon (official 100)"""
+    rollout_length: int = 32
+    """T, rows [s_t, a_t] per trajectory; at least the DM's H (official T = H = 100)"""
     iterations: int = 2
     """M, rounds of DM sampling + action relabelling (official 2)"""
     sampler_steps: int = 8
@@ -76,9 +80,29 @@ class DyDiffModels:
     obs_std: torch.Tensor
     reward_fn: Callable | None = None
     """the task's own r(s, a, s') on raw states (dynamics.env_reward_fn); None: use reward_model"""
+    constant_dims: torch.Tensor | None = None
+    """(obs_dim,) bool: dimensions constant within every dataset episode, copied from s_0 (data.constant_dims)"""
 
     def raw(self, states_env: torch.Tensor) -> torch.Tensor:
         return states_env * self.obs_std.to(states_env) + self.obs_mean.to(states_env)
+
+    def env(self, states_raw: torch.Tensor) -> torch.Tensor:
+        return (states_raw - self.obs_mean.to(states_raw)) / self.obs_std.to(states_raw)
+
+    def in_box(self, states_env: torch.Tensor, s0_env: torch.Tensor) -> torch.Tensor:
+        """States clipped to the dataset's box (the DM's raw min/max, mapped to env space), with the
+        constant dimensions copied from s_0 (B, obs_dim)."""
+        obs = slice(0, self.dm.obs_dim)
+        lo, hi = self.env(self.dm.x_min[obs].to(states_env)), self.env(self.dm.x_max[obs].to(states_env))
+        states_env = torch.minimum(torch.maximum(states_env, lo), hi)
+        if self.constant_dims is not None:
+            s0 = s0_env[:, None] if states_env.dim() == 3 else s0_env
+            states_env = torch.where(self.constant_dims.to(states_env.device), s0, states_env)
+        return states_env
+
+    def action_in_box(self, actions: torch.Tensor) -> torch.Tensor:
+        act = slice(self.dm.obs_dim, None)
+        return torch.minimum(torch.maximum(actions, self.dm.x_min[act].to(actions)), self.dm.x_max[act].to(actions))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,50 +115,44 @@ def draw_start_states(obs_env: torch.Tensor, B: int, generator: torch.Generator 
 
 
 def relabel(act_fn: ActFn, states_env: torch.Tensor) -> torch.Tensor:
-    """a_t = pi(s_t) for every (b, t) in one call: (B, H, obs_dim) -> (B, H, act_dim)."""
-    B, H, _ = states_env.shape
-    return act_fn(states_env.reshape(B * H, -1)).reshape(B, H, -1)
+    """a_t = pi(s_t) for every (b, t) in one call: (B, T, obs_dim) -> (B, T, act_dim)."""
+    B, T, _ = states_env.shape
+    return act_fn(states_env.reshape(B * T, -1)).reshape(B, T, -1)
 
 
 @torch.no_grad()
-def initial_rollout(act_fn: ActFn, ensemble, s0_env: torch.Tensor, H: int,
+def initial_rollout(act_fn: ActFn, models: DyDiffModels, s0_env: torch.Tensor, T: int,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 2: the current policy in the ensemble. Returns states_env (B, H, obs), actions (B, H, act)."""
+    """Step 2: the current policy in the ensemble. Returns states_env (B, T, obs), actions (B, T, act)."""
     s_t, states, actions = s0_env, [s0_env], []
-    for _ in range(H - 1):
+    for _ in range(T - 1):
         a_t = act_fn(s_t)
-        s_t = ensemble.step(s_t, a_t, generator=generator)
+        s_t = models.in_box(models.ensemble.step(s_t, a_t, generator=generator), s0_env)
         states.append(s_t)
         actions.append(a_t)
-    actions.append(act_fn(s_t))  # a_{H-1}: the DM is conditioned on H actions
+    actions.append(act_fn(s_t))  # a_{T-1}: the DM is conditioned on every row's action
     return torch.stack(states, 1), torch.stack(actions, 1)
 
 
 @torch.no_grad()
-def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, obs_mean: torch.Tensor,
-           obs_std: torch.Tensor, cfg: RolloutConfig,
+def refine(act_fn: ActFn, models: DyDiffModels, states_env: torch.Tensor, actions: torch.Tensor, cfg: RolloutConfig,
            generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Step 3: M iterations of (DM states given s_0 and the actions -> average -> clip -> relabel).
+    """Step 3: M iterations of (DM states given s_0 and the actions -> average -> box -> relabel).
 
     Returns [(states_env, actions)] for iterations 0 (the input) .. M, so benchmarks can look at each one;
-    the last entry is policy-consistent: its actions are exactly pi(its states)."""
-    mean, std = torch.as_tensor(obs_mean).to(states_env), torch.as_tensor(obs_std).to(states_env)
-    obs = slice(0, dm.obs_dim)
-    # The dataset box of the DM (raw min/max of the observations), mapped to env space once: clipping there
-    # keeps the returned env-space states exactly inside it, with no round trip through raw space.
-    lo, hi = (dm.x_min[obs].to(states_env) - mean) / std, (dm.x_max[obs].to(states_env) - mean) / std
+    the last entry is policy-consistent: its actions are pi(its states), clipped to the dataset's box."""
     s_0 = states_env[:, 0].clone()
     iterates = [(states_env, actions)]
     for _ in range(cfg.iterations):
-        dm_env = (dm.generate(s_0 * std + mean, actions, cfg.sampler_steps, generator,
-                              S_churn=cfg.sampler_churn).to(states_env) - mean) / std
+        dm_env = models.env(models.dm.generate(models.raw(s_0), actions, cfg.sampler_steps, generator,
+                                               S_churn=cfg.sampler_churn).to(states_env))
         # The official code averages with the previous states (the paper does not say so): a cheap
         # ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.
         avg = torch.where(torch.isfinite(states_env), (dm_env + states_env) / 2, dm_env)
-        states_env = torch.minimum(torch.maximum(avg, lo), hi)
+        states_env = models.in_box(avg, s_0)
         states_env[:, 0] = s_0  # s_0 is a real data state: keep it bit-exact (the DM only inpaints it)
-        actions = relabel(act_fn, states_env)
+        actions = models.action_in_box(relabel(act_fn, states_env))
         iterates.append((states_env, actions))
     return iterates
 
@@ -144,25 +162,30 @@ def refine(act_fn: ActFn, dm, states_env: torch.Tensor, actions: torch.Tensor, o
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def transition_rewards(models: DyDiffModels, states_env: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Step 4: r_t for every trajectory and step, (B, H) from the reward model r(s_t, a_t), or (B, H-1)
+    """Step 4: r_t for every trajectory and step, (B, T) from the reward model r(s_t, a_t), or (B, T-1)
     from the task's own reward of each transition (s_t, a_t, s_{t+1}) on raw states."""
-    B, H, obs_dim = states_env.shape
+    B, T, obs_dim = states_env.shape
     if models.reward_fn is None:
-        return models.reward_model(states_env.reshape(B * H, -1), actions.reshape(B * H, -1)).reshape(B, H)
+        return models.reward_model(states_env.reshape(B * T, -1), actions.reshape(B * T, -1)).reshape(B, T)
     raw = models.raw(states_env)
-    r = models.reward_fn(raw[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(B * (H - 1), -1),
+    r = models.reward_fn(raw[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(B * (T - 1), -1),
                          raw[:, 1:].reshape(-1, obs_dim))
-    return torch.as_tensor(r, dtype=states_env.dtype, device=states_env.device).reshape(B, H - 1)
+    return torch.as_tensor(r, dtype=states_env.dtype, device=states_env.device).reshape(B, T - 1)
 
 
-def n_keep(B: int, keep_fraction: float) -> int:
+def n_keep(B: int, keep_fraction: float) -> int:  # the softmax filter's count
     """floor(keep_fraction * B), at least 1. The 1e-6 guards floating point: 0.29 * 100 = 28.999999999999996."""
     return min(B, max(1, math.floor(keep_fraction * B + 1e-6)))
 
 
 def hardmax_filter(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
-    """Step 5: indices of the n_keep(B, keep_fraction) highest scores (best first)."""
-    return torch.topk(scores, n_keep(len(scores), keep_fraction)).indices
+    """Step 5: indices (best first) of every trajectory whose score reaches the (1 - keep_fraction)
+    quantile, as the official rule: ties at the threshold are all kept, which matters with a sparse
+    reward, where many trajectories score the same (often 0)."""
+    s = scores.double()
+    threshold = torch.quantile(s, 1.0 - keep_fraction) if keep_fraction < 1 else s.min()
+    kept = torch.nonzero(s >= threshold).squeeze(1)
+    return kept[torch.argsort(s[kept], descending=True, stable=True)]
 
 
 def softmax_filter(scores: torch.Tensor, keep_fraction: float, temperature: float,
@@ -183,9 +206,9 @@ def softmax_filter(scores: torch.Tensor, keep_fraction: float, temperature: floa
 # --------------------------------------------------------------------------------------------------
 def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                    terminal: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Step 6: (s_t, a_t, r_t, s_{t+1}, done_t) for t < H-1, flattened trajectory by trajectory.
+    """Step 6: (s_t, a_t, r_t, s_{t+1}, done_t) for t < T-1, flattened trajectory by trajectory.
 
-    rewards: (B, H) or (B, H-1); terminal: (B, H-1) bool, done of the transition t -> t+1. A trajectory
+    rewards: (B, T) or (B, T-1); terminal: (B, T-1) bool, done of the transition t -> t+1. A trajectory
     stops at its first terminal: that transition is kept with done = 1, the later ones are dropped
     (they would continue from a state the environment never leaves)."""
     done = terminal.bool()
@@ -203,19 +226,19 @@ def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: tor
 def rollout_round(act_fn: ActFn, models: DyDiffModels, start_states_env: torch.Tensor, cfg: RolloutConfig,
                   generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Steps 2-6 for the start states s_0 (B, obs_dim), env space. Returns (transitions, stats)."""
-    if cfg.horizon != models.dm.horizon:
-        raise ValueError(f"rollout horizon H={cfg.horizon} differs from the diffusion model's H={models.dm.horizon}")
+    if cfg.rollout_length < models.dm.horizon:
+        raise ValueError(f"rollout length T={cfg.rollout_length} is shorter than the diffusion model's H={models.dm.horizon}")
     if cfg.filter not in ("hardmax", "softmax"):
         raise ValueError(f"unknown filter '{cfg.filter}': use 'hardmax' or 'softmax'")
     if not 0 < cfg.keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
     t0 = time.time()
-    states, actions = initial_rollout(act_fn, models.ensemble, start_states_env, cfg.horizon, generator)
+    states, actions = initial_rollout(act_fn, models, start_states_env, cfg.rollout_length, generator)
     t_ensemble = time.time() - t0
-    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg, generator)
+    iterates = refine(act_fn, models, states, actions, cfg, generator)
     t_dm = time.time() - t0 - t_ensemble
     states, actions = iterates[-1]
-    B, H, obs_dim = states.shape
+    B, T, obs_dim = states.shape
 
     rewards = transition_rewards(models, states, actions)
     scores = rewards.sum(1)
@@ -229,9 +252,9 @@ def rollout_round(act_fn: ActFn, models: DyDiffModels, start_states_env: torch.T
     raw = models.raw(states)[kept]
     k = len(kept)
     # terminal functions work on raw states; 'never' answers on the CPU whatever the input device
-    done = models.terminal(raw[:, :-1].reshape(k * (H - 1), obs_dim), actions[kept, :-1].reshape(k * (H - 1), -1),
-                           raw[:, 1:].reshape(k * (H - 1), obs_dim))
-    done = torch.as_tensor(done, device=states.device).bool().reshape(k, H - 1)
+    done = models.terminal(raw[:, :-1].reshape(k * (T - 1), obs_dim), actions[kept, :-1].reshape(k * (T - 1), -1),
+                           raw[:, 1:].reshape(k * (T - 1), obs_dim))
+    done = torch.as_tensor(done, device=states.device).bool().reshape(k, T - 1)
     transitions = to_transitions(states[kept], actions[kept], rewards[kept], done)
 
     # how far each iteration moved the states: large values mean the DM and the ensemble disagree
@@ -260,15 +283,15 @@ def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, sta
     import matplotlib.pyplot as plt
     import numpy as np
 
-    states, actions = initial_rollout(act_fn, models.ensemble, start_states_env, cfg.horizon, generator)
-    iterates = refine(act_fn, models.dm, states, actions, models.obs_mean, models.obs_std, cfg, generator)
+    states, actions = initial_rollout(act_fn, models, start_states_env, cfg.rollout_length, generator)
+    iterates = refine(act_fn, models, states, actions, cfg, generator)
     initial, final = (models.raw(s).cpu().numpy() for s in (iterates[0][0], iterates[-1][0]))
     fig, ax = plt.subplots(figsize=(6, 6.3))
     if draw_background is not None:
         draw_background(ax, env)
-    H, starts, ends = cfg.horizon, data.episode_starts, data.episode_ends
+    T, starts, ends = cfg.rollout_length, data.episode_starts, data.episode_ends
     for n, e in enumerate(np.linspace(0, len(starts) - 1, min(20, len(starts))).astype(int)):
-        seg = data.obs[starts[e]:min(ends[e], starts[e] + 4 * H)]
+        seg = data.obs[starts[e]:min(ends[e], starts[e] + 4 * T)]
         ax.plot(seg[:, 0], seg[:, 1], color="0.6", lw=0.8, label="dataset episodes" if n == 0 else None)
     for b in range(len(final)):
         c = f"C{b % 10}"
@@ -277,7 +300,7 @@ def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, sta
         ax.plot(final[b, :, 0], final[b, :, 1], color=c, lw=1.8, label=f"DyDiff after M={cfg.iterations}" if b == 0 else None)
         ax.plot(initial[b, 0, 0], initial[b, 0, 1], "o", color=c, ms=5, label="start s_0" if b == 0 else None)
     ax.set(aspect="equal", xlabel="x (obs dim 0)", ylabel="y (obs dim 1)")
-    ax.set_title(f"{env}: {len(final)} rollouts of H={H} steps by the final policy", fontsize=10)
+    ax.set_title(f"{env}: {len(final)} rollouts of T={T} steps by the final policy", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

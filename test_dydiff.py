@@ -37,12 +37,12 @@ from train import main, parse_args, sample_batch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "bench"))
-from fidelity import crossings, dm_predict, ensemble_predict, generate_long, in_episode_rollout_error, rollout_error, simulate  # noqa: E402
+from fidelity import crossings, dm_predict, ensemble_predict, in_episode_rollout_error, rollout_error, simulate  # noqa: E402
 
 torch.set_num_threads(1)
 TINY_STEPS = 3000  # a few thousand maze steps: ~40 episodes, built in seconds
 TINY = FitConfig(steps_per_epoch=20, max_epochs=2, reward_max_epochs=2, hidden=32, reward_hidden=32)
-TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--dm-dim", "8", "--dm-mults", "1", "2", "--dm-train-steps", "30",
+TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--rollout-length", "8", "--dm-dim", "8", "--dm-mults", "1", "2", "--dm-train-steps", "30",
                "--rollout-batch", "16", "--rollout-interval", "40", "--sampler-steps", "4", "--synthetic-capacity", "500"]
 # DyDiff unit tests: hand-made dataset stats (raw = env * STD + MEAN) and a tight dataset box
 OBS, ACT, H = 4, 2, 8
@@ -462,6 +462,23 @@ def test_sampling_keeps_conditions_exactly():
     assert (states >= model.x_min[:3] - 1e-6).all() and (states <= model.x_max[:3] + 1e-6).all()  # clipped to box
 
 
+def test_generate_chains_windows_beyond_H():
+    """Sampler, T > H: each window starts at the last state the previous one made; the last shifts back."""
+    model = tiny_model()  # H = 8
+    s0, actions = torch.rand(4, 3) * 2 - 1, torch.rand(4, 20, 2) * 2 - 1
+    states = model.generate(s0, actions, 3, generator=torch.Generator().manual_seed(1))
+    assert states.shape == (4, 20, 3) and torch.equal(states[:, 0], s0)
+    # rows 0-7, then 7-14 (from the generated s_7), then 12-19 (shifted back to end at row 19, from s_12)
+    g = torch.Generator().manual_seed(1)
+    w1 = model.generate_window(s0, actions[:, :8], 3, generator=g)
+    w2 = model.generate_window(w1[:, -1], actions[:, 7:15], 3, generator=g)
+    w3 = model.generate_window(w2[:, 5], actions[:, 12:], 3, generator=g)
+    assert torch.allclose(states[:, :8], w1, atol=1e-6) and torch.allclose(states[:, 8:15], w2[:, 1:], atol=1e-6)
+    assert torch.allclose(states[:, 15:], w3[:, 3:], atol=1e-6)
+    with pytest.raises(ValueError, match="at least H=8 actions"):
+        model.generate(s0, actions[:, :5], 3)
+
+
 def test_sampler_is_deterministic_for_a_seed():
     """Sampler: the same generator seed gives the same samples."""
     model = tiny_model()
@@ -552,54 +569,71 @@ def test_dm_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
 # ------------------------------------------------------------------------- dydiff.py: one round
 @pytest.fixture
 def models():
+    """Tiny random models around a tight dataset box; state dim 2 is constant within episodes (a 'goal');
+    the policy's action box is narrower than [-1, 1] in dim 0, so the final actions need clipping."""
     torch.manual_seed(0)
     ens = Ensemble(OBS, ACT, n_members=3, n_elites=2, hidden=16, n_layers=2)
     with torch.no_grad():  # x, y drift by +0.5 per step: the ensemble leaves the box within a step
         ens.net.layers[-1].bias[..., :2] += 0.5
     reward = RewardModel(OBS, ACT, hidden=16, n_layers=1)
-    x_min = torch.cat([MEAN - BOX * STD, -torch.ones(ACT)])
-    x_max = torch.cat([MEAN + BOX * STD, torch.ones(ACT)])
+    x_min = torch.cat([MEAN - BOX * STD, torch.tensor([-1.0, -1.0])])
+    x_max = torch.cat([MEAN + BOX * STD, torch.tensor([0.0, 1.0])])
     dm = DynamicsDiffusion(OBS, ACT, horizon=H, dim=8, dim_mults=(1, 2), x_min=x_min, x_max=x_max)
     policy = nn.Sequential(nn.Linear(OBS, 16), nn.Tanh(), nn.Linear(16, ACT), nn.Tanh())
     act_fn = lambda s: policy(s)  # noqa: E731  (the dydiff functions run it under no_grad)
-    return SimpleNamespace(ens=ens, reward=reward, dm=dm, act_fn=act_fn,
-                           bundle=lambda terminal, reward_fn=None: dydiff.DyDiffModels(ens, reward, dm, terminal, MEAN, STD,
-                                                                                      reward_fn))
+    constant = torch.tensor([False, False, True, False])
+
+    def bundle(terminal=terminal_fn("maze2d"), reward_fn=None):
+        return dydiff.DyDiffModels(ens, reward, dm, terminal, MEAN, STD, reward_fn, constant)
+
+    return SimpleNamespace(ens=ens, reward=reward, dm=dm, act_fn=act_fn, bundle=bundle, constant=constant)
 
 
 def starts(B, seed=1):
     return (torch.rand(B, OBS, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * BOX
 
 
-def test_initial_rollout_follows_policy_and_ensemble(models):
-    """Step 2: the initial trajectory is pi in the ensemble, a_{H-1} included."""
+def test_constant_dims_are_found_from_the_data(tiny_data):
+    """Data: maze2d's goal (dims 4, 5) is the only part of the state constant within every episode."""
+    assert tiny_data.constant_dims.tolist() == [False, False, False, False, True, True]
+
+
+def test_initial_rollout_follows_policy_and_ensemble_inside_the_box(models):
+    """Step 2: pi in the ensemble, a_{T-1} included; every state clipped to the box, constant dims = s_0's."""
     models.ens.n_elites = 1
     models.ens.set_elites(torch.tensor([0.3, 0.1, 0.2]))  # one elite (member 1): the step is deterministic
-    s, a = dydiff.initial_rollout(models.act_fn, models.ens, starts(16), H, torch.Generator().manual_seed(0))
+    bundle, s0 = models.bundle(), starts(16)
+    s, a = dydiff.initial_rollout(models.act_fn, bundle, s0, H, torch.Generator().manual_seed(0))
     assert s.shape == (16, H, OBS) and a.shape == (16, H, ACT)
-    assert torch.equal(s[:, 0], starts(16))
+    assert torch.equal(s[:, 0], s0)
     with torch.no_grad():
         for t in range(H):
             assert torch.allclose(a[:, t], models.act_fn(s[:, t]))
         for t in range(H - 1):
-            assert torch.allclose(s[:, t + 1], models.ens.step(s[:, t], a[:, t]), atol=1e-6)
+            free = models.ens.step(s[:, t], a[:, t])
+            assert (free[:, :2].abs() > BOX).any()  # the ensemble alone leaves the box...
+            expect = free.clamp(-BOX, BOX)  # ...the official conversions clip it back before pi sees it
+            expect[:, 2] = s0[:, 2]
+            assert torch.allclose(s[:, t + 1], expect, atol=1e-6)
 
 
 def test_refine_is_policy_consistent_and_stays_in_dataset_box(models):
-    """Step 3: after M iterations a_t = pi(s_t) exactly, s_0 kept, states in the box."""
+    """Step 3: after M iterations a_t = clip(pi(s_t)), s_0 and the constant dims kept, states in the box."""
     g = torch.Generator().manual_seed(0)
-    s0 = starts(32)
-    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, g)
-    assert states.abs().max() > 2.0  # precondition: the ensemble left the box, so the clip matters
-    cfg = dydiff.RolloutConfig(horizon=H, iterations=2, sampler_steps=4)
-    iterates = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN.numpy(), STD.numpy(), cfg, g)
+    s0, bundle = starts(32), models.bundle()
+    states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, H, g)
+    cfg = dydiff.RolloutConfig(rollout_length=H, iterations=2, sampler_steps=4)
+    iterates = dydiff.refine(models.act_fn, bundle, states, actions, cfg, g)
     assert len(iterates) == 3 and iterates[0][0] is states and iterates[0][1] is actions
     final_s, final_a = iterates[-1]
     with torch.no_grad():
-        assert torch.equal(final_a, models.act_fn(final_s.reshape(-1, OBS)).reshape(32, H, ACT))
+        pi = models.act_fn(final_s.reshape(-1, OBS)).reshape(32, H, ACT)
+    assert (pi[..., 0] > 0).any()  # the policy leaves the action box in dim 0...
+    assert torch.equal(final_a, torch.stack([pi[..., 0].clamp(-1, 0), pi[..., 1]], -1))  # ...the final actions do not
     assert not torch.allclose(final_a, actions, atol=1e-3)  # the relabelling did change the actions
     assert torch.equal(final_s[:, 0], s0)  # s_0 is kept exactly
-    for s, _ in iterates[1:]:
+    for s, _ in iterates:
+        assert torch.equal(s[..., 2], s0[:, None, 2].expand(32, H))  # the constant dim never moves
         assert s.min() >= -BOX - 1e-6 and s.max() <= BOX + 1e-6
         raw = s * STD + MEAN  # and in the DM's raw coordinates
         assert (raw >= models.dm.x_min[:OBS] - 1e-5).all() and (raw <= models.dm.x_max[:OBS] + 1e-5).all()
@@ -607,22 +641,37 @@ def test_refine_is_policy_consistent_and_stays_in_dataset_box(models):
 
 def test_state_averaging_with_previous_states(models):
     """Step 3: states = clip((DM states + previous states) / 2), as the official code."""
-    s0 = starts(8)
-    states, actions = dydiff.initial_rollout(models.act_fn, models.ens, s0, H, torch.Generator().manual_seed(0))
-    cfg = dydiff.RolloutConfig(horizon=H, iterations=1, sampler_steps=4)
-    out = dydiff.refine(models.act_fn, models.dm, states, actions, MEAN, STD, cfg, torch.Generator().manual_seed(5))
+    s0, bundle = starts(8), models.bundle()
+    states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, H, torch.Generator().manual_seed(0))
+    cfg = dydiff.RolloutConfig(rollout_length=H, iterations=1, sampler_steps=4)
+    out = dydiff.refine(models.act_fn, bundle, states, actions, cfg, torch.Generator().manual_seed(5))
     dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 4, torch.Generator().manual_seed(5))
     expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
-    assert torch.allclose(out[1][0][:, 1:], expect[:, 1:], atol=1e-5)
+    assert torch.allclose(out[1][0][:, 1:, [0, 1, 3]], expect[:, 1:, [0, 1, 3]], atol=1e-5)
 
 
-def test_hardmax_keeps_exactly_the_top_fraction():
-    """Step 5 (hardmax): keeps exactly the top floor(fraction * B), never none."""
+def test_refine_chains_dm_windows_for_rollouts_longer_than_H(models):
+    """Step 3 with T > H: the DM's windows are chained, and the whole T-row trajectory is refined."""
+    T, bundle, s0 = 20, models.bundle(), starts(6)
+    states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, T, torch.Generator().manual_seed(0))
+    cfg = dydiff.RolloutConfig(rollout_length=T, iterations=1, sampler_steps=3)
+    out = dydiff.refine(models.act_fn, bundle, states, actions, cfg, torch.Generator().manual_seed(5))
+    dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 3, torch.Generator().manual_seed(5))  # 3 windows of 8
+    assert dm_raw.shape == (6, T, OBS)
+    expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
+    assert torch.allclose(out[1][0][:, 1:, [0, 1, 3]], expect[:, 1:, [0, 1, 3]], atol=1e-5)
+
+
+def test_hardmax_keeps_every_trajectory_at_or_above_the_quantile():
+    """Step 5 (hardmax): the official rule, score >= the (1 - fraction) quantile; ties are all kept."""
     scores = torch.randn(50, generator=torch.Generator().manual_seed(0))
     kept = dydiff.hardmax_filter(scores, 0.6)
     assert len(kept) == 30 and set(kept.tolist()) == set(torch.argsort(scores, descending=True)[:30].tolist())
-    assert len(dydiff.hardmax_filter(torch.randn(8), 0.6)) == 4  # floor(4.8), not round
-    assert len(dydiff.hardmax_filter(torch.randn(100), 0.29)) == 29  # floor, robust to 0.29*100 = 28.99..
+    assert scores[kept].tolist() == sorted(scores[kept].tolist(), reverse=True)  # best first
+    sparse = torch.cat([torch.zeros(70), torch.ones(30)])  # a sparse reward: most trajectories score 0
+    assert len(dydiff.hardmax_filter(sparse, 0.6)) == 100  # the 40% quantile is 0: every tie is kept
+    assert sorted(dydiff.hardmax_filter(1 - sparse, 0.6).tolist()) == list(range(70))  # the 70 ones, not 60
+    assert len(dydiff.hardmax_filter(torch.randn(10), 1.0)) == 10
     assert len(dydiff.hardmax_filter(torch.randn(10), 0.01)) == 1  # never empty
 
 
@@ -667,14 +716,14 @@ def test_transitions_stop_at_first_terminal():
 
 def test_rollout_round_with_the_env_reward(models):
     """Steps 4-5 with the task's reward: r(s_t, a_t, s_{t+1}) of raw states, summed."""
-    cfg = dydiff.RolloutConfig(rollout_batch=30, horizon=H, iterations=1, sampler_steps=4, keep_fraction=0.5)
+    cfg = dydiff.RolloutConfig(rollout_batch=30, rollout_length=H, iterations=1, sampler_steps=4, keep_fraction=0.5)
     g = torch.Generator().manual_seed(0)
 
     def reward_fn(s, a, s_next):  # a known function of the raw next state, as dynamics.env_reward_fn
         return (s_next[:, 3] > MEAN[3]).float()
 
     tr, stats = dydiff.rollout_round(models.act_fn, models.bundle(terminal_fn("maze2d"), reward_fn), starts(30), cfg, g)
-    assert len(tr["obs"]) == 15 * (H - 1)
+    assert stats["n_kept"] >= 15 and len(tr["obs"]) == stats["n_kept"] * (H - 1)  # no terminals on the maze
     raw_next = tr["next_obs"] * STD + MEAN
     assert torch.equal(tr["rewards"], reward_fn(None, None, raw_next))
     assert 0 < tr["rewards"].mean() < 1
@@ -685,7 +734,7 @@ def test_rollout_round_with_the_env_reward(models):
 @pytest.mark.parametrize("filt", ["hardmax", "softmax"])
 def test_rollout_round_end_to_end(models, filt):
     """Steps 2-6: a round with terminals, either filter, reward model scores."""
-    cfg = dydiff.RolloutConfig(rollout_batch=40, horizon=H, iterations=2, sampler_steps=4, filter=filt,
+    cfg = dydiff.RolloutConfig(rollout_batch=40, rollout_length=H, iterations=2, sampler_steps=4, filter=filt,
                                keep_fraction=0.5)
     data_env = starts(200, seed=3)
     g = torch.Generator().manual_seed(0)
@@ -700,7 +749,8 @@ def test_rollout_round_end_to_end(models, filt):
     assert len(tr["obs"]) < 20 * (H - 1)
     # every transition is consistent with the final (policy-consistent) trajectories and the reward model
     with torch.no_grad():
-        assert torch.allclose(tr["actions"], models.act_fn(tr["obs"]))
+        pi = models.act_fn(tr["obs"])
+        assert torch.allclose(tr["actions"], torch.stack([pi[:, 0].clamp(max=0.0), pi[:, 1]], -1))
         assert torch.allclose(tr["rewards"], models.reward(tr["obs"], tr["actions"]), atol=1e-6)
     raw_next = tr["next_obs"] * STD + MEAN
     done = raw_next[:, 3] > 0.45
@@ -710,8 +760,8 @@ def test_rollout_round_end_to_end(models, filt):
     assert tr["obs"].abs().max() <= BOX + 1e-6 and tr["next_obs"].abs().max() <= BOX + 1e-6
     if filt == "hardmax":
         assert stats["score_kept_mean"] > stats["score_rejected_mean"]
-    with pytest.raises(ValueError, match="horizon"):
-        dydiff.rollout_round(models.act_fn, models.bundle(terminal_fn("maze2d")), s0, dydiff.RolloutConfig(horizon=16), g)
+    with pytest.raises(ValueError, match="shorter than the diffusion model's H=8"):
+        dydiff.rollout_round(models.act_fn, models.bundle(), s0, dydiff.RolloutConfig(rollout_length=6), g)
 
 
 def test_maze_picture_marks_walls_goal_and_evaluation_starts():
@@ -760,7 +810,7 @@ def test_batch_mix_has_the_requested_real_ratio():
 def test_paper_preset_changes_defaults_but_flags_given_win():
     """Args: the cpu values are the defaults; --preset paper changes them; a flag given always wins."""
     cpu = parse_args([])
-    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps, cpu.rollout_batch) == (50_000, 32, 32, 8, 256)
+    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps, cpu.rollout_batch) == (50_000, 32, 32, 8, 512)
     paper = parse_args(["--preset", "paper", "--rollout-batch", "64"])
     assert paper.rollout_batch == 64 and paper.preset == "paper"
     assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.rollout_interval,
@@ -771,12 +821,14 @@ def test_paper_preset_changes_defaults_but_flags_given_win():
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
 def test_train_smoke_run_writes_summary(tiny_data, tmp_path, algo):
     """The loop: a plain run writes its summary, curve, config and TensorBoard events."""
-    summary = run_train(tmp_path, "--algo", algo, "--total-steps", "100", "--run-name", "smoke")
+    summary = run_train(tmp_path, "--algo", algo, "--total-steps", "200", "--run-name", "smoke", "--eval-episodes", "3")
     run = tmp_path / "smoke"
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk["steps"] == 100 and [e["step"] for e in on_disk["evaluations"]] == [50, 100]
+    assert on_disk["steps"] == 200 and [e["step"] for e in on_disk["evaluations"]] == [50, 100, 150, 200]
     assert on_disk["last_score"] == on_disk["evaluations"][-1]["score"] == summary["last_score"]
     assert on_disk["best_score"] == max(e["score"] for e in on_disk["evaluations"])
+    final = np.mean([e["score"] for e in on_disk["evaluations"][1:]])  # the mean of the last 3 evaluations
+    assert on_disk["final_score"] == pytest.approx(final) and summary["final_score"] == on_disk["final_score"]
     assert (run / "learning_curve.png").stat().st_size > 1000
     assert json.loads((run / "config.json").read_text())["algo"] == algo
     assert any(run.glob("events.out.tfevents.*"))
@@ -787,8 +839,9 @@ def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, tiny_fit):
     summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "dyd", *TINY_DYDIFF)
     assert summary["dydiff"] and summary["steps"] == 100 and summary["rollout_time_s"] > 0
     ckpt = torch.load(tmp_path / "dyd" / "checkpoint.pt", weights_only=True)
-    # rounds at steps 0, 40, 80; each keeps int(0.6 * 16) = 9 trajectories of at most H - 1 = 7 transitions
-    assert 9 * 7 < ckpt["synthetic"]["size"] <= 3 * 9 * 7
+    # rounds at steps 0, 40, 80; each keeps the trajectories at or above the 40% score quantile (at least
+    # 60% of the 16, more with ties) of T - 1 = 7 transitions
+    assert 3 * 9 * 7 <= ckpt["synthetic"]["size"] <= 3 * 16 * 7
     assert (tmp_path / "dyd" / "rollouts.png").stat().st_size > 1000
 
 
@@ -891,6 +944,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     (["--keep-fraction", "0"], "--keep-fraction must be in (0, 1] (got 0.0)"),
     (["--horizon", "30"], "--horizon 30 must be divisible by 4, the U-Net's down-sampling for --dm-mults 1 2 4"),
     (["--rollout-batch", "0"], "--rollout-batch must be positive"),
+    (["--rollout-length", "16"], "--rollout-length 16 must be at least --horizon 32"),
     (["--iterations", "-1"], "--iterations must be 0 or more"),
     (["--reward", "env", "--env", "hopper-medium-replay"], "--reward env needs a known reward function"),
     (["--algo", "sac"], "invalid choice 'sac' for argument '--algo'. Expected one of ('td3bc', 'iql')"),
@@ -968,24 +1022,6 @@ def test_rollout_error_against_the_simulator(tiny_data):
     np.testing.assert_allclose(traj[:, 0], s0, atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         rollout_error(lambda s0, act: s0, data, horizon=5, n_starts=4)
-
-
-def test_generate_long_chains_windows():
-    """Benchmark tools: the DM chains H-windows to any horizon, each from the last state."""
-    model = tiny_model()
-    s0, actions = torch.rand(4, 3) * 2 - 1, torch.rand(4, 20, 2) * 2 - 1
-    states = generate_long(model, s0, actions, sampler_steps=3, generator=torch.Generator().manual_seed(1))
-    assert states.shape == (4, 21, 3) and torch.equal(states[:, 0], s0)
-    # windows of 7 transitions start from the previous window's last state; the last one is shifted back
-    # to end at s_20 (starting from s_13) rather than padded with invented actions: replay all three
-    g = torch.Generator().manual_seed(1)
-    w1 = model.generate(s0, actions[:, :8], sampler_steps=3, generator=g)
-    w2 = model.generate(w1[:, -1], actions[:, 7:15], sampler_steps=3, generator=g)
-    w3 = model.generate(w2[:, -2], torch.cat([actions[:, 13:], actions[:, -1:]], 1), sampler_steps=3, generator=g)
-    assert torch.allclose(states[:, :8], w1, atol=1e-6) and torch.allclose(states[:, 8:15], w2[:, 1:], atol=1e-6)
-    assert torch.allclose(states[:, 15:], w3[:, 2:], atol=1e-6)
-    short = generate_long(model, s0, actions[:, :3], sampler_steps=3, generator=torch.Generator().manual_seed(1))
-    assert short.shape == (4, 4, 3)
 
 
 def test_fidelity_helpers(tiny_data):

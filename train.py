@@ -62,8 +62,8 @@ class Args:
     """transitions per gradient step"""
     eval_interval: int = 5_000
     """evaluate and checkpoint every this many steps"""
-    eval_episodes: int = 10
-    """episodes per evaluation (fixed seeds, so every evaluation sees the same start states)"""
+    eval_episodes: int = 100
+    """episodes per evaluation, run in lockstep (CORL: 100 on maze2d, 10 on locomotion); fixed seeds per --seed"""
     alpha: float = 2.5
     """TD3+BC: weight of the RL term, lambda = alpha / mean|Q|"""
     expectile: float = 0.7
@@ -84,13 +84,15 @@ class Args:
     """augment the learner's batches with DyDiff rollouts (--no-dydiff: the plain learner)"""
     preset: Literal["cpu", "paper"] = "cpu"
     """cpu: a small DM and rollouts that fit a 2-core CPU; paper: the official sizes (a GPU); flags given win"""
-    rollout_batch: int = 256
+    rollout_batch: int = 512
     """B, start states per rollout round (paper 2048)"""
     horizon: int = 32
-    """H, rollout length = the DM's segment length (paper 100)"""
+    """H, the DM's segment length (paper 100)"""
+    rollout_length: int = 32
+    """T, rows per synthetic trajectory, at least H: longer rollouts chain DM windows (paper T = H = 100)"""
     iterations: int = 2
     """M, DM sampling + action relabelling iterations per round (paper 2; 0 = ensemble-only rollouts)"""
-    rollout_interval: int = 5_000
+    rollout_interval: int = 1_000
     """K, gradient steps between rollout rounds (paper 500)"""
     real_ratio: float = 0.6
     """share of real transitions in each batch (paper 0.6)"""
@@ -107,8 +109,8 @@ class Args:
     """N, Heun steps of the DM sampler, 2N - 1 network calls (paper 34)"""
     sampler_churn: float = 0.0
     """S_churn of the sampler: 0 = EDM's deterministic Heun sampler (paper 60, with S_min 0.37, S_max 52.24)"""
-    synthetic_capacity: int = 50_000
-    """FIFO capacity of the synthetic buffer in transitions (paper 2M)"""
+    synthetic_capacity: int = 30_000
+    """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
     dm_dim: int = 32
     """U-Net base width of the DM (paper 128)"""
     dm_mults: tuple[int, ...] = (1, 2, 4)
@@ -132,7 +134,8 @@ class Args:
 
 
 # --preset paper: the official settings that differ from the cpu defaults above
-PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_interval=500, sampler_steps=34,
+PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_length=100, rollout_interval=500,
+             sampler_steps=34,
              sampler_churn=60.0, synthetic_capacity=2_000_000, dm_dim=128, dm_mults=(1, 4, 8), dm_act="mish",
              dm_train_steps=375_000, dm_batch_size=8, dm_lr=1e-3, dm_warmup_steps=1_250_000, dm_lr_schedule="constant",
              dm_grad_clip=0.0)
@@ -152,6 +155,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 def resolve(args: Args) -> Args:
     """Check every flag (one-line ConfigError) and resolve --reward auto."""
+    if args.rollout_length < args.horizon:
+        raise ConfigError(f"--rollout-length {args.rollout_length} must be at least --horizon {args.horizon}: "
+                          f"a rollout is made of DM windows of H rows")
     positive = ("total_steps", "batch_size", "eval_interval", "eval_episodes", "threads", "rollout_batch", "horizon",
                 "rollout_interval", "sampler_steps", "synthetic_capacity", "dm_dim", "dm_train_steps", "dm_batch_size",
                 "dm_lr")
@@ -200,17 +206,18 @@ def dm_config(args: Args) -> diffusion.DMConfig:
 
 
 def rollout_config(args: Args, rollout_batch: int | None = None) -> dydiff.RolloutConfig:
-    return dydiff.RolloutConfig(rollout_batch or args.rollout_batch, args.horizon, args.iterations, args.sampler_steps,
-                                args.sampler_churn, args.filter, args.keep_fraction, args.temperature)
+    return dydiff.RolloutConfig(rollout_batch or args.rollout_batch, args.rollout_length, args.iterations,
+                                args.sampler_steps, args.sampler_churn, args.filter, args.keep_fraction, args.temperature)
 
 
 def pretrain(args: Args, data, device: str) -> dydiff.DyDiffModels:
     """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache."""
     ensemble, reward_model, _ = dynamics.load_or_train(data, device, seed=args.model_seed)
     dm, _ = diffusion.load_or_train(data, dm_config(args), device)
-    return dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn(args.env),
-                               torch.as_tensor(data.obs_mean, device=device), torch.as_tensor(data.obs_std, device=device),
-                               dynamics.env_reward_fn(args.env) if args.reward == "env" else None)
+    t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+    return dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn(args.env), t(data.obs_mean),
+                               t(data.obs_std), dynamics.env_reward_fn(args.env) if args.reward == "env" else None,
+                               t(data.constant_dims))
 
 
 def round_generator(seed: int, step: int, device: str) -> torch.Generator:
@@ -461,6 +468,8 @@ class Run:
         wall = self.wall_before + time.time() - self.t_start
         summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "dydiff": args.dydiff,
                    "preset": args.preset, "seed": args.seed, "steps": step,
+                   # final: the mean of the last 3 evaluations, less noisy than the last one alone
+                   "final_score": float(np.mean([e["score"] for e in self.evals[-3:]])),
                    "last_score": self.evals[-1]["score"], "best_score": best["score"], "best_step": best["step"],
                    "wall_time_s": wall, "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
                    "updates_per_s": step / max(self.update_time, 1e-9), "ref_min": data.ref_min,
@@ -469,7 +478,8 @@ class Run:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curve(self.evals, self.path / "learning_curve.png", f"{NAMES[args.algo]}{' + DyDiff' * args.dydiff}, "
                    f"seed {args.seed}", data.dataset_id)
-        print(f"done: last {summary['last_score']:.1f}, best {summary['best_score']:.1f} (step {best['step']}), "
+        print(f"done: final {summary['final_score']:.1f} (mean of the last 3 evaluations), last "
+              f"{summary['last_score']:.1f}, best {summary['best_score']:.1f} (step {best['step']}), "
               f"{wall / 60:.1f} min (pretraining {self.pretrain_time / 60:.1f}, rollouts {self.rollout_time / 60:.1f}), "
               f"{summary['updates_per_s']:.0f} updates/s -> {self.path}")
         return summary

@@ -1,15 +1,22 @@
 """The A/B behind every DyDiff claim: td3bc, td3bc+dydiff, iql, iql+dydiff over N seeds on one env.
 
-    python bench/compare.py --env maze2d-umaze --seeds 0 1 2            # CPU preset, 50k steps per run
-    python bench/compare.py --env maze2d-umaze --preset paper --jobs 4  # GPU machine, official budget
+    python bench/compare.py --env maze2d-umaze --seeds 0 1 2 3 4           # CPU preset, 50k steps per run
+    python bench/compare.py --env maze2d-umaze --algos td3bc --dydiff-flags="--rollout-length 32" --tag T32
+    python bench/compare.py --env maze2d-umaze --preset paper --jobs 4     # GPU machine, official budget
 
-Each run is a plain `train.py` subprocess in runs/compare/<env>_<algo>[+dydiff]_s<seed>/ with its log
-beside it. A run that already finished (summary.json) is reused, an interrupted one is resumed, so the
-command can be repeated after a crash or extended with more seeds. Writes, all from the run summaries:
-  bench/results/compare_<env>.json  {"env", "steps", "runs": [{"algo", "dydiff", "seed", "last", "best",
-                                     "wall_s", ...}], "groups": [mean/std per arm], "machine", "command"}
-  bench/results/compare_<env>.md    the markdown table (mean +- std of last and best, wall time)
-  bench/results/compare_<env>.png   learning curves, mean and min-max band over seeds
+Each run is a plain `train.py` subprocess in runs/compare/<env>_<algo>[+dydiff][_<tag>]_s<seed>/ with its
+log beside it. A run that already finished (summary.json) is reused, an interrupted one is resumed, so
+the command can be repeated after a crash or extended with more seeds. The plain and DyDiff runs of one
+seed share the learner's seed and the evaluation episodes, so they are compared pair by pair.
+
+The score of a run is its final score, the mean of its last 3 evaluations (each of --eval-episodes
+episodes, 100 by default); last and best are reported too. Per arm: mean and std over seeds. Per
+learner: the paired difference DyDiff - plain with a 95% bootstrap confidence interval over seeds
+(scipy.stats.bootstrap, BCa, 10,000 resamples). Writes, all from the run summaries:
+  bench/results/<name>.json  {"env", "steps", "runs": [...], "groups": [per arm], "paired": [per learner], ...}
+  bench/results/<name>.md    the two markdown tables
+  bench/results/<name>.png   learning curves, mean and min-max band over seeds
+(<name> defaults to compare_<env>[_<tag>].)
 
 --jobs runs that many at once. Where the vCPUs share one core's compute (bench/README.md, The machine),
 keep 1: two runs side by side would each go half as fast and their wall times would mislead.
@@ -27,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import tyro
+from scipy.stats import bootstrap
 
 from summarize import RESULTS, aggregate, load_runs, markdown, plot
 
@@ -38,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Args:
     env: str = "maze2d-umaze"
     """D4RL-style env name passed to train.py"""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """learner seeds of every arm"""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """learner seeds of every arm (5 or more for a claim)"""
     algos: tuple[Literal["td3bc", "iql"], ...] = ("td3bc", "iql")
     """offline learners to compare"""
     arms: tuple[Literal["base", "dydiff"], ...] = ("base", "dydiff")
@@ -48,26 +57,31 @@ class Args:
     """train.py preset (sets the budget and every DyDiff size)"""
     steps: int | None = None
     """gradient steps per run (default: the preset's)"""
+    flags: str = ""
+    """extra train.py flags for every run, e.g. "--eval-interval 2500" """
     dydiff_flags: str = ""
-    """extra train.py flags for the DyDiff arm only, e.g. "--reward env --iterations 0" """
+    """extra train.py flags for the DyDiff arm only, e.g. "--reward model --iterations 0" """
+    tag: str = ""
+    """suffix of the DyDiff runs' folder names, to keep variants (ablations) apart; the plain runs are shared"""
     jobs: int = 1
-    """runs at once (keep 1 on a 2-vCPU machine whose vCPUs share a core)"""
+    """runs at once (keep 1 where the vCPUs share a core)"""
     run_dir: str = "runs/compare"
     """parent folder of the runs"""
     name: str | None = None
-    """base name of the results files (default compare_<env>)"""
+    """base name of the results files (default compare_<env>[_<tag>])"""
     dry_run: bool = False
     """print the train.py commands and stop"""
 
 
-def run_name(env: str, algo: str, arm: str, seed: int) -> str:
-    return f"{env}_{algo}{'+dydiff' if arm == 'dydiff' else ''}_s{seed}"
+def run_name(args: Args, algo: str, arm: str, seed: int) -> str:
+    dydiff = arm == "dydiff"
+    return f"{args.env}_{algo}{'+dydiff' if dydiff else ''}{f'_{args.tag}' if dydiff and args.tag else ''}_s{seed}"
 
 
 def command(args: Args, algo: str, arm: str, seed: int) -> list[str]:
-    folder = Path(args.run_dir) / run_name(args.env, algo, arm, seed)
+    folder = Path(args.run_dir) / run_name(args, algo, arm, seed)
     cmd = [sys.executable, str(ROOT / "train.py"), "--env", args.env, "--algo", algo, "--seed", str(seed),
-           "--preset", args.preset, "--run-dir", args.run_dir, "--run-name", folder.name]
+           "--preset", args.preset, "--run-dir", args.run_dir, "--run-name", folder.name, *shlex.split(args.flags)]
     if args.steps is not None:
         cmd += ["--total-steps", str(args.steps)]
     cmd += shlex.split(args.dydiff_flags) if arm == "dydiff" else ["--no-dydiff"]
@@ -77,7 +91,7 @@ def command(args: Args, algo: str, arm: str, seed: int) -> list[str]:
 
 
 def launch(args: Args, algo: str, arm: str, seed: int) -> str:
-    folder = Path(args.run_dir) / run_name(args.env, algo, arm, seed)
+    folder = Path(args.run_dir) / run_name(args, algo, arm, seed)
     if (folder / "summary.json").exists():
         return f"{folder.name}: finished earlier, reused"
     cmd = command(args, algo, arm, seed)
@@ -92,37 +106,60 @@ def launch(args: Args, algo: str, arm: str, seed: int) -> str:
     return f"{folder.name}: done in {(time.time() - t0) / 60:.1f} min"
 
 
+def paired(runs: list[dict], algo: str, metric: str = "final_score") -> dict | None:
+    """DyDiff - plain per seed, their mean and its 95% bootstrap confidence interval."""
+    plain = {r["seed"]: r[metric] for r in runs if r["algo"] == algo and not r.get("dydiff")}
+    dyd = {r["seed"]: r[metric] for r in runs if r["algo"] == algo and r.get("dydiff")}
+    seeds = sorted(plain.keys() & dyd.keys())
+    if len(seeds) < 2:
+        return None
+    d = np.array([dyd[s] - plain[s] for s in seeds])
+    ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=10_000, random_state=0).confidence_interval
+    return {"algo": algo, "metric": metric, "seeds": seeds, "differences": d.tolist(), "mean": float(d.mean()),
+            "ci_low": float(ci.low), "ci_high": float(ci.high), "dydiff_wins": int((d > 0).sum())}
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["| learner | seeds | DyDiff - plain, final score | 95% CI | DyDiff ahead on |", "|---|---|---|---|---|"]
+    for p in rows:
+        lines.append(f"| {p['algo']} | {len(p['seeds'])} | {p['mean']:+.1f} | [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}] "
+                     f"| {p['dydiff_wins']} of {len(p['seeds'])} seeds |")
+    return "\n".join(lines)
+
+
 def main(args: Args) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
     grid = [(algo, arm, seed) for algo in args.algos for arm in args.arms for seed in args.seeds]
     if args.dry_run:
         for job in grid:
-            done = (Path(args.run_dir) / run_name(args.env, *job) / "summary.json").exists()
-            print(f"# {run_name(args.env, *job)}: finished, reused" if done else shlex.join(command(args, *job)))
+            done = (Path(args.run_dir) / run_name(args, *job) / "summary.json").exists()
+            print(f"# {run_name(args, *job)}: finished, reused" if done else shlex.join(command(args, *job)))
         return
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
         for message in pool.map(lambda job: launch(args, *job), grid):
             print(message, flush=True)
 
-    runs = load_runs([Path(args.run_dir) / run_name(args.env, *job) for job in grid])
+    runs = load_runs([Path(args.run_dir) / run_name(args, *job) for job in grid])
     rows = aggregate(runs)
-    name = args.name or f"compare_{args.env}"
-    out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset,
+    pairs = [p for p in (paired(runs, algo) for algo in args.algos) if p is not None]
+    name = args.name or f"compare_{args.env}{f'_{args.tag}' if args.tag else ''}"
+    out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset, "flags": args.flags,
            "dydiff_flags": args.dydiff_flags, "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
-           "runs": [{"algo": r["algo"], "dydiff": bool(r.get("dydiff")),  # runs older than DyDiff lack the key
-                     "seed": r["seed"], "last": r["last_score"],
-                     "best": r["best_score"], "best_step": r["best_step"], "wall_s": r["wall_time_s"],
-                     "rollout_s": r.get("rollout_time_s", 0.0), "pretrain_s": r.get("pretrain_time_s"),
-                     "updates_per_s": r["updates_per_s"], "run": r["run"]} for r in runs],
-           "groups": rows}
+           "jobs": args.jobs,
+           "runs": [{"algo": r["algo"], "dydiff": bool(r.get("dydiff")), "seed": r["seed"], "final": r["final_score"],
+                     "last": r["last_score"], "best": r["best_score"], "best_step": r["best_step"],
+                     "wall_s": r["wall_time_s"], "rollout_s": r.get("rollout_time_s", 0.0),
+                     "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"]}
+                    for r in runs],
+           "groups": rows, "paired": pairs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
-    table = markdown(rows)
-    (RESULTS / f"{name}.md").write_text(table + "\n")
+    tables = markdown(rows) + "\n\n" + paired_markdown(pairs)
+    (RESULTS / f"{name}.md").write_text(tables + "\n")
     plot(runs, RESULTS / f"{name}.png")
-    print(table)
+    print(tables)
     print(f"wrote {RESULTS / name}.json, .md and .png")
 
 

@@ -85,44 +85,19 @@ def ensemble_predict(ens: Ensemble, seed: int = 0):
 
 
 # --------------------------------------------------------------------------------------------------
-# The DM over any horizon: chained H-windows
+# The DM as a predictor of any horizon
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_long(model: DynamicsDiffusion, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 20,
-                  generator: torch.Generator | None = None, stride: int | None = None, **sampler) -> torch.Tensor:
-    """Chain H-windows to any length T: states (B, T+1, obs_dim) for actions (B, T, act_dim), index 0 = s_0.
-
-    Each window keeps its first ``stride`` transitions (at most H-1, the default) and the next window starts
-    from the last kept state. The last window is shifted back to end exactly at s_T, starting from an
-    earlier generated state: padding it with invented actions instead (the DM is not causal, every row
-    sees every action) spoilt the states next to the padding. A window needs one action more than it
-    has transitions; where the data end, the final action is repeated."""
-    B, T, _ = actions.shape
-    H = model.horizon
-    stride = min(stride or H - 1, H - 1)
-    traj = torch.empty(B, T + 1, model.obs_dim, device=model.x_min.device)
-    traj[:, 0] = s0_raw.to(traj)
-    covered = 0  # states 0..covered are done
-    while covered < T:
-        start = covered if covered + H - 1 <= T else max(T - (H - 1), 0)
-        end = min(start + stride, T) if start == covered else T
-        window = actions[:, start:start + H]
-        if window.shape[1] < H:
-            window = torch.cat([window, window[:, -1:].expand(-1, H - window.shape[1], -1)], dim=1)
-        out = model.generate(traj[:, start], window, sampler_steps, generator, **sampler)
-        traj[:, covered + 1:end + 1] = out[:, covered - start + 1:end - start + 1]
-        covered = end
-    return traj
-
-
-def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 20, seed: int = 0, stride: int | None = None,
-               S_churn: float = 0.0):
-    """The DM as a ``predict(s0, actions) -> states`` callable on numpy arrays (rollout_error's API)."""
+def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, S_churn: float = 0.0):
+    """The DM as a ``predict(s0, actions) -> states`` callable on numpy arrays (rollout_error's API): states
+    s_0..s_T for T actions, in chained H-windows (DynamicsDiffusion.generate). The DM wants an action on
+    every row, so the last action is repeated on the row of s_T (and up to H rows)."""
     gen = torch.Generator().manual_seed(seed)
 
     def predict(s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        return generate_long(model, torch.as_tensor(s0), torch.as_tensor(actions), sampler_steps, gen, stride,
-                             S_churn=S_churn).cpu().numpy()
+        a = torch.as_tensor(actions)
+        T = a.shape[1]
+        a = torch.cat([a, a[:, -1:].expand(-1, max(T + 1, model.horizon) - T, -1)], 1)
+        return model.generate(torch.as_tensor(s0), a, sampler_steps, gen, S_churn=S_churn)[:, :T + 1].cpu().numpy()
 
     return predict
 

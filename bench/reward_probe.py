@@ -103,12 +103,11 @@ def main(args: Args) -> None:
     obs_env = torch.as_tensor(data.normalize_obs(data.obs), dtype=torch.float32)
     s0, _ = dydiff.draw_start_states(obs_env, args.n_rollouts, g)
     # steps 2-4 and 6 of a round (dydiff.py) with every trajectory kept: the learned reward of each transition
-    B, H = args.n_rollouts, p.horizon
-    states, actions = dydiff.initial_rollout(learner.act, ens, s0, H, g)
-    states, actions = dydiff.refine(learner.act, dm, states, actions, data.obs_mean, data.obs_std, rollout_config(p),
-                                    g)[-1]
-    models = dydiff.DyDiffModels(ens, reward_model, dm, dynamics.terminal_fn("maze2d"),
-                                 torch.as_tensor(data.obs_mean), torch.as_tensor(data.obs_std))
+    B, H = args.n_rollouts, p.rollout_length
+    models = dydiff.DyDiffModels(ens, reward_model, dm, dynamics.terminal_fn("maze2d"), torch.as_tensor(data.obs_mean),
+                                 torch.as_tensor(data.obs_std), constant_dims=torch.as_tensor(data.constant_dims))
+    states, actions = dydiff.initial_rollout(learner.act, models, s0, H, g)
+    states, actions = dydiff.refine(learner.act, models, states, actions, rollout_config(p), g)[-1]
     tr = dydiff.to_transitions(states, actions, dydiff.transition_rewards(models, states, actions),
                                torch.zeros(B, H - 1, dtype=torch.bool))
     raw = lambda x: x.numpy() * data.obs_std + data.obs_mean  # noqa: E731

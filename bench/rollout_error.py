@@ -2,8 +2,9 @@
 
     python bench/rollout_error.py --env maze2d-umaze --policy runs/compare/maze2d-umaze_td3bc_s0/checkpoint.pt
 
-From 256 dataset start states, per horizon h = 1..H-1 (H = the DM's segment length), the mean squared
-error against the PointMaze simulator of
+From 256 dataset start states, per horizon h = 1..T-1 (T = train.py's --rollout-length, which may chain
+several DM windows; pass --train-flags="--rollout-length 63" for longer), the mean squared error against
+the PointMaze simulator of
   ensemble      the single-step ensemble, replaying the actions the policy took in the simulator;
   dm            the plain DM given s_0 and those same actions (one sample);
   dydiff_m0..3  DyDiff's own trajectory after 0, 1, 2, 3 iterations (m0 = the policy in the ensemble);
@@ -110,12 +111,12 @@ def main(args: Args) -> None:
     ens, _, _ = dynamics.load_or_train(data, "cpu", seed=0)
     dm, _ = diffusion.load_or_train(data, dm_config(p))
     learner, policy_info = load_policy(args, data, data.obs_dim, data.act_dim)
-    H, N = p.horizon, p.sampler_steps
+    T, N = p.rollout_length, p.sampler_steps
     rng = np.random.default_rng(args.seed)
     s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
 
     # models on the trajectory the policy really takes
-    true, actions = closed_loop(data, learner.act, s0, H - 1)
+    true, actions = closed_loop(data, learner.act, s0, T - 1)
     curves, curves_pos = {}, {}
     preds = {"ensemble": ensemble_predict(ens, args.seed)(s0, actions), "dm": dm_predict(dm, N, args.seed, S_churn=p.sampler_churn)(s0, actions)}
     for name, pred in preds.items():
@@ -124,22 +125,24 @@ def main(args: Args) -> None:
     # DyDiff's own iterates, each against the simulator replaying its actions
     g = torch.Generator().manual_seed(args.seed)
     s0_env = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
-    states, acts = dydiff.initial_rollout(learner.act, ens, s0_env, H, g)
+    models = dydiff.DyDiffModels(ens, None, dm, dynamics.terminal_fn(args.env), torch.as_tensor(data.obs_mean),
+                                 torch.as_tensor(data.obs_std), constant_dims=torch.as_tensor(data.constant_dims))
+    states, acts = dydiff.initial_rollout(learner.act, models, s0_env, T, g)
     cfg = replace(rollout_config(p), iterations=args.max_iterations)
-    iterates = dydiff.refine(learner.act, dm, states, acts, data.obs_mean, data.obs_std, cfg, g)
+    iterates = dydiff.refine(learner.act, models, states, acts, cfg, g)
     for m, (states_env, acts) in enumerate(iterates):
         raw = states_env.numpy() * data.obs_std + data.obs_mean
-        replay = simulate(data, s0, acts[:, : H - 1].numpy())
+        replay = simulate(data, s0, acts[:, : T - 1].numpy())
         curves[f"dydiff_m{m}"], curves_pos[f"dydiff_m{m}"] = mse(raw.astype(np.float64), replay)
 
     out = {"env": args.env, "dataset_id": data.dataset_id, "policy": policy_info, "n_starts": args.n_starts,
-           "H": H, "sampler_steps": N, "sampler_churn": p.sampler_churn, "dm": asdict(dm_config(p)),
-           "train_flags": args.train_flags, "horizons": list(range(1, H)), "curves": curves,
+           "H": p.horizon, "T": T, "sampler_steps": N, "sampler_churn": p.sampler_churn, "dm": asdict(dm_config(p)),
+           "train_flags": args.train_flags, "horizons": list(range(1, T)), "curves": curves,
            "curves_position": curves_pos, "seconds": time.time() - t0}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     plot(out, RESULTS / f"{args.name}.png")
-    show = [h for h in (1, 4, 8, 16, H - 1) if h < H]
+    show = [h for h in (1, 4, 8, 16, 31, 47, 62, 93, T - 1) if h < T]
     for key, what in (("curves", "all state dims"), ("curves_position", "position")):
         print(f"\n| MSE vs simulator, {what} | " + " | ".join(f"h={h}" for h in show) + " |")
         print("|---" * (len(show) + 1) + "|")

@@ -160,7 +160,7 @@ def dydiff_rates(dm_cfg, cfg, device: str, seconds: float, peak: float) -> dict:
     from td3bc import TD3BC
     from torch.utils.flop_counter import FlopCounterMode
 
-    H, B, N = cfg.horizon, cfg.rollout_batch, cfg.sampler_steps
+    H, T, B, N = dm_cfg.horizon, cfg.rollout_length, cfg.rollout_batch, cfg.sampler_steps
     torch.manual_seed(0)
     dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, H, dm_cfg.dim, dm_cfg.dim_mults, act=dm_cfg.act).to(device)
     n_params = sum(p.numel() for p in dm.net.parameters())
@@ -201,7 +201,7 @@ def dydiff_rates(dm_cfg, cfg, device: str, seconds: float, peak: float) -> dict:
             "sampler_steps": N, "sampler_churn": cfg.sampler_churn, "network_calls_per_sample": 2 * N - 1,
             "rollout_round_s": round_s, "rollout_transitions": stats["n_transitions"],
             "rollout_transitions_per_s": stats["n_transitions"] / round_s,
-            "rollout_states_generated_per_s": B * (H - 1) / round_s,
+            "rollout_states_generated_per_s": B * (T - 1) / round_s,
             "rollout_dm_share": stats["time_dm_s"] / stats["time_s"],
             "sampler_gflop_per_call": flops_per_sample_call / 1e9, "sampler_calls_per_s": per_s,
             "sampler_gflop_per_s": achieved / 1e9, "sampler_utilisation_of_matmul": achieved / peak}
@@ -234,7 +234,8 @@ def main(args: Args) -> None:
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}, "
                       f"torch {torch.__version__}"
                       + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-           "sizes": {k: getattr(p, k) for k in ("horizon", "rollout_batch", "iterations", "dm_dim", "dm_mults")},
+           "sizes": {k: getattr(p, k) for k in ("horizon", "rollout_length", "rollout_batch", "iterations", "dm_dim",
+                                                "dm_mults")},
            "matmul_gflop_per_s": peak / 1e9,
            **learner_rates(args.device, args.seconds),
            "dydiff": dydiff_paths,
