@@ -829,6 +829,7 @@ def test_train_smoke_run_writes_summary(tiny_data, tmp_path, algo):
     assert on_disk["best_score"] == max(e["score"] for e in on_disk["evaluations"])
     final = np.mean([e["score"] for e in on_disk["evaluations"][1:]])  # the mean of the last 3 evaluations
     assert on_disk["final_score"] == pytest.approx(final) and summary["final_score"] == on_disk["final_score"]
+    assert 0 < on_disk["cpu_time_s"] and on_disk["wall_time_s"] > 0
     assert (run / "learning_curve.png").stat().st_size > 1000
     assert json.loads((run / "config.json").read_text())["algo"] == algo
     assert any(run.glob("events.out.tfevents.*"))

@@ -332,6 +332,7 @@ class Run:
 
     def __init__(self, args: Args, device: str):
         self.args, self.device, self.t_start, self.evals, self.signals = args, device, time.time(), [], []
+        self.cpu_start, self.cpu_before = time.process_time(), 0.0  # CPU time: not inflated by a paused machine
         self.name = args.run_name or f"{args.env}__{args.algo}{'+dydiff' * args.dydiff}__{args.seed}__{int(time.time())}"
         self.path = Path(args.run_dir) / self.name
         self.ckpt = self.path / "checkpoint.pt"
@@ -366,6 +367,7 @@ class Run:
             step, self.evals = state["step"], state["evals"]
             self.wall_before, self.update_time, self.rollout_time = (state[k] for k in ("wall_time", "update_time",
                                                                                          "rollout_time"))
+            self.cpu_before = state.get("cpu_time", 0.0)
             print(f"resuming {self.path} at step {step}")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.json").write_text(json.dumps({**asdict(args), "device": self.device, "run_name": self.name,
@@ -432,7 +434,8 @@ class Run:
                  "step": step, "learner": self.learner.state_dict(), "gen": self.gen.get_state(), "evals": self.evals,
                  "synthetic": self.synthetic.state_dict() if self.synthetic is not None else None,
                  "wall_time": self.wall_before + time.time() - self.t_start, "update_time": self.update_time,
-                 "rollout_time": self.rollout_time, "obs_mean": torch.as_tensor(self.data.obs_mean),
+                 "rollout_time": self.rollout_time, "cpu_time": self.cpu_before + time.process_time() - self.cpu_start,
+                 "obs_mean": torch.as_tensor(self.data.obs_mean),
                  "obs_std": torch.as_tensor(self.data.obs_std)}
         write_atomic(self.ckpt, lambda tmp: torch.save(state, tmp))
         self.interval_t0 = time.time()  # evaluation and checkpoint time count in the wall time only
@@ -471,7 +474,8 @@ class Run:
                    # final: the mean of the last 3 evaluations, less noisy than the last one alone
                    "final_score": float(np.mean([e["score"] for e in self.evals[-3:]])),
                    "last_score": self.evals[-1]["score"], "best_score": best["score"], "best_step": best["step"],
-                   "wall_time_s": wall, "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
+                   "wall_time_s": wall, "cpu_time_s": self.cpu_before + time.process_time() - self.cpu_start,
+                   "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
                    "updates_per_s": step / max(self.update_time, 1e-9), "ref_min": data.ref_min,
                    "ref_max": data.ref_max, "device": self.device,
                    "threads": args.threads, "evaluations": self.evals}

@@ -150,7 +150,7 @@ def main(args: Args) -> None:
            "jobs": args.jobs,
            "runs": [{"algo": r["algo"], "dydiff": bool(r.get("dydiff")), "seed": r["seed"], "final": r["final_score"],
                      "last": r["last_score"], "best": r["best_score"], "best_step": r["best_step"],
-                     "wall_s": r["wall_time_s"], "rollout_s": r.get("rollout_time_s", 0.0),
+                     "wall_s": r["wall_time_s"], "cpu_s": r.get("cpu_time_s"), "rollout_s": r.get("rollout_time_s", 0.0),
                      "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"]}
                     for r in runs],
            "groups": rows, "paired": pairs}

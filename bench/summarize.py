@@ -42,6 +42,7 @@ def load_runs(folders) -> list[dict]:
         summary = json.loads(path.read_text())
         # runs older than final_score: the same mean of the last 3 evaluations
         summary.setdefault("final_score", float(np.mean([e["score"] for e in summary["evaluations"][-3:]])))
+        summary.setdefault("cpu_time_s", float("nan"))  # older runs did not record it
         runs.append({**summary, **settings, "run": Path(folder).name})
     if not runs:
         raise SystemExit("error: none of the given folders holds a finished run (summary.json)")
@@ -67,20 +68,20 @@ def aggregate(runs: list[dict]) -> list[dict]:
         rows.append({"env": env, "learner": name, "seeds": sorted(r["seed"] for r in rs),
                      "steps": sorted({r["steps"] for r in rs}),
                      **{f"{k}_{stat}": float(getattr(np, stat)(col(k)))
-                        for k in ("final_score", "last_score", "best_score", "wall_time_s", "updates_per_s")
+                        for k in ("final_score", "last_score", "best_score", "wall_time_s", "cpu_time_s", "updates_per_s")
                         for stat in ("mean", "std")}})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| env | learner | seeds | steps | final score | last score | best score | wall time (min) | updates/s |",
+    lines = ["| env | learner | seeds | steps | final score | last score | best score | CPU time (min) | updates/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['env']} | {r['learner']} | {len(r['seeds'])} "
                      f"| {'/'.join(map(str, r['steps']))} | {r['final_score_mean']:.1f} +- {r['final_score_std']:.1f} "
                      f"| {r['last_score_mean']:.1f} +- {r['last_score_std']:.1f} "
                      f"| {r['best_score_mean']:.1f} +- {r['best_score_std']:.1f} "
-                     f"| {r['wall_time_s_mean'] / 60:.1f} +- {r['wall_time_s_std'] / 60:.1f} "
+                     f"| {r['cpu_time_s_mean'] / 60:.1f} +- {r['cpu_time_s_std'] / 60:.1f} "
                      f"| {r['updates_per_s_mean']:.0f} +- {r['updates_per_s_std']:.0f} |")
     return "\n".join(lines)
 
@@ -116,7 +117,7 @@ if __name__ == "__main__":
     RESULTS.mkdir(exist_ok=True)
     keep = ("run", "env", "dataset_id", "algo", "dydiff", "preset", "iterations", "real_ratio", "reward", "rollout_length",
             "seed", "steps", "final_score", "last_score", "best_score", "best_step",
-            "wall_time_s", "pretrain_time_s", "rollout_time_s", "updates_per_s", "ref_min", "ref_max", "threads")
+            "wall_time_s", "cpu_time_s", "pretrain_time_s", "rollout_time_s", "updates_per_s", "ref_min", "ref_max", "threads")
     out = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
            "groups": rows, "runs": [{k: r.get(k) for k in keep} for r in runs]}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
