@@ -28,6 +28,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from scipy.stats import bootstrap
 from summarize import RESULTS, aggregate, load_runs, markdown, plot
 
 ROOT = Path(__file__).resolve().parent.parent
+FAILED = threading.Event()  # set by the first run that fails: the queued runs are then not started
 
 
 @dataclass
@@ -94,6 +96,8 @@ def launch(args: Args, algo: str, arm: str, seed: int) -> str:
     folder = Path(args.run_dir) / run_name(args, algo, arm, seed)
     if (folder / "summary.json").exists():
         return f"{folder.name}: finished earlier, reused"
+    if FAILED.is_set():
+        return f"{folder.name}: not started, an earlier run failed"
     cmd = command(args, algo, arm, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -102,6 +106,7 @@ def launch(args: Args, algo: str, arm: str, seed: int) -> str:
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if rc != 0:
+        FAILED.set()
         raise SystemExit(f"error: {folder.name} exited with {rc}; see {folder.parent / (folder.name + '.log')}")
     return f"{folder.name}: done in {(time.time() - t0) / 60:.1f} min"
 
