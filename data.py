@@ -300,6 +300,11 @@ class OfflineData:
     def act_dim(self) -> int:
         return self.actions.shape[1]
 
+    def return_scale(self) -> float:
+        """1000 / (max - min episode return): CORL's reward normalization for the locomotion datasets."""
+        returns = np.add.reduceat(self.rewards.astype(np.float64), self.episode_starts)
+        return 1000.0 / max(float(returns.max() - returns.min()), 1e-8)
+
     def normalize_obs(self, obs: np.ndarray) -> np.ndarray:
         return (obs - self.obs_mean) / self.obs_std
 
@@ -421,11 +426,11 @@ class TransitionBuffer:
             self.data[k][: self.size] = state[k].to(self.data[k].device)
 
 
-def real_buffer(data: OfflineData, device: str | torch.device) -> TransitionBuffer:
-    """The dataset D in env space: z-scored observations, raw actions and rewards."""
+def real_buffer(data: OfflineData, device: str | torch.device, reward_scale: float = 1.0) -> TransitionBuffer:
+    """The dataset D in env space: z-scored observations, raw actions, rewards times reward_scale."""
     buf = TransitionBuffer(len(data.obs), data.obs_dim, data.act_dim, device)
     t = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
-    buf.add(obs=t(data.normalize_obs(data.obs)), actions=t(data.actions), rewards=t(data.rewards),
+    buf.add(obs=t(data.normalize_obs(data.obs)), actions=t(data.actions), rewards=t(data.rewards * reward_scale),
             next_obs=t(data.normalize_obs(data.next_obs)), dones=t(data.terminals))
     return buf
 

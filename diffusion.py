@@ -44,7 +44,7 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 # Churn of the official DyDiff sampler (train.py --preset paper sets --sampler-churn 60); the cpu preset
 # samples deterministically (S_churn = 0, EDM's Algorithm 1). gamma = min(S_churn/N, sqrt(2)-1).
 S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002
-MODEL_VERSION = 2  # part of the cache key: bump whenever the network's inputs or layout change
+MODEL_VERSION = 3  # part of the cache key: bump whenever the network's inputs, layout or box change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,11 +469,14 @@ def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrai
     cfg = cfg or DMConfig()
     settings = {"version": MODEL_VERSION, "obs_dim": data.obs_dim, "act_dim": data.act_dim, **asdict(cfg)}
     raw = np.concatenate([data.obs, data.actions], axis=1)
+    # The box of the states spans the next states too: terminal states appear only there, and a box
+    # without them would keep every generated state healthy (hopper's terminal could never fire).
+    box = np.concatenate([raw, np.concatenate([data.next_obs, data.actions], axis=1)])
 
     def train_now():
         torch.manual_seed(cfg.seed)  # network initialisation
         model = DynamicsDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.dim, cfg.dim_mults,
-                                  torch.as_tensor(raw.min(0)), torch.as_tensor(raw.max(0)), cfg.act).to(device)
+                                  torch.as_tensor(box.min(0)), torch.as_tensor(box.max(0)), cfg.act).to(device)
         X = model.normalize(torch.as_tensor(raw).to(device)).cpu()
         starts, lengths = segment_index(data.episode_starts, data.episode_ends, cfg.horizon)
         n_params = sum(p.numel() for p in model.net.parameters())

@@ -82,6 +82,8 @@ class DyDiffModels:
     """the task's own r(s, a, s') on raw states (dynamics.env_reward_fn); None: use reward_model"""
     constant_dims: torch.Tensor | None = None
     """(obs_dim,) bool: dimensions constant within every dataset episode, copied from s_0 (data.constant_dims)"""
+    reward_scale: float = 1.0
+    """the learner's reward units: rewards are multiplied by it, as the real data's (train.py --normalize-reward)"""
 
     def raw(self, states_env: torch.Tensor) -> torch.Tensor:
         return states_env * self.obs_std.to(states_env) + self.obs_mean.to(states_env)
@@ -166,11 +168,13 @@ def transition_rewards(models: DyDiffModels, states_env: torch.Tensor, actions: 
     from the task's own reward of each transition (s_t, a_t, s_{t+1}) on raw states."""
     B, T, obs_dim = states_env.shape
     if models.reward_fn is None:
-        return models.reward_model(states_env.reshape(B * T, -1), actions.reshape(B * T, -1)).reshape(B, T)
-    raw = models.raw(states_env)
-    r = models.reward_fn(raw[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(B * (T - 1), -1),
-                         raw[:, 1:].reshape(-1, obs_dim))
-    return torch.as_tensor(r, dtype=states_env.dtype, device=states_env.device).reshape(B, T - 1)
+        r = models.reward_model(states_env.reshape(B * T, -1), actions.reshape(B * T, -1)).reshape(B, T)
+    else:
+        raw = models.raw(states_env)
+        r = models.reward_fn(raw[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(B * (T - 1), -1),
+                             raw[:, 1:].reshape(-1, obs_dim))
+        r = torch.as_tensor(r, dtype=states_env.dtype, device=states_env.device).reshape(B, T - 1)
+    return r * models.reward_scale
 
 
 def n_keep(B: int, keep_fraction: float) -> int:  # the softmax filter's count

@@ -16,6 +16,8 @@ dataset) and prints their holdout losses.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -152,10 +154,11 @@ class FitConfig:
     batch_size: int = 256
     lr: float = 1e-3
     reward_lr: float = 3e-3
-    steps_per_epoch: int = 250
-    max_epochs: int = 16
+    steps_per_epoch: int = 250  # 0: one pass over the training set (the official epoch)
+    max_epochs: int = 16  # 0: no cap, until the patience runs out (the official rule)
     reward_max_epochs: int = 24
-    patience: int = 7  # epochs without a >1% holdout improvement of any member before stopping
+    patience: int = 7  # epochs without an improvement of any member before stopping
+    improvement: float = 0.01  # relative holdout improvement that counts (official: any, 0)
     holdout: int = 5000  # holdout size = min(holdout, 20% of the data)
     n_members: int = 7
     n_elites: int = 5
@@ -169,17 +172,19 @@ def fit(model: nn.Module, train: tuple, holdout: tuple, cfg: FitConfig, max_epoc
         generator: torch.Generator | None = None, desc: str = "fit", progress: bool = True) -> dict:
     """Adam on `model.train_loss`; after every epoch the holdout loss of each member. Each member
     keeps a snapshot of its own best epoch (any strict improvement); training stops once no member
-    improved by >1% for `patience` epochs, and every member is then restored to its snapshot."""
+    improved by more than cfg.improvement for `patience` epochs (or after max_epochs, 0 = no cap), and
+    every member is then restored to its snapshot."""
     n, n_train = model.n_members, train[0].shape[0]
+    steps_per_epoch = cfg.steps_per_epoch or math.ceil(n_train / cfg.batch_size)
     params = list(model.parameters())
     assert all(p.shape[0] == n for p in params), "every parameter needs a leading member dimension"
     opt = torch.optim.Adam(params, lr=cfg.lr)
     best = torch.full((n,), float("inf"))
     best_params = [p.detach().clone() for p in params]
     history, stale = [], 0
-    bar = tqdm(range(max_epochs), desc=desc, disable=not progress, leave=True)
+    bar = tqdm(range(max_epochs) if max_epochs else itertools.count(), desc=desc, disable=not progress, leave=True)
     for _ in bar:
-        for _ in range(cfg.steps_per_epoch):
+        for _ in range(steps_per_epoch):
             # each member draws its own minibatch (the ensemble's independent data streams)
             idx = torch.randint(n_train, (n, cfg.batch_size), generator=generator, device=train[0].device)
             loss = model.train_loss(*(x[idx] for x in train))
@@ -189,7 +194,7 @@ def fit(model: nn.Module, train: tuple, holdout: tuple, cfg: FitConfig, max_epoc
         loss_h = model.holdout_loss(*holdout).cpu()
         history.append(loss_h.tolist())
         better = loss_h < best
-        stale = 0 if bool((loss_h < best * 0.99).any()) else stale + 1
+        stale = 0 if bool((loss_h < best * (1 - cfg.improvement)).any()) else stale + 1
         mask = better.to(params[0].device)
         for p, b in zip(params, best_params):
             b.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), p.detach(), b))

@@ -4,7 +4,9 @@ Faithful to CORL's `algorithms/offline/iql.py`: expectile regression of V toward
 target critics (expectile 0.7), Q regressed toward r + gamma * V(s'), advantage-weighted regression
 for the actor with weights exp(beta * A) clipped at 100 (beta 3.0), Gaussian actor with tanh mean and
 state-independent log-std clamped to [-20, 2], cosine decay of the actor's learning rate, lr 3e-4,
-tau 0.005, gamma 0.99. The deterministic action used for evaluation is the Gaussian's mean.
+tau 0.005, gamma 0.99. The deterministic action used for evaluation is the Gaussian's mean. CORL's
+deterministic variant (its iql_deterministic, used on hopper-medium and -medium-replay) replaces the
+Gaussian's log-likelihood by the squared error of a tanh MLP's action.
 
 Speed: the two critics are one module whose layers hold both members' weights (one batched matmul).
 """
@@ -69,6 +71,17 @@ class GaussianActor(nn.Module):
         return torch.distributions.Normal(self.mean(obs), std)
 
 
+class DeterministicActor(nn.Module):
+    """a = tanh-MLP(s), trained by advantage-weighted squared error (CORL's DeterministicPolicy)."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.mean = mlp(obs_dim, act_dim, out_act=nn.Tanh())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.mean(obs)
+
+
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     """Asymmetric L2: residuals with u > 0 (Q above V) weigh `expectile`, the others 1 - expectile."""
     weight = torch.where(u > 0, expectile, 1.0 - expectile)
@@ -81,9 +94,10 @@ class IQL:
 
     def __init__(self, obs_dim: int, act_dim: int, device: str = "cpu", lr: float = 3e-4, gamma: float = 0.99,
                  tau: float = 0.005, expectile: float = 0.7, beta: float = 3.0, max_steps: int = 1_000_000,
-                 seed: int = 0):
+                 seed: int = 0, deterministic: bool = False):
         torch.manual_seed(seed)
-        self.actor = GaussianActor(obs_dim, act_dim).to(device)
+        self.deterministic = deterministic
+        self.actor = (DeterministicActor if deterministic else GaussianActor)(obs_dim, act_dim).to(device)
         self.critic = TwinCritic(obs_dim, act_dim).to(device)
         self.value = mlp(obs_dim, 1).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -117,9 +131,12 @@ class IQL:
         critic_loss.backward()
         self.critic_opt.step()
 
-        # Actor step: advantage-weighted log-likelihood of the dataset's actions.
+        # Actor step: advantage-weighted log-likelihood (or squared error) of the dataset's actions.
         exp_adv = torch.exp(self.beta * adv.detach()).clamp(max=EXP_ADV_MAX)
-        bc_losses = -self.actor(obs).log_prob(act).sum(-1)
+        if self.deterministic:
+            bc_losses = ((self.actor(obs) - act) ** 2).sum(-1)
+        else:
+            bc_losses = -self.actor(obs).log_prob(act).sum(-1)
         actor_loss = (exp_adv * bc_losses).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()

@@ -33,7 +33,7 @@ from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
 from td3bc import TD3BC, TwinCritic
-from train import main, parse_args, sample_batch
+from train import evaluate, main, parse_args, sample_batch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "bench"))
@@ -67,6 +67,32 @@ def minari_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data(minari_root):
     return load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_hopper(minari_root):
+    """A few thousand Hopper steps of a noisy policy, stored with Minari with the real terminations and
+    D4RL's reference returns in its metadata, under a test id."""
+    import gymnasium as gym
+    from minari.data_collector import EpisodeBuffer
+
+    env, rng, buffers, steps = gym.make("Hopper-v5"), np.random.default_rng(0), [], 0
+    while steps < 3000:
+        obs, _ = env.reset(seed=len(buffers))
+        o, a, r, term, trunc = [obs], [], [], [], []
+        while not (term and (term[-1] or trunc[-1])):
+            act = np.clip(rng.normal(0.0, 0.5, 3), -1, 1).astype(np.float32)
+            obs, rew, te, tr, _ = env.step(act)
+            o.append(obs), a.append(act), r.append(float(rew)), term.append(te), trunc.append(tr)
+        buffers.append(EpisodeBuffer(id=len(buffers), observations=np.asarray(o), actions=np.asarray(a), rewards=r,
+                                     terminations=term, truncations=trunc))
+        steps += len(a)
+    minari.create_dataset_from_buffers(dataset_id="dydifftest/hopper/tiny-v0", buffer=buffers, env=env.spec,
+                                       eval_env=env.spec, algorithm_name="noisy zero-mean policy",
+                                       author="DyDiff tests", author_email="none@example.org",
+                                       description="test data", code_permalink="test_dydiff.py",
+                                       ref_min_score=-20.272305, ref_max_score=3234.3)
+    return "dydifftest/hopper/tiny-v0"
 
 
 @pytest.fixture
@@ -172,7 +198,7 @@ def test_normalized_score_formula(tiny_data):
 
 def test_planner_controller_reaches_the_goal_in_the_eval_env():
     """Data: the D4RL planner + PD controller reaches and holds the goal."""
-    for env_name in ("maze2d-umaze", "maze2d-medium"):
+    for env_name in ("maze2d-umaze", "maze2d-medium", "maze2d-large"):
         env = maze_eval_env(env_name)
         goal_cell = MAZE2D[env_name][2]
         for seed in range(3):
@@ -184,6 +210,19 @@ def test_planner_controller_reaches_the_goal_in_the_eval_env():
                 ret, done = ret + r, term or trunc
             assert ret > 0  # reached the goal
             assert np.linalg.norm(obs["achieved_goal"] - obs["desired_goal"]) < 0.45  # and stayed there
+
+
+@pytest.mark.parametrize("env_name", ["maze2d-medium", "maze2d-large"])
+def test_medium_and_large_rebuilds_at_a_small_size(minari_root, env_name):
+    """Data: the medium and large mazes rebuild too (here 2000 steps), with their own ids and references."""
+    d = load_dataset(env_name, steps=2000, verbose=False)
+    assert d.dataset_id == f"dydiff/pointmaze/{env_name.split('-')[1]}-2000-v0" and d.obs.shape == (2000, 6)
+    assert d.ref_max > d.ref_min + 50 and len(d.episode_starts) > 3  # the expert reaches its goals; cuts at successes
+    assert np.all(d.rewards[d.episode_ends[:-1] - 1] == 1.0) and d.constant_dims.tolist()[4:] == [True, True]
+    env = d.make_eval_env()
+    assert env.spec.max_episode_steps == MAZE2D[env_name][3]  # 600 / 800 evaluation steps
+    goal = env.reset(seed=0)[0]["desired_goal"]
+    assert tuple(env.unwrapped.maze.cell_xy_to_rowcol(goal)) == MAZE2D[env_name][2]
 
 
 def test_unknown_env_name_fails_with_the_list_of_valid_names():
@@ -547,7 +586,7 @@ def test_dm_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
     assert info2["cached"] and info2["path"] == info["path"]
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k  # weights, EMA weights and min/max all round-trip
-    raw = np.concatenate([tiny_data.obs, tiny_data.actions], 1)
+    raw = np.concatenate([np.concatenate([tiny_data.obs, tiny_data.next_obs]), np.tile(tiny_data.actions, (2, 1))], 1)
     assert np.allclose(again.x_min.numpy(), raw.min(0)) and np.allclose(again.x_max.numpy(), raw.max(0))
 
     s0 = torch.as_tensor(tiny_data.obs[:4])
@@ -816,6 +855,86 @@ def test_paper_preset_changes_defaults_but_flags_given_win():
     assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.rollout_interval,
             paper.total_steps) == (100, 128, (1, 4, 8), 34, 500, 1_000_000)
     assert parse_args(["--rollout-batch", "64", "--preset=paper"]).horizon == 100  # in any order, either spelling
+
+
+def test_corl_iql_settings_per_dataset_are_the_defaults_and_flags_win():
+    """Args: with --algo iql, CORL's per-dataset settings (hopper) are the defaults; a flag given wins."""
+    assert (parse_args(["--algo", "iql", "--env", "hopper-medium-expert"]).beta,
+            parse_args(["--algo", "iql", "--env", "hopper-medium-expert"]).expectile) == (6.0, 0.5)
+    med = parse_args(["--env=hopper-medium", "--algo=iql"])
+    assert (med.iql_deterministic, med.tau, med.normalize_reward, med.beta) == (True, 0.001, True, 3.0)
+    assert parse_args(["--algo", "iql", "--env", "hopper-medium", "--tau", "0.005"]).tau == 0.005
+    td3 = parse_args(["--env", "hopper-medium"])  # TD3+BC: CORL uses its defaults on every dataset
+    assert (td3.iql_deterministic, td3.tau, td3.normalize_reward) == (False, 0.005, False)
+
+
+def test_evaluation_feeds_the_policy_on_the_learners_device(tiny_data, tmp_path, monkeypatch):
+    """Device: the evaluation hands the policy its batch on the learner's device, in the loop too."""
+    actor, seen = TD3BC(6, 2).actor.to("meta"), []
+
+    def act_fn(o):  # a policy on the meta device: a CPU batch would raise "not on the expected device"
+        seen.append(actor(o).shape)
+        return torch.zeros(len(o), 2)
+
+    returns = evaluate(act_fn, [tiny_data.make_eval_env() for _ in range(2)], tiny_data, 0, device="meta")
+    assert returns.shape == (2,) and seen and seen[0] == (2, 2)
+    import train
+
+    devices = []
+    monkeypatch.setattr(train, "evaluate", lambda act, envs, data, seed, device="cpu": devices.append(device)
+                        or evaluate(act, envs, data, seed, device))
+    run_train(tmp_path, "--total-steps", "50", "--run-name", "dev", "--device", "cpu")
+    assert devices == ["cpu"]  # the loop passes the learner's device
+
+
+def test_paper_preset_dry_run(tiny_data, tmp_path, monkeypatch):
+    """--preset paper end to end on a CPU with tiny sizes: the official recipe reaches every model."""
+    import train
+
+    fits = []
+    monkeypatch.setattr(train, "fit_config", lambda args: fits.append(args.preset) or TINY)  # seconds of ensemble
+    tiny = ["--total-steps", "20", "--eval-interval", "10", "--horizon", "8", "--rollout-length", "8", "--dm-dim", "8",
+            "--dm-mults", "1", "2", "--dm-train-steps", "20", "--rollout-batch", "16", "--rollout-interval", "10",
+            "--sampler-steps", "3", "--synthetic-capacity", "200"]
+    summary = run_train(tmp_path, "--preset", "paper", "--dydiff", *tiny, "--run-name", "paper")
+    assert summary["preset"] == "paper" and summary["steps"] == 20 and fits == ["paper"]
+    config = json.loads((tmp_path / "paper" / "config.json").read_text())
+    assert (config["sampler_churn"], config["dm_act"], config["dm_batch_size"], config["dm_lr"], config["dm_grad_clip"],
+            config["dm_warmup_steps"], config["dm_lr_schedule"], config["real_ratio"]) == (
+        60.0, "mish", 8, 1e-3, 0.0, 1_250_000, "constant", 0.6)
+
+
+def test_paper_ensemble_recipe_is_the_official_one():
+    """--preset paper: the ensemble trains at lr 1e-4, epochs are passes, no cap, any improvement counts."""
+    import train
+
+    cfg = train.fit_config(parse_args(["--preset", "paper"]))
+    assert (cfg.lr, cfg.reward_lr, cfg.steps_per_epoch, cfg.max_epochs, cfg.improvement, cfg.patience) == (
+        1e-4, 1e-4, 0, 0, 0.0, 7)
+    torch.manual_seed(0)  # an epoch of 0 steps is one pass; max_epochs 0 stops only on patience
+    s, a = torch.randn(300, 3), torch.rand(300, 1) * 2 - 1
+    model = RewardModel(3, 1, hidden=8)
+    out = fit(model, (s, a, torch.ones(300)), (s, a, torch.full((300,), 0.3)),
+              FitConfig(steps_per_epoch=0, batch_size=100, lr=3e-3, patience=3, improvement=0.0), 0, progress=False)
+    assert 3 < out["epochs"] < 1000  # stopped by the patience, not by a cap
+
+
+def test_locomotion_dataset_with_dydiff_and_corl_iql(tiny_hopper, tmp_path, tiny_fit):
+    """Locomotion end to end: a Minari Hopper dataset, IQL with CORL's hopper settings, DyDiff rollouts cut
+    by hopper's terminal function, a learned reward, a normalized score from the dataset's references."""
+    flags = ["--dataset-id", tiny_hopper, "--env", "hopper-medium-replay", "--algo", "iql", "--total-steps", "60",
+             "--eval-interval", "30", "--eval-episodes", "2", *TINY_DYDIFF[:-2], "--synthetic-capacity", "2000",
+             "--rollout-interval", "20"]
+    summary = main(["--run-dir", str(tmp_path), "--run-name", "hop", *flags])
+    assert summary["dataset_id"] == tiny_hopper and summary["ref_min"] == -20.272305 and summary["steps"] == 60
+    assert all(np.isfinite(e["score"]) for e in summary["evaluations"])
+    config = json.loads((tmp_path / "hop" / "config.json").read_text())
+    assert (config["reward"], config["iql_deterministic"], config["tau"], config["normalize_reward"]) == (
+        "model", True, 0.001, True)
+    syn = torch.load(tmp_path / "hop" / "checkpoint.pt", weights_only=True)["synthetic"]
+    assert syn["size"] > 0 and syn["dones"].sum() > 0  # hopper's terminal function cut rollouts
+    data = load_dataset(dataset_id=tiny_hopper, verbose=False)
+    assert data.terminals.sum() > 0 and not data.constant_dims.any()
 
 
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])

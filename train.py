@@ -70,6 +70,12 @@ class Args:
     """IQL: expectile of the value regression"""
     beta: float = 3.0
     """IQL: inverse temperature of the advantage weights"""
+    iql_deterministic: bool = False
+    """IQL: a deterministic tanh actor trained by weighted squared error instead of the Gaussian's likelihood"""
+    tau: float = 0.005
+    """soft-update rate of the target networks"""
+    normalize_reward: bool = False
+    """scale rewards (real and synthetic) by 1000 / (max - min episode return) of the data, as CORL's IQL"""
     run_dir: str = "runs"
     """parent folder of all runs"""
     run_name: str | None = None
@@ -141,16 +147,37 @@ PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_len
              dm_grad_clip=0.0)
 
 
+# CORL's per-dataset IQL settings (configs/offline/iql/<env>/<dataset>.yaml) that differ from the defaults
+IQL_DATASETS = {
+    "hopper-medium": dict(iql_deterministic=True, tau=0.001, normalize_reward=True),
+    "hopper-medium-replay": dict(iql_deterministic=True, tau=0.001, normalize_reward=True),
+    "hopper-medium-expert": dict(beta=6.0, expectile=0.5),
+}
+
+
 class ConfigError(ValueError):
     """A bad flag, reported as one line before any work is done."""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """tyro's CLI over Args; with --preset paper the defaults (and --help) are the paper's."""
+    """tyro's CLI over Args. The defaults (and --help) follow --preset paper, and for IQL the dataset's
+    CORL settings (IQL_DATASETS); a flag given always wins."""
     argv = sys.argv[1:] if argv is None else argv
-    paper = any(a == "--preset=paper" or (a == "--preset" and argv[i + 1:i + 2] == ["paper"])
-                for i, a in enumerate(argv))
-    return tyro.cli(Args, args=argv, default=replace(Args(), preset="paper", **PAPER) if paper else Args())
+
+    def given(flag: str, default: str) -> str:  # the value of --flag X or --flag=X in argv
+        for i, a in enumerate(argv):
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+        return default
+
+    default = Args()
+    if given("--preset", "cpu") == "paper":
+        default = replace(default, preset="paper", **PAPER)
+    if given("--algo", "td3bc") == "iql":
+        default = replace(default, **IQL_DATASETS.get(given("--env", default.env), {}))
+    return tyro.cli(Args, args=argv, default=default)
 
 
 def resolve(args: Args) -> Args:
@@ -194,9 +221,9 @@ def resolve(args: Args) -> Args:
 # --------------------------------------------------------------------------------------------------
 def make_learner(args: Args, obs_dim: int, act_dim: int, device: str):
     if args.algo == "td3bc":
-        return TD3BC(obs_dim, act_dim, device=device, alpha=args.alpha, seed=args.seed)
-    return IQL(obs_dim, act_dim, device=device, expectile=args.expectile, beta=args.beta,
-               max_steps=args.total_steps, seed=args.seed)
+        return TD3BC(obs_dim, act_dim, device=device, tau=args.tau, alpha=args.alpha, seed=args.seed)
+    return IQL(obs_dim, act_dim, device=device, tau=args.tau, expectile=args.expectile, beta=args.beta,
+               max_steps=args.total_steps, seed=args.seed, deterministic=args.iql_deterministic)
 
 
 def dm_config(args: Args) -> diffusion.DMConfig:
@@ -210,14 +237,28 @@ def rollout_config(args: Args, rollout_batch: int | None = None) -> dydiff.Rollo
                                 args.sampler_steps, args.sampler_churn, args.filter, args.keep_fraction, args.temperature)
 
 
+def fit_config(args: Args) -> dynamics.FitConfig:
+    """The ensemble's and reward model's training: capped epochs of 250 steps on the cpu preset; with
+    --preset paper the official recipe: lr 1e-4, an epoch is a pass over the data, no cap, any holdout
+    improvement resets the patience of 7 epochs."""
+    if args.preset == "paper":
+        return dynamics.FitConfig(lr=1e-4, reward_lr=1e-4, steps_per_epoch=0, max_epochs=0, reward_max_epochs=0,
+                                  improvement=0.0)
+    return dynamics.FitConfig()
+
+
+def reward_scale(args: Args, data) -> float:
+    return data.return_scale() if args.normalize_reward else 1.0
+
+
 def pretrain(args: Args, data, device: str) -> dydiff.DyDiffModels:
     """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache."""
-    ensemble, reward_model, _ = dynamics.load_or_train(data, device, seed=args.model_seed)
+    ensemble, reward_model, _ = dynamics.load_or_train(data, device, seed=args.model_seed, cfg=fit_config(args))
     dm, _ = diffusion.load_or_train(data, dm_config(args), device)
     t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
     return dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn(args.env), t(data.obs_mean),
                                t(data.obs_std), dynamics.env_reward_fn(args.env) if args.reward == "env" else None,
-                               t(data.constant_dims))
+                               t(data.constant_dims), reward_scale(args, data))
 
 
 def round_generator(seed: int, step: int, device: str) -> torch.Generator:
@@ -236,13 +277,14 @@ def sample_batch(real: TransitionBuffer, synthetic: TransitionBuffer | None, bat
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def evaluate(act_fn, envs: list, data, seed: int) -> np.ndarray:
+def evaluate(act_fn, envs: list, data, seed: int, device: str | torch.device = "cpu") -> np.ndarray:
     """Undiscounted returns of the deterministic policy, one episode per env, all stepped in lockstep
-    so the policy runs once per time step on a batch. Reset seeds are fixed: evaluations are comparable."""
+    so the policy runs once per time step on a batch (on the policy's device). Reset seeds are fixed:
+    evaluations are comparable."""
     obs = [flat_obs(env.reset(seed=seed + i)[0]) for i, env in enumerate(envs)]
     returns, alive = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
     while alive.any():
-        o = torch.as_tensor(data.normalize_obs(np.stack(obs)), dtype=torch.float32)
+        o = torch.as_tensor(data.normalize_obs(np.stack(obs)), dtype=torch.float32, device=device)
         actions = act_fn(o).cpu().numpy()
         for i in np.flatnonzero(alive):
             ob, r, terminated, truncated, _ = envs[i].step(actions[i])
@@ -262,7 +304,7 @@ def train(args: Args) -> dict:
 
     # 1. The dataset D in env space, on the device, and the learner.
     data = load_dataset(args.env if args.dataset_id is None else None, args.dataset_id, args.dataset_steps)
-    real = real_buffer(data, device)
+    real = real_buffer(data, device, reward_scale(args, data))
     learner = make_learner(args, data.obs_dim, data.act_dim, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # batch sampling
     envs = [data.make_eval_env() for _ in range(args.eval_episodes)]
@@ -293,7 +335,7 @@ def train(args: Args) -> dict:
 
             # 5. Evaluate and checkpoint.
             if step % args.eval_interval == 0 or step == args.total_steps:
-                returns = evaluate(learner.act, envs, data, seed=10_000 * (args.seed + 1))
+                returns = evaluate(learner.act, envs, data, 10_000 * (args.seed + 1), device)
                 run.log_evaluation(step, losses, returns, float(data.normalized_score(returns).mean()))
                 run.save(step)
     return run.finish(step, models, real)
@@ -321,6 +363,7 @@ def learner_from_checkpoint(path, obs_dim: int, act_dim: int, device: str = "cpu
     state = read_run_checkpoint(Path(path), "pass a run's checkpoint.pt")
     a = state["args"]  # only the learner's own settings matter
     learner = make_learner(Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
+                                iql_deterministic=a.get("iql_deterministic", False), tau=a.get("tau", 0.005),
                                 total_steps=a["total_steps"], seed=a["seed"]), obs_dim, act_dim, device)
     learner.load_state_dict(state["learner"])
     return learner, state
