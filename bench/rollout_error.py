@@ -142,7 +142,7 @@ def main(args: Args) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     plot(out, RESULTS / f"{args.name}.png")
-    show = [h for h in (1, 4, 8, 16, 31, 47, 62, 93, T - 1) if h < T]
+    show = sorted({h for h in (1, 4, 8, 16, 31, 47, 62, 93, T - 1) if h < T})
     for key, what in (("curves", "all state dims"), ("curves_position", "position")):
         print(f"\n| MSE vs simulator, {what} | " + " | ".join(f"h={h}" for h in show) + " |")
         print("|---" * (len(show) + 1) + "|")
