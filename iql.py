@@ -70,6 +70,10 @@ class GaussianActor(nn.Module):
         std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
         return torch.distributions.Normal(self.mean(obs), std)
 
+    def bc_loss(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Per-sample negative log-likelihood of the dataset's actions (B,)."""
+        return -self(obs).log_prob(act).sum(-1)
+
 
 class DeterministicActor(nn.Module):
     """a = tanh-MLP(s), trained by advantage-weighted squared error (CORL's DeterministicPolicy)."""
@@ -80,6 +84,10 @@ class DeterministicActor(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.mean(obs)
+
+    def bc_loss(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Per-sample squared error to the dataset's actions (B,)."""
+        return ((self(obs) - act) ** 2).sum(-1)
 
 
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -96,7 +104,6 @@ class IQL:
                  tau: float = 0.005, expectile: float = 0.7, beta: float = 3.0, max_steps: int = 1_000_000,
                  seed: int = 0, deterministic: bool = False):
         torch.manual_seed(seed)
-        self.deterministic = deterministic
         self.actor = (DeterministicActor if deterministic else GaussianActor)(obs_dim, act_dim).to(device)
         self.critic = TwinCritic(obs_dim, act_dim).to(device)
         self.value = mlp(obs_dim, 1).to(device)
@@ -133,11 +140,7 @@ class IQL:
 
         # Actor step: advantage-weighted log-likelihood (or squared error) of the dataset's actions.
         exp_adv = torch.exp(self.beta * adv.detach()).clamp(max=EXP_ADV_MAX)
-        if self.deterministic:
-            bc_losses = ((self.actor(obs) - act) ** 2).sum(-1)
-        else:
-            bc_losses = -self.actor(obs).log_prob(act).sum(-1)
-        actor_loss = (exp_adv * bc_losses).mean()
+        actor_loss = (exp_adv * self.actor.bc_loss(obs, act)).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
