@@ -375,7 +375,7 @@ class Run:
 
     def __init__(self, args: Args, device: str):
         self.args, self.device, self.t_start, self.evals, self.signals = args, device, time.time(), [], []
-        self.cpu_start, self.cpu_before = time.process_time(), 0.0  # CPU time: not inflated by a paused machine
+        self.cpu_start, self.cpu_before = time.process_time(), 0.0
         self.name = args.run_name or f"{args.env}__{args.algo}{'+dydiff' * args.dydiff}__{args.seed}__{int(time.time())}"
         self.path = Path(args.run_dir) / self.name
         self.ckpt = self.path / "checkpoint.pt"
@@ -471,13 +471,19 @@ class Run:
         self.postfix.update(sps=f"{sps:.0f}", score=f"{score:.1f}", best=f"{max(e['score'] for e in self.evals):.1f}")
         self.bar.set_postfix(self.postfix)
 
+    def wall_time(self) -> float:  # seconds, all sessions of a resumed run
+        return self.wall_before + time.time() - self.t_start
+
+    def cpu_time(self) -> float:  # CPU seconds, all sessions: not inflated by a paused machine
+        return self.cpu_before + time.process_time() - self.cpu_start
+
     def save(self, step: int) -> None:
         """The whole state of the run, written atomically (a crash mid-write keeps the last checkpoint)."""
         state = {"format": CHECKPOINT_FORMAT, "args": asdict(self.args), "fingerprint": self.data.fingerprint,
                  "step": step, "learner": self.learner.state_dict(), "gen": self.gen.get_state(), "evals": self.evals,
                  "synthetic": self.synthetic.state_dict() if self.synthetic is not None else None,
-                 "wall_time": self.wall_before + time.time() - self.t_start, "update_time": self.update_time,
-                 "rollout_time": self.rollout_time, "cpu_time": self.cpu_before + time.process_time() - self.cpu_start,
+                 "wall_time": self.wall_time(), "update_time": self.update_time,
+                 "rollout_time": self.rollout_time, "cpu_time": self.cpu_time(),
                  "obs_mean": torch.as_tensor(self.data.obs_mean),
                  "obs_std": torch.as_tensor(self.data.obs_std)}
         write_atomic(self.ckpt, lambda tmp: torch.save(state, tmp))
@@ -511,13 +517,13 @@ class Run:
             dydiff.plot_rollouts(self.path / "rollouts.png", args.env, data, self.learner.act, models, s0, cfg, g,
                                  draw_maze if args.env.startswith("maze2d") else None)
         best = max(self.evals, key=lambda e: e["score"])
-        wall = self.wall_before + time.time() - self.t_start
+        wall = self.wall_time()
         summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "dydiff": args.dydiff,
                    "preset": args.preset, "seed": args.seed, "steps": step,
                    # final: the mean of the last 3 evaluations, less noisy than the last one alone
                    "final_score": float(np.mean([e["score"] for e in self.evals[-3:]])),
                    "last_score": self.evals[-1]["score"], "best_score": best["score"], "best_step": best["step"],
-                   "wall_time_s": wall, "cpu_time_s": self.cpu_before + time.process_time() - self.cpu_start,
+                   "wall_time_s": wall, "cpu_time_s": self.cpu_time(),
                    "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
                    "updates_per_s": step / max(self.update_time, 1e-9), "ref_min": data.ref_min,
                    "ref_max": data.ref_max, "device": self.device,
