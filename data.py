@@ -58,9 +58,7 @@ class CheckpointError(ValueError):
     """A checkpoint or cached model that cannot be used, with a one-line message naming the file and the fix."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Names
-# --------------------------------------------------------------------------------------------------
+# -- Names -----------------------------------------------------------------------------------------
 def resolve_env(env: str) -> str:
     """Return the official Minari id for a D4RL-style name, or fail with the list of valid names."""
     if env in MAZE2D:
@@ -77,9 +75,7 @@ def local_maze_id(env: str, steps: int) -> str:
     return f"dydiff/pointmaze/{maze}{size}-v0"
 
 
-# --------------------------------------------------------------------------------------------------
-# Waypoint planner + PD controller (the D4RL maze2d data policy)
-# --------------------------------------------------------------------------------------------------
+# -- Waypoint planner + PD controller (the D4RL maze2d data policy) --------------------------------
 class WaypointController:
     """Breadth-first path over maze cells to the goal, then PD control toward cell centres.
 
@@ -215,9 +211,7 @@ def generate_maze_dataset(env: str, steps: int | None = None, seed: int = 0, pro
     return dataset
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading and flattening
-# --------------------------------------------------------------------------------------------------
+# -- Loading and flattening ------------------------------------------------------------------------
 def _try_download(dataset_id: str) -> bool:
     """One fast connectivity probe, then Minari's download; False instead of a long hang offline."""
     try:
@@ -387,9 +381,7 @@ def _flatten(ds) -> dict[str, np.ndarray]:
             "episode_starts": np.asarray(starts, dtype=np.int64)}
 
 
-# --------------------------------------------------------------------------------------------------
-# Transitions as device tensors (the real data D and DyDiff's synthetic FIFO)
-# --------------------------------------------------------------------------------------------------
+# -- Transitions as device tensors (the real data D and DyDiff's synthetic FIFO) -------------------
 class TransitionBuffer:
     """Transitions as device tensors; `sample` draws a batch by indexing, with no per-sample Python.
     `add` appends and, once full, overwrites the oldest rows (FIFO)."""
@@ -435,9 +427,7 @@ def real_buffer(data: OfflineData, device: str | torch.device, reward_scale: flo
     return buf
 
 
-# --------------------------------------------------------------------------------------------------
-# Files: one atomic write, one checkpoint reader, one cache of pretrained models
-# --------------------------------------------------------------------------------------------------
+# -- Files: one atomic write, one checkpoint reader, one cache of pretrained models ----------------
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` to a temporary file beside `path`, then rename it: a crash mid-write never leaves a
     truncated file under the real name (os.replace is atomic on one file system)."""
@@ -481,9 +471,7 @@ def load_or_train_cached(data: OfflineData, kind: str, settings: dict, train: Ca
     return ckpt, path, False
 
 
-# --------------------------------------------------------------------------------------------------
-# Pictures: the maze, its goal and where evaluation episodes start
-# --------------------------------------------------------------------------------------------------
+# -- Pictures: the maze, its goal and where evaluation episodes start ------------------------------
 def draw_maze(ax, env: str) -> None:
     """Walls of a maze2d eval env in dark grey, the cells where evaluation episodes start in light green,
     and the goal with its success circle (radius 0.45) in gold."""

@@ -21,8 +21,8 @@ alone they reach the network multiplied by c_in ~ 1/sigma, so at high noise it b
 official code compensates with ~375k training steps, and a DM trained for minutes on a CPU without
 the extra channels did not follow its conditions.
 
-``python diffusion.py --env maze2d-umaze`` trains the DM (or loads it from the cache beside the
-dataset) and prints its training summary; ``python bench/fidelity.py`` compares its rollouts with the
+``python bench/pretrain.py --env maze2d-umaze`` trains the DM (or loads it from the cache beside the
+dataset) and prints its validation loss; ``python bench/fidelity.py`` compares its rollouts with the
 ensemble's against the simulator (the paper's Figure 3).
 """
 from __future__ import annotations
@@ -30,13 +30,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from data import load_or_train_cached
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln(sigma) ~ N(P_MEAN, P_STD^2)
@@ -47,17 +49,14 @@ S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002
 MODEL_VERSION = 3  # part of the cache key: bump whenever the network's inputs, layout or box change
 
 
-# --------------------------------------------------------------------------------------------------
-# Temporal U-Net (Diffuser-style, 1-D convolutions over time)
-# --------------------------------------------------------------------------------------------------
+# -- Temporal U-Net (Diffuser-style, 1-D convolutions over time) -----------------------------------
 # The activation: Diffuser's temporal U-Net (and the official DyDiff code) uses Mish; EDM's own networks
-# use SiLU, which computes the same kind of smooth gate for about a third of Mish's cost on a CPU.
+# use SiLU, the same kind of smooth gate, which is much cheaper to compute on a CPU.
 ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish}
 # Layout: activations are (B, time, channels), as the segments themselves. A convolution sees that memory
-# as a (B, channels, 1, time) channels-last image, for which oneDNN's CPU kernels run near the matmul
-# peak (its 1-D path ran our small convolutions at a third to a half of it); additions, activations and
-# concatenations stay plain contiguous operations. Conv1d, GroupNorm and Upsample keep the parameters
-# of the torch layers they subclass, so the network is the same, only computed faster (bench/speed.py).
+# as a (B, channels, 1, time) channels-last image, which oneDNN's CPU kernels run near the matmul peak
+# (its 1-D path does not); additions, activations and concatenations stay plain contiguous operations.
+# Conv1d, GroupNorm and Upsample keep the parameters of the torch layers they subclass (bench/speed.py).
 
 
 class Conv1d(nn.Conv1d):
@@ -122,16 +121,15 @@ class NoiseEmbedding(nn.Module):
 
 
 class Upsample(nn.ConvTranspose1d):
-    """ConvTranspose1d(c, c, 4, stride=2, padding=1), the U-Net's upsampling, computed as one ordinary
-    k3 convolution per output phase: out[2t] = W_1 x[t] + W_3 x[t-1], out[2t+1] = W_2 x[t] + W_0 x[t+1].
-    The same function of the same weights (and state-dict keys); the CPU backend runs a transposed
-    convolution on a slow path, and this form on its fast one."""
+    """The U-Net's upsampling (B, T, C) -> (B, 2T, C): ConvTranspose1d(c, c, 4, stride=2, padding=1)
+    computed as one ordinary k3 convolution per output phase: out[2t] = W_1 x[t] + W_3 x[t-1],
+    out[2t+1] = W_2 x[t] + W_0 x[t+1]. The same function of the same weights (and state-dict keys); the
+    CPU backend runs a transposed convolution on a slow path, and this form on its fast one."""
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, 4, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C) -> (B, 2T, C)."""
         W, zero = self.weight, torch.zeros_like(self.weight[..., 0])  # W: (c_in, c_out, 4)
         even = torch.stack([W[..., 3], W[..., 1], zero], -1)  # taps x[t-1], x[t], x[t+1]
         odd = torch.stack([zero, W[..., 2], W[..., 0]], -1)
@@ -147,8 +145,7 @@ class TemporalUnet(nn.Module):
 
     Each of the len(dim_mults) levels has two residual blocks; all but the deepest halve the length,
     so H must be divisible by 2 ** (len(dim_mults) - 1). Channel widths are dim * mult (multiples of 8
-    for GroupNorm(8)).
-    """
+    for GroupNorm(8))."""
 
     def __init__(self, transition_dim: int, cond_dim: int = 0, dim: int = 32, dim_mults=(1, 2, 4),
                  act: str = "silu"):
@@ -200,9 +197,7 @@ class TemporalUnet(nn.Module):
         return self.final(h)
 
 
-# --------------------------------------------------------------------------------------------------
-# EDM around the U-Net
-# --------------------------------------------------------------------------------------------------
+# -- EDM around the U-Net --------------------------------------------------------------------------
 class DynamicsDiffusion(nn.Module):
     """EDM denoiser over segments with conditioning on s_0 and the actions, an EMA copy for sampling,
     and the min-max box of [obs, act] (buffers, so the checkpoint carries them)."""
@@ -310,32 +305,11 @@ class DynamicsDiffusion(nn.Module):
     @torch.no_grad()
     def generate(self, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
                  generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
-        """Raw states s_0..s_{T-1} (B, T, obs_dim) for raw s_0 (B, obs_dim) and actions a_0..a_{T-1}
-        (B, T, act_dim), T >= H; index 0 is s_0 itself.
-
-        Beyond H rows, windows of H rows are chained: each starts from the last state the previous one
-        generated (a stride of H - 1 rows), and the last one is shifted back to end at row T - 1 rather
-        than padded with invented actions (the DM is not causal: every row sees every action)."""
-        B, T, _ = actions.shape
-        H = self.horizon
-        if T < H:
-            raise ValueError(f"generate needs at least H={H} actions (got {T})")
-        states = torch.empty(B, T, self.obs_dim, device=self.x_min.device)
-        states[:, 0] = s0_raw
-        done = 0  # rows 0..done are final
-        while done < T - 1:
-            start = min(done, T - H)
-            window = self.generate_window(states[:, start], actions[:, start:start + H], sampler_steps, generator,
-                                          **sampler)
-            states[:, done + 1:start + H] = window[:, done - start + 1:]
-            done = start + H - 1
-        return states
-
-    @torch.no_grad()
-    def generate_window(self, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
-                        generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
-        """One window: raw states (B, H, obs_dim) for raw s_0 and H actions; index 0 is s_0."""
+        """Raw states s_0..s_{H-1} (B, H, obs_dim) for raw s_0 (B, obs_dim) and actions a_0..a_{H-1}
+        (B, H, act_dim); index 0 is s_0 itself. Longer rollouts chain windows: dydiff.generate_chained."""
         B, H, _ = actions.shape
+        if H != self.horizon:
+            raise ValueError(f"the DM generates H={self.horizon} rows at a time, got {H}: use dydiff.generate_chained")
         dev, obs = self.x_min.device, slice(0, self.obs_dim)
         s0_raw = s0_raw.to(dev, torch.float32)
         cond = torch.zeros(B, H, self.obs_dim + self.act_dim, device=dev)
@@ -347,9 +321,7 @@ class DynamicsDiffusion(nn.Module):
         return states
 
 
-# --------------------------------------------------------------------------------------------------
-# Data: segments of length H inside episodes
-# --------------------------------------------------------------------------------------------------
+# -- Data: segments of length H inside episodes ----------------------------------------------------
 def segment_index(episode_starts: np.ndarray, episode_ends: np.ndarray, H: int) -> tuple[np.ndarray, np.ndarray]:
     """(first row, number of real rows) of every segment: all full H-windows inside each episode, and one
     shorter, padded segment for an episode shorter than H."""
@@ -374,32 +346,19 @@ def gather_segments(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
 class DMConfig:
     """The DM's size and its training recipe. Defaults: train.py's cpu preset (--preset paper: the official)."""
 
-    horizon: int = 32
-    """H, rows per segment; a multiple of 2 ** (len(dim_mults) - 1)"""
-    dim: int = 32
-    """U-Net base width"""
-    dim_mults: tuple[int, ...] = (1, 2, 4)
-    """U-Net width multipliers per level"""
-    act: str = "silu"
-    """activation: silu or mish"""
-    train_steps: int = 1800
-    """gradient steps"""
-    batch_size: int = 96
-    """segments per gradient step"""
-    lr: float = 2.5e-3
-    """Adam learning rate after the warm-up"""
-    warmup_steps: int = 200
-    """linear learning-rate warm-up"""
-    lr_schedule: str = "cosine"
-    """after the warm-up: constant, or cosine (decay to 0 at the last step)"""
-    grad_clip: float = 1.0
-    """gradient-norm clipping (0: none)"""
-    ema_halflife: float = 500_000
-    """EMA half-life in training samples (EDM's default)"""
-    ema_rampup: float = 0.05
-    """early on the half-life is at most this share of the samples seen (EDM's default)"""
-    seed: int = 0
-    """seed of the initialisation, the batches and the training noise"""
+    horizon: int = 32  # H, rows per segment; a multiple of 2 ** (len(dim_mults) - 1)
+    dim: int = 32  # U-Net base width
+    dim_mults: tuple[int, ...] = (1, 2, 4)  # U-Net width multipliers per level
+    act: str = "silu"  # activation: silu or mish
+    train_steps: int = 1800  # gradient steps
+    batch_size: int = 96  # segments per gradient step
+    lr: float = 2.5e-3  # Adam learning rate after the warm-up
+    warmup_steps: int = 200  # linear learning-rate warm-up
+    lr_schedule: str = "cosine"  # after the warm-up: constant, or cosine (decay to 0 at the last step)
+    grad_clip: float = 1.0  # gradient-norm clipping (0: none)
+    ema_halflife: float = 500_000  # EMA half-life in training samples (EDM's default)
+    ema_rampup: float = 0.05  # early on the half-life is at most this share of the samples seen (EDM's default)
+    seed: int = 0  # seed of the initialisation, the batches and the training noise
 
 
 def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths: np.ndarray, cfg: DMConfig,
@@ -451,21 +410,16 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
             bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
         if (step + 1) % val_every == 0 or step + 1 == cfg.train_steps:
             validate(step + 1)
-    # cpu_seconds ~ the wall time on an idle core (torch runs single-threaded here by default)
     return {"train_seconds": time.time() - t0 - t_val, "cpu_seconds": time.process_time() - cpu0,
             "train_steps": cfg.train_steps, "final_loss": float(np.mean(losses[-200:])),
             "first_loss": float(np.mean(losses[:50])), "loss_curve": curve, "val_loss": val_curve[-1][2],
             "val_curve": val_curve}
 
 
-# --------------------------------------------------------------------------------------------------
-# Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached)
-# --------------------------------------------------------------------------------------------------
+# -- Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached) ---------
 def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrain: bool = False,
                   progress: bool = True) -> tuple[DynamicsDiffusion, dict]:
     """The DM for ``data`` (an OfflineData): from the cache beside the dataset, else trained now."""
-    from data import load_or_train_cached
-
     cfg = cfg or DMConfig()
     settings = {"version": MODEL_VERSION, "obs_dim": data.obs_dim, "act_dim": data.act_dim, **asdict(cfg)}
     raw = np.concatenate([data.obs, data.actions], axis=1)
@@ -493,34 +447,3 @@ def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrai
           f"{info['train_seconds']:.0f} s, validation loss {info['val_loss']:.4f})")
     return model, info
 
-
-if __name__ == "__main__":
-    import tyro
-
-    @dataclass
-    class Args:
-        env: str = "maze2d-umaze"
-        """D4RL-style dataset name (see data.py)"""
-        dataset_id: str | None = None
-        """any Minari dataset id, instead of --env"""
-        dataset_steps: int | None = None
-        """maze2d only: size of a local dataset rebuild (default: the full D4RL size)"""
-        dm: DMConfig = field(default_factory=DMConfig)
-        """the DM's size and training"""
-        device: str = "cpu"
-        """torch device"""
-        threads: int = 1
-        """torch CPU threads (more threads collapse when other processes share the cores)"""
-        retrain: bool = False
-        """ignore a cached model and train again"""
-
-    args = tyro.cli(Args)
-    torch.set_num_threads(args.threads)
-    from data import CheckpointError, DatasetError, load_dataset
-
-    try:
-        data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
-        model, info = load_or_train(data, args.dm, args.device, args.retrain)
-    except (DatasetError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"validation loss {info['val_curve'][0][2]:.4f} (step {info['val_curve'][0][0]}) -> {info['val_loss']:.4f}")

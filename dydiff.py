@@ -107,9 +107,7 @@ class DyDiffModels:
         return torch.minimum(torch.maximum(actions, self.dm.x_min[act].to(actions)), self.dm.x_max[act].to(actions))
 
 
-# --------------------------------------------------------------------------------------------------
-# Steps 1-3: start states, the initial trajectory, M DM iterations
-# --------------------------------------------------------------------------------------------------
+# -- Steps 1-3: start states, the initial trajectory, M DM iterations ------------------------------
 def draw_start_states(obs_env: torch.Tensor, B: int, generator: torch.Generator | None = None):
     """Step 1: B start states s_0 drawn uniformly (with replacement) from the dataset; also their indices."""
     idx = torch.randint(len(obs_env), (B,), generator=generator, device=obs_env.device)
@@ -137,6 +135,29 @@ def initial_rollout(act_fn: ActFn, models: DyDiffModels, s0_env: torch.Tensor, T
 
 
 @torch.no_grad()
+def generate_chained(dm, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
+                     generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
+    """The DM's raw states s_0..s_{T-1} (B, T, obs_dim) for raw s_0 and T >= H actions, in windows of H rows.
+
+    Each window starts from the last state the previous one generated (a stride of H - 1 rows), and the
+    last one is shifted back to end at row T - 1 rather than padded with invented actions (the DM is not
+    causal: every row sees every action)."""
+    B, T, _ = actions.shape
+    H = dm.horizon
+    if T < H:
+        raise ValueError(f"generate_chained needs at least H={H} actions (got {T})")
+    states = torch.empty(B, T, dm.obs_dim, device=dm.x_min.device)
+    states[:, 0] = s0_raw
+    done = 0  # rows 0..done are final
+    while done < T - 1:
+        start = min(done, T - H)
+        window = dm.generate(states[:, start], actions[:, start:start + H], sampler_steps, generator, **sampler)
+        states[:, done + 1:start + H] = window[:, done - start + 1:]
+        done = start + H - 1
+    return states
+
+
+@torch.no_grad()
 def refine(act_fn: ActFn, models: DyDiffModels, states_env: torch.Tensor, actions: torch.Tensor, cfg: RolloutConfig,
            generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Step 3: M iterations of (DM states given s_0 and the actions -> average -> box -> relabel).
@@ -146,8 +167,8 @@ def refine(act_fn: ActFn, models: DyDiffModels, states_env: torch.Tensor, action
     s_0 = states_env[:, 0].clone()
     iterates = [(states_env, actions)]
     for _ in range(cfg.iterations):
-        dm_env = models.env(models.dm.generate(models.raw(s_0), actions, cfg.sampler_steps, generator,
-                                               S_churn=cfg.sampler_churn).to(states_env))
+        dm_env = models.env(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator,
+                                             S_churn=cfg.sampler_churn).to(states_env))
         # The official code averages with the previous states (the paper does not say so): a cheap
         # ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.
@@ -159,9 +180,7 @@ def refine(act_fn: ActFn, models: DyDiffModels, states_env: torch.Tensor, action
     return iterates
 
 
-# --------------------------------------------------------------------------------------------------
-# Steps 4-5: rewards, scores and filters
-# --------------------------------------------------------------------------------------------------
+# -- Steps 4-5: rewards, scores and filters --------------------------------------------------------
 @torch.no_grad()
 def transition_rewards(models: DyDiffModels, states_env: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Step 4: r_t for every trajectory and step, (B, T) from the reward model r(s_t, a_t), or (B, T-1)
@@ -205,9 +224,7 @@ def softmax_filter(scores: torch.Tensor, keep_fraction: float, temperature: floa
     return torch.multinomial(p, n_keep(B, keep_fraction), replacement=False, generator=generator)
 
 
-# --------------------------------------------------------------------------------------------------
-# Step 6: transitions
-# --------------------------------------------------------------------------------------------------
+# -- Step 6: transitions ---------------------------------------------------------------------------
 def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                    terminal: torch.Tensor) -> dict[str, torch.Tensor]:
     """Step 6: (s_t, a_t, r_t, s_{t+1}, done_t) for t < T-1, flattened trajectory by trajectory.
@@ -224,9 +241,7 @@ def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: tor
             "dones": done[keep].to(states_env.dtype)}
 
 
-# --------------------------------------------------------------------------------------------------
-# One full round
-# --------------------------------------------------------------------------------------------------
+# -- One full round --------------------------------------------------------------------------------
 def rollout_round(act_fn: ActFn, models: DyDiffModels, start_states_env: torch.Tensor, cfg: RolloutConfig,
                   generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Steps 2-6 for the start states s_0 (B, obs_dim), env space. Returns (transitions, stats)."""
@@ -273,9 +288,7 @@ def rollout_round(act_fn: ActFn, models: DyDiffModels, start_states_env: torch.T
     return transitions, stats
 
 
-# --------------------------------------------------------------------------------------------------
-# The picture for learners
-# --------------------------------------------------------------------------------------------------
+# -- The picture for learners ----------------------------------------------------------------------
 def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, start_states_env: torch.Tensor,
                   cfg: RolloutConfig, generator: torch.Generator | None = None, draw_background=None) -> None:
     """PNG of (x, y) = obs dims 0, 1: a few dataset episodes (grey) and, from the given start states, the

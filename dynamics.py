@@ -11,7 +11,7 @@ Spaces: both models take s in env space (z-scored with the dataset's obs_mean/ob
 [-1, 1]; the ensemble predicts s' - s in env space, the reward model the raw reward. Terminal and
 reward functions take raw observations.
 
-``python dynamics.py --env maze2d-umaze`` trains both (or loads them from the cache beside the
+``python bench/pretrain.py --env maze2d-umaze`` trains both (or loads them from the cache beside the
 dataset) and prints their holdout losses.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import load_or_train_cached
 
-# --------------------------------------------------------------------------------------------------
-# Batched ensemble layers: every member is computed in one bmm, no Python loop over members
-# --------------------------------------------------------------------------------------------------
+
+# -- Batched ensemble layers: every member is computed in one bmm, no Python loop over members -----
 class VectorizedLinear(nn.Module):
     """`n` independent linear layers applied to a (n, B, in) input with one batched matmul."""
 
@@ -140,9 +140,7 @@ class RewardModel(nn.Module):
         return ((self(s, a) - r) ** 2).mean().reshape(1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Training with holdout early stopping
-# --------------------------------------------------------------------------------------------------
+# -- Training with holdout early stopping ----------------------------------------------------------
 @dataclass
 class FitConfig:
     # An "epoch" here is a fixed number of minibatch steps, not a pass over the data (the official
@@ -246,14 +244,10 @@ def train_models(data, cfg: FitConfig, device="cpu", seed: int = 0, progress: bo
     return ens, rew, info
 
 
-# --------------------------------------------------------------------------------------------------
-# Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached)
-# --------------------------------------------------------------------------------------------------
+# -- Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached) ---------
 def load_or_train(data, device="cpu", seed: int = 0, cfg: FitConfig | None = None, retrain: bool = False,
                   progress: bool = True) -> tuple[Ensemble, RewardModel, dict]:
     """(ensemble, reward model, info) for `data`: from the cache beside the dataset, else trained now."""
-    from data import load_or_train_cached
-
     cfg = cfg or FitConfig()
 
     def train():
@@ -268,9 +262,7 @@ def load_or_train(data, device="cpu", seed: int = 0, cfg: FitConfig | None = Non
     return ens, rew, {**ckpt["info"], "path": str(path), "cached": cached}
 
 
-# --------------------------------------------------------------------------------------------------
-# Terminal functions on raw (s, a, s')
-# --------------------------------------------------------------------------------------------------
+# -- Terminal functions on raw (s, a, s') ----------------------------------------------------------
 def terminal_fn(env: str):
     """done(s, a, s') -> bool (B,) for a D4RL-style name. NaN states fail every comparison, so they
     count as terminal for hopper and walker2d."""
@@ -313,39 +305,3 @@ def env_reward_fn(env: str):
         raise ValueError(f"no known reward function for '{env}' (only maze2d has one): use --reward model")
     return ENV_REWARDS[env.split("-")[0]]
 
-
-if __name__ == "__main__":
-    import tyro
-
-    @dataclass
-    class Args:
-        env: str = "maze2d-umaze"
-        """D4RL-style dataset name (maze2d-umaze, hopper-medium, ...)"""
-        dataset_id: str | None = None
-        """any Minari dataset id, instead of --env"""
-        dataset_steps: int | None = None
-        """maze2d only: size of a local dataset rebuild (None: the D4RL size)"""
-        device: str = "cpu"
-        """torch device"""
-        seed: int = 0
-        """seed of the holdout split, initialisation and minibatches"""
-        threads: int = 1
-        """torch CPU threads (1 is the safe choice on a shared machine)"""
-        retrain: bool = False
-        """train again even when a cached checkpoint exists (overwrites it)"""
-
-    args = tyro.cli(Args)
-    torch.set_num_threads(args.threads)
-    from data import CheckpointError, DatasetError, load_dataset
-
-    try:
-        data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
-        ens, rew, info = load_or_train(data, args.device, args.seed, retrain=args.retrain)
-    except (DatasetError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"{'loaded' if info['cached'] else 'saved'} {info['path']}")
-    print(f"ensemble: holdout MSE of s'-s (env space, mean of elites {info['elites']}) "
-          f"{info['ensemble_holdout_mse']:.3e}; members {[f'{x:.2e}' for x in info['ensemble_holdout_mse_members']]}; "
-          f"{info['ensemble_epochs']} epochs, {info['ensemble_time_s']:.0f} s")
-    print(f"reward model: holdout MSE {info['reward_holdout_mse']:.3e} (reward variance {info['reward_variance']:.3e}); "
-          f"{info['reward_epochs']} epochs, {info['reward_time_s']:.0f} s; total training {info['train_time_s']:.0f} s")

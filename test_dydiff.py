@@ -38,6 +38,7 @@ from train import evaluate, main, parse_args, sample_batch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "bench"))
 from fidelity import crossings, dm_predict, ensemble_predict, in_episode_rollout_error, rollout_error, simulate  # noqa: E402
+import pretrain  # noqa: E402
 
 torch.set_num_threads(1)
 TINY_STEPS = 3000  # a few thousand maze steps: ~40 episodes, built in seconds
@@ -502,20 +503,22 @@ def test_sampling_keeps_conditions_exactly():
 
 
 def test_generate_chains_windows_beyond_H():
-    """Sampler, T > H: each window starts at the last state the previous one made; the last shifts back."""
+    """dydiff.generate_chained, T > H: each window starts at the last state the previous one made; the last shifts back."""
     model = tiny_model()  # H = 8
     s0, actions = torch.rand(4, 3) * 2 - 1, torch.rand(4, 20, 2) * 2 - 1
-    states = model.generate(s0, actions, 3, generator=torch.Generator().manual_seed(1))
+    states = dydiff.generate_chained(model, s0, actions, 3, generator=torch.Generator().manual_seed(1))
     assert states.shape == (4, 20, 3) and torch.equal(states[:, 0], s0)
     # rows 0-7, then 7-14 (from the generated s_7), then 12-19 (shifted back to end at row 19, from s_12)
     g = torch.Generator().manual_seed(1)
-    w1 = model.generate_window(s0, actions[:, :8], 3, generator=g)
-    w2 = model.generate_window(w1[:, -1], actions[:, 7:15], 3, generator=g)
-    w3 = model.generate_window(w2[:, 5], actions[:, 12:], 3, generator=g)
+    w1 = model.generate(s0, actions[:, :8], 3, generator=g)
+    w2 = model.generate(w1[:, -1], actions[:, 7:15], 3, generator=g)
+    w3 = model.generate(w2[:, 5], actions[:, 12:], 3, generator=g)
     assert torch.allclose(states[:, :8], w1, atol=1e-6) and torch.allclose(states[:, 8:15], w2[:, 1:], atol=1e-6)
     assert torch.allclose(states[:, 15:], w3[:, 3:], atol=1e-6)
     with pytest.raises(ValueError, match="at least H=8 actions"):
-        model.generate(s0, actions[:, :5], 3)
+        dydiff.generate_chained(model, s0, actions[:, :5], 3)
+    with pytest.raises(ValueError, match="generates H=8 rows at a time"):
+        model.generate(s0, actions, 3)
 
 
 def test_sampler_is_deterministic_for_a_seed():
@@ -695,7 +698,7 @@ def test_refine_chains_dm_windows_for_rollouts_longer_than_H(models):
     states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, T, torch.Generator().manual_seed(0))
     cfg = dydiff.RolloutConfig(rollout_length=T, iterations=1, sampler_steps=3)
     out = dydiff.refine(models.act_fn, bundle, states, actions, cfg, torch.Generator().manual_seed(5))
-    dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 3, torch.Generator().manual_seed(5))  # 3 windows of 8
+    dm_raw = dydiff.generate_chained(models.dm, s0 * STD + MEAN, actions, 3, torch.Generator().manual_seed(5))  # 3 windows of 8
     assert dm_raw.shape == (6, T, OBS)
     expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
     assert torch.allclose(out[1][0][:, 1:, [0, 1, 3]], expect[:, 1:, [0, 1, 3]], atol=1e-5)
@@ -1113,7 +1116,7 @@ def test_truncated_cached_model_gives_a_one_line_error(tiny_data, tmp_path, tiny
     assert err.startswith(f"error: cannot read {path} (") and "delete it and it will be retrained" in err
 
 
-# -------------------------------------- bench/fidelity.py: the simulator and the Figure-3 tools
+# ------------------------------- bench/: the pretraining tool, the simulator and the Figure-3 tools
 def test_rollout_error_against_the_simulator(tiny_data):
     """Benchmark tools: the simulator replays the data exactly; errors grow with h."""
     data = tiny_data
@@ -1155,3 +1158,17 @@ def test_fidelity_helpers(tiny_data):
     assert dm_predict(model, sampler_steps=3)(s0, actions).shape == (3, 18, tiny_data.obs.shape[1])
     assert crossings([3, 1, 3, 1, 1], [2, 2, 2, 2, 2], [1, 2, 3, 4, 5]) == {"first_below": 2, "stays_below_from": 4}
     assert crossings([3, 3], [2, 2], [1, 2]) == {"first_below": None, "stays_below_from": None}
+
+
+def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, capsys):
+    """bench/pretrain.py: train.py's flags pick the models; --retrain trains them, then the cache serves them."""
+    flags = ["--dataset-steps", str(TINY_STEPS), *TINY_DYDIFF]
+    pretrain.main([*flags, "--retrain"])
+    out = capsys.readouterr().out
+    assert "ensemble and reward model: saved" in out and "diffusion model: saved" in out
+    assert "ensemble: holdout MSE" in out and "diffusion model: validation loss" in out
+    pretrain.main(flags)
+    out = capsys.readouterr().out
+    assert "ensemble and reward model: loaded" in out and "diffusion model: loaded" in out
+    with pytest.raises(SystemExit, match="--horizon 7 must be divisible by 2"):
+        pretrain.main([*flags, "--horizon", "7"])

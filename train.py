@@ -181,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def resolve(args: Args) -> Args:
-    """Check every flag (one-line ConfigError) and resolve --reward auto."""
+    """Check every flag (one-line ConfigError) and resolve --reward auto and --device auto."""
     if args.rollout_length < args.horizon:
         raise ConfigError(f"--rollout-length {args.rollout_length} must be at least --horizon {args.horizon}: "
                           f"a rollout is made of DM windows of H rows")
@@ -213,12 +213,12 @@ def resolve(args: Args) -> Args:
         raise ConfigError("--resume needs --run-name: the folder under --run-dir of the run to continue")
     if args.reward == "auto":
         args = replace(args, reward="env" if known_reward else "model")
+    if args.device == "auto":
+        args = replace(args, device="cuda" if torch.cuda.is_available() else "cpu")
     return args
 
 
-# --------------------------------------------------------------------------------------------------
-# The method's small helpers
-# --------------------------------------------------------------------------------------------------
+# -- The method's small helpers --------------------------------------------------------------------
 def make_learner(args: Args, obs_dim: int, act_dim: int, device: str):
     if args.algo == "td3bc":
         return TD3BC(obs_dim, act_dim, device=device, tau=args.tau, alpha=args.alpha, seed=args.seed)
@@ -293,13 +293,11 @@ def evaluate(act_fn, envs: list, data, seed: int, device: str | torch.device = "
     return returns
 
 
-# --------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------
+# -- The loop --------------------------------------------------------------------------------------
 def train(args: Args) -> dict:
     args = resolve(args)
     torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
     run = Run(args, device)  # checks the run folder before any work (plumbing, below)
 
     # 1. The dataset D in env space, on the device, and the learner.

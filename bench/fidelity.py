@@ -26,14 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import diffusion  # noqa: E402
+import dydiff  # noqa: E402
 import dynamics  # noqa: E402
 from diffusion import DynamicsDiffusion  # noqa: E402
 from dynamics import Ensemble  # noqa: E402
 
 
-# --------------------------------------------------------------------------------------------------
-# Ground truth and the error of any model
-# --------------------------------------------------------------------------------------------------
+# -- Ground truth and the error of any model -------------------------------------------------------
 def simulate(data, s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
     """Ground truth (B, H+1, obs_dim): the PointMaze physics from each raw state s0 = [qpos, qvel,
     goal] under the given actions; the goal dims are held fixed."""
@@ -84,12 +83,10 @@ def ensemble_predict(ens: Ensemble, seed: int = 0):
     return predict
 
 
-# --------------------------------------------------------------------------------------------------
-# The DM as a predictor of any horizon
-# --------------------------------------------------------------------------------------------------
+# -- The DM as a predictor of any horizon ----------------------------------------------------------
 def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, S_churn: float = 0.0):
     """The DM as a ``predict(s0, actions) -> states`` callable on numpy arrays (rollout_error's API): states
-    s_0..s_T for T actions, in chained H-windows (DynamicsDiffusion.generate). The DM wants an action on
+    s_0..s_T for T actions, in chained H-windows (dydiff.generate_chained). The DM wants an action on
     every row, so the last action is repeated on the row of s_T (and up to H rows)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -97,7 +94,7 @@ def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, 
         a = torch.as_tensor(actions)
         T = a.shape[1]
         a = torch.cat([a, a[:, -1:].expand(-1, max(T + 1, model.horizon) - T, -1)], 1)
-        return model.generate(torch.as_tensor(s0), a, sampler_steps, gen, S_churn=S_churn)[:, :T + 1].cpu().numpy()
+        return dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, S_churn=S_churn)[:, :T + 1].cpu().numpy()
 
     return predict
 

@@ -1,0 +1,52 @@
+"""Pretrain (or load) DyDiff's models for one dataset and print how good they are: the ensemble's and the
+reward model's holdout errors and the diffusion model's validation loss, with their training times.
+
+    python bench/pretrain.py --env maze2d-umaze                  # the cpu preset's models
+    python bench/pretrain.py --env maze2d-umaze --preset paper   # the official recipe's
+    python bench/pretrain.py --env maze2d-umaze --retrain        # train again, overwriting the cache
+
+It takes train.py's flags (those of the dataset, the preset, the models, --device and --threads matter) and
+trains exactly the models that `python train.py` with the same flags loads from the cache beside the
+dataset; --retrain is its one flag of its own.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import diffusion  # noqa: E402
+import dynamics  # noqa: E402
+import train  # noqa: E402
+from data import CheckpointError, DatasetError, load_dataset  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    retrain = "--retrain" in argv
+    argv = [a for a in argv if a != "--retrain"]
+    try:
+        args = train.resolve(train.parse_args(argv))
+        torch.set_num_threads(args.threads)
+        data = load_dataset(args.env if args.dataset_id is None else None, args.dataset_id, args.dataset_steps)
+        _, _, info = dynamics.load_or_train(data, args.device, seed=args.model_seed, cfg=train.fit_config(args),
+                                            retrain=retrain)
+        _, dm_info = diffusion.load_or_train(data, train.dm_config(args), args.device, retrain)
+    except (train.ConfigError, DatasetError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"ensemble and reward model: {'loaded' if info['cached'] else 'saved'} {info['path']}")
+    print(f"ensemble: holdout MSE of s'-s (env space, mean of elites {info['elites']}) "
+          f"{info['ensemble_holdout_mse']:.3e}; members {[f'{x:.2e}' for x in info['ensemble_holdout_mse_members']]}; "
+          f"{info['ensemble_epochs']} epochs, {info['ensemble_time_s']:.0f} s")
+    print(f"reward model: holdout MSE {info['reward_holdout_mse']:.3e} (reward variance {info['reward_variance']:.3e}); "
+          f"{info['reward_epochs']} epochs, {info['reward_time_s']:.0f} s")
+    first, last = dm_info["val_curve"][0], dm_info["val_curve"][-1]
+    print(f"diffusion model: validation loss {first[2]:.4f} (step {first[0]}) -> {last[2]:.4f} (step {last[0]}); "
+          f"{dm_info['train_steps']} steps, {dm_info['train_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
