@@ -135,7 +135,7 @@ def initial_rollout(act_fn: ActFn, models: DyDiffModels, s0_env: torch.Tensor, T
 
 
 @torch.no_grad()
-def generate_chained(dm, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
+def generate_chained(dm: nn.Module, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
                      generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
     """The DM's raw states s_0..s_{T-1} (B, T, obs_dim) for raw s_0 and T >= H actions, in windows of H rows.
 

@@ -94,7 +94,8 @@ def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, 
         a = torch.as_tensor(actions)
         T = a.shape[1]
         a = torch.cat([a, a[:, -1:].expand(-1, max(T + 1, model.horizon) - T, -1)], 1)
-        return dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, S_churn=S_churn)[:, :T + 1].cpu().numpy()
+        states = dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, S_churn=S_churn)
+        return states[:, :T + 1].cpu().numpy()
 
     return predict
 
