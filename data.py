@@ -245,7 +245,7 @@ def open_minari(env: str | None = None, dataset_id: str | None = None, steps: in
             return minari.load_dataset(cid), "local"
     if official in candidates and _try_download(official):
         return minari.load_dataset(official), "downloaded"
-    if env in MAZE2D:
+    if dataset_id is None and env in MAZE2D:  # an explicit dataset_id is never swapped for a rebuilt maze
         return generate_maze_dataset(env, steps), "built locally"
     where = "minari download " + official
     raise DatasetError(f"dataset {official} is not on this machine and cannot be downloaded: on a connected "

@@ -241,6 +241,8 @@ def test_locomotion_offline_says_how_to_get_the_data(minari_root):
     """Data: a locomotion dataset offline gives an error that says how to get it."""
     with pytest.raises(DatasetError, match=r"minari download mujoco/hopper/medium-v0"):
         load_dataset("hopper-medium")
+    with pytest.raises(DatasetError, match=r"minari download nobody/maze-v0"):  # never a maze rebuilt instead
+        load_dataset("maze2d-umaze", dataset_id="nobody/maze-v0")
 
 
 # ------------------------------------------------------------------------------------- learners
