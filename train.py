@@ -251,14 +251,17 @@ def reward_scale(args: Args, data) -> float:
     return data.return_scale() if args.normalize_reward else 1.0
 
 
-def pretrain(args: Args, data, device: str) -> dydiff.DyDiffModels:
-    """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache."""
-    ensemble, reward_model, _ = dynamics.load_or_train(data, device, seed=args.model_seed, cfg=fit_config(args))
-    dm, _ = diffusion.load_or_train(data, dm_config(args), device)
+def pretrain(args: Args, data, device: str, retrain: bool = False) -> tuple[dydiff.DyDiffModels, dict, dict]:
+    """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache.
+    Returns them with the training summaries of the ensemble/reward model and of the DM."""
+    ensemble, reward_model, fit_info = dynamics.load_or_train(data, device, seed=args.model_seed, cfg=fit_config(args),
+                                                              retrain=retrain)
+    dm, dm_info = diffusion.load_or_train(data, dm_config(args), device, retrain)
     t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-    return dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn(args.env), t(data.obs_mean),
-                               t(data.obs_std), dynamics.env_reward_fn(args.env) if args.reward == "env" else None,
-                               t(data.constant_dims), reward_scale(args, data))
+    models = dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn(args.env), t(data.obs_mean),
+                                 t(data.obs_std), dynamics.env_reward_fn(args.env) if args.reward == "env" else None,
+                                 t(data.constant_dims), reward_scale(args, data))
+    return models, fit_info, dm_info
 
 
 def round_generator(seed: int, step: int, device: str) -> torch.Generator:
@@ -301,7 +304,7 @@ def train(args: Args) -> dict:
     run = Run(args, device)  # checks the run folder before any work (plumbing, below)
 
     # 1. The dataset D in env space, on the device, and the learner.
-    data = load_dataset(args.env if args.dataset_id is None else None, args.dataset_id, args.dataset_steps)
+    data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
     real = real_buffer(data, device, reward_scale(args, data))
     learner = make_learner(args, data.obs_dim, data.act_dim, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # batch sampling
@@ -310,7 +313,7 @@ def train(args: Args) -> dict:
     # 2. DyDiff's pretrained models and the synthetic FIFO buffer.
     models = synthetic = None
     if args.dydiff:
-        models = pretrain(args, data, device)
+        models, _, _ = pretrain(args, data, device)
         synthetic = TransitionBuffer(args.synthetic_capacity, data.obs_dim, data.act_dim, device)
         rollout_cfg = rollout_config(args)
 

@@ -18,8 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import diffusion  # noqa: E402
-import dynamics  # noqa: E402
 import train  # noqa: E402
 from data import CheckpointError, DatasetError, load_dataset  # noqa: E402
 
@@ -31,10 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = train.resolve(train.parse_args(argv))
         torch.set_num_threads(args.threads)
-        data = load_dataset(args.env if args.dataset_id is None else None, args.dataset_id, args.dataset_steps)
-        _, _, info = dynamics.load_or_train(data, args.device, seed=args.model_seed, cfg=train.fit_config(args),
-                                            retrain=retrain)
-        _, dm_info = diffusion.load_or_train(data, train.dm_config(args), args.device, retrain)
+        data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
+        _, info, dm_info = train.pretrain(args, data, args.device, retrain)  # the very models train.py loads
     except (train.ConfigError, DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     print(f"ensemble and reward model: {'loaded' if info['cached'] else 'saved'} {info['path']}")
