@@ -12,7 +12,7 @@ EDM in code (Karras et al., Table 1, "EDM" column, and Algorithm 2):
     c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = ln(sigma) / 4,  sd = SIGMA_DATA = 0.5
     training: ln sigma ~ N(P_MEAN, P_STD^2), loss weight (sigma^2 + sd^2) / (sigma sd)^2   .loss
     sampling: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho,
-              Heun steps with churn (S_churn, S_min, S_max, S_noise)                   .sample
+              Euler or Heun steps, with churn (S_churn, S_min, S_max, S_noise)        .sample
     F is the U-Net (TemporalUnet); sampling uses its EMA copy.
 
 One departure from the official code: besides inpainting, the clean conditions are also fed as
@@ -276,11 +276,14 @@ class DynamicsDiffusion(nn.Module):
     # ---- sampling ----
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, sampler_steps: int = 8,
-               generator: torch.Generator | None = None, S_churn: float = 0.0, S_min: float = S_MIN,
-               S_max: float = S_MAX, S_noise: float = S_NOISE) -> torch.Tensor:
-        """EDM's Heun sampler (Karras et al. 2022, Algorithm 2; deterministic, Algorithm 1, when S_churn = 0)
-        with the EMA weights. cond: (B, H, D) values in [-1, 1] at the cond_mask entries. Returns (B, H, D)
-        in [-1, 1] space. It makes 2 N - 1 network calls: no correction on the last step, to sigma = 0."""
+               generator: torch.Generator | None = None, solver: str = "euler", S_churn: float = 0.0,
+               S_min: float = S_MIN, S_max: float = S_MAX, S_noise: float = S_NOISE) -> torch.Tensor:
+        """EDM's sampler (Karras et al. 2022, Algorithm 2; deterministic, Algorithm 1, when S_churn = 0) with
+        the EMA weights. cond: (B, H, D) values in [-1, 1] at the cond_mask entries. Returns (B, H, D) in
+        [-1, 1] space. solver 'heun' makes 2 N - 1 network calls (no correction on the last step, to
+        sigma = 0); 'euler' drops the correction, N calls (deterministic Euler is DDIM's sampler)."""
+        if solver not in ("euler", "heun"):
+            raise ValueError(f"unknown sampler solver {solver!r}: use 'euler' or 'heun'")
         i = torch.arange(sampler_steps, dtype=torch.float64)
         t = (SIGMA_MAX ** (1 / RHO) + i / max(sampler_steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
         t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()  # t_N = 0
@@ -295,7 +298,7 @@ class DynamicsDiffusion(nn.Module):
                 x = torch.where(cond_mask, cond, x + math.sqrt(t_hat**2 - t_cur**2) * eps)
             d = (x - self.denoise(x, torch.full((B,), t_hat, device=x.device), cond, cond_mask, self.ema)) / t_hat
             x_next = x + (t_next - t_hat) * d
-            if t_next > 0:  # Heun's 2nd-order correction, skipped on the last step to sigma = 0
+            if solver == "heun" and t_next > 0:  # Heun's 2nd-order correction
                 d2 = (x_next - self.denoise(x_next, torch.full((B,), t_next, device=x.device), cond, cond_mask,
                                             self.ema)) / t_next
                 x_next = x + (t_next - t_hat) * (d + d2) / 2

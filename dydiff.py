@@ -53,7 +53,9 @@ class RolloutConfig:
     iterations: int = 2
     """M, rounds of DM sampling + action relabelling (official 2)"""
     sampler_steps: int = 8
-    """N, Heun steps of the DM sampler (official 34)"""
+    """N, steps of the DM sampler (official 34)"""
+    sampler_solver: str = "euler"
+    """'euler' (N network calls) or 'heun' (2 N - 1, official)"""
     sampler_churn: float = 0.0
     """S_churn of the sampler; 0 = deterministic (official 60)"""
     filter: str = "hardmax"
@@ -168,7 +170,7 @@ def refine(act_fn: ActFn, models: DyDiffModels, states_env: torch.Tensor, action
     iterates = [(states_env, actions)]
     for _ in range(cfg.iterations):
         dm_env = models.env(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator,
-                                             S_churn=cfg.sampler_churn).to(states_env))
+                                             solver=cfg.sampler_solver, S_churn=cfg.sampler_churn).to(states_env))
         # The official code averages with the previous states (the paper does not say so): a cheap
         # ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.

@@ -112,9 +112,12 @@ class Args:
     """rewards of synthetic transitions: 'model' = the learned r(s, a) (the paper); 'env' = the task's own
     r(s, a, s') (maze2d only: the learned one extrapolates at the goal, bench/README.md); 'auto' = env on maze2d"""
     sampler_steps: int = 8
-    """N, Heun steps of the DM sampler, 2N - 1 network calls (paper 34)"""
+    """N, steps of the DM sampler (paper 34)"""
+    sampler_solver: Literal["euler", "heun"] = "euler"
+    """'euler': N network calls, the most accurate rollouts here (bench/README.md); 'heun': EDM's 2nd-order
+    correction, 2N - 1 calls (paper)"""
     sampler_churn: float = 0.0
-    """S_churn of the sampler: 0 = EDM's deterministic Heun sampler (paper 60, with S_min 0.37, S_max 52.24)"""
+    """S_churn of the sampler: 0 = EDM's deterministic sampler (paper 60, with S_min 0.37, S_max 52.24)"""
     synthetic_capacity: int = 30_000
     """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
     dm_dim: int = 32
@@ -141,8 +144,8 @@ class Args:
 
 # --preset paper: the official settings that differ from the cpu defaults above
 PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_length=100, rollout_interval=500,
-             sampler_steps=34,
-             sampler_churn=60.0, synthetic_capacity=2_000_000, dm_dim=128, dm_mults=(1, 4, 8), dm_act="mish",
+             sampler_steps=34, sampler_solver="heun", sampler_churn=60.0, synthetic_capacity=2_000_000, dm_dim=128,
+             dm_mults=(1, 4, 8), dm_act="mish",
              dm_train_steps=375_000, dm_batch_size=8, dm_lr=1e-3, dm_warmup_steps=1_250_000, dm_lr_schedule="constant",
              dm_grad_clip=0.0)
 
@@ -234,7 +237,8 @@ def dm_config(args: Args) -> diffusion.DMConfig:
 
 def rollout_config(args: Args, rollout_batch: int | None = None) -> dydiff.RolloutConfig:
     return dydiff.RolloutConfig(rollout_batch or args.rollout_batch, args.rollout_length, args.iterations,
-                                args.sampler_steps, args.sampler_churn, args.filter, args.keep_fraction, args.temperature)
+                                args.sampler_steps, args.sampler_solver, args.sampler_churn, args.filter,
+                                args.keep_fraction, args.temperature)
 
 
 def fit_config(args: Args) -> dynamics.FitConfig:

@@ -84,7 +84,8 @@ def ensemble_predict(ens: Ensemble, seed: int = 0):
 
 
 # -- The DM as a predictor of any horizon ----------------------------------------------------------
-def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, S_churn: float = 0.0):
+def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, S_churn: float = 0.0,
+               solver: str = "euler"):
     """The DM as a ``predict(s0, actions) -> states`` callable on numpy arrays (rollout_error's API): states
     s_0..s_T for T actions, in chained H-windows (dydiff.generate_chained). The DM wants an action on
     every row, so the last action is repeated on the row of s_T (and up to H rows)."""
@@ -94,7 +95,8 @@ def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, 
         a = torch.as_tensor(actions)
         T = a.shape[1]
         a = torch.cat([a, a[:, -1:].expand(-1, max(T + 1, model.horizon) - T, -1)], 1)
-        states = dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, S_churn=S_churn)
+        states = dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, solver=solver,
+                                                 S_churn=S_churn)
         return states[:, :T + 1].cpu().numpy()
 
     return predict
@@ -153,27 +155,28 @@ def plot_fidelity(result: dict, path: Path) -> None:
 
 def fidelity(model: DynamicsDiffusion, info: dict, data, env: str, horizon: int = 100, n_starts: int = 256,
              sampler_steps: int = 20, device: str = "cpu", seed: int = 0, progress: bool = True,
-             S_churn: float = 0.0) -> dict:
+             S_churn: float = 0.0, solver: str = "euler") -> dict:
     """DM (chained H-windows) vs the single-step ensemble against the simulator on the same starts: any
     dataset start (rollout_error) and starts that stay inside one episode."""
     ensemble, _, _ = dynamics.load_or_train(data, device, seed=seed, progress=progress)
     s = info["settings"]
     result = {"env": env, "dataset_id": data.dataset_id, "fingerprint": data.fingerprint, "n_starts": n_starts,
               "seed": seed, "horizon": horizon, "sampler_steps": sampler_steps,
-              "dm_train": {k: info.get(k) for k in ("train_seconds", "cpu_seconds", "traisampler_steps", "final_loss",
+              "sampler_solver": solver,
+              "dm_train": {k: info.get(k) for k in ("train_seconds", "cpu_seconds", "train_steps", "final_loss",
                                                     "n_params", "path")},
-              "labels": {"dm": f"DM (H={s['H']} chained, N={sampler_steps})", "ensemble": "ensemble"}, "starts": {}}
+              "labels": {"dm": f"DM (H={s['H']} chained, {solver} N={sampler_steps})", "ensemble": "ensemble"}, "starts": {}}
     for starts, error_fn in (("any", rollout_error), ("in_episode", in_episode_rollout_error)):
         t0 = time.time()
-        dm = error_fn(dm_predict(model, sampler_steps, seed, S_churn=S_churn), data, horizon=horizon, n_starts=n_starts,
-                      seed=seed)
+        dm = error_fn(dm_predict(model, sampler_steps, seed, S_churn=S_churn, solver=solver), data, horizon=horizon,
+                      n_starts=n_starts, seed=seed)
         dm_seconds = time.time() - t0
         ens = error_fn(ensemble_predict(ensemble, seed=seed), data, horizon=horizon, n_starts=n_starts,
                        seed=seed)
         cross = {k: crossings(dm[k], ens[k], dm["horizons"]) for k in ("mse", "mse_pos", "median_pos")}
         result["starts"][starts] = {"dm": dm, "ensemble": ens, "crossover": cross, "dm_seconds": dm_seconds}
     stem = Path(info["path"]).stem.replace("diffusion_", f"fidelity_{env}_")
-    out = Path(data.cache_dir) / f"{stem}_N{sampler_steps}_h{horizon}"
+    out = Path(data.cache_dir) / f"{stem}_{solver}{sampler_steps}_h{horizon}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot_fidelity(result, out.with_suffix(".png"))
     result["paths"] = [str(out.with_suffix(".png")), str(out.with_suffix(".json"))]
@@ -185,7 +188,7 @@ class Args:
     env: str = "maze2d-umaze"
     """a maze2d env (the simulator must be able to start from any dataset state)"""
     preset: str = "cpu"
-    """train.py preset whose DM (H, width, training steps) and sampler steps N are used"""
+    """train.py preset whose DM (H, width, training steps) and sampler (N, solver, S_churn) are used"""
     horizon: int = 100
     """rollout horizon of the comparison (the DM chains H-windows to reach it)"""
     n_starts: int = 256
@@ -208,7 +211,7 @@ def main(args: Args) -> None:
     except (DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     res = fidelity(model, info, data, args.env, args.horizon, args.n_starts, p.sampler_steps, "cpu", args.seed,
-                   S_churn=p.sampler_churn)
+                   S_churn=p.sampler_churn, solver=p.sampler_solver)
     for starts, r in res["starts"].items():
         dm, ens = r["dm"], r["ensemble"]
         print(f"{starts} starts (DM sampling {r['dm_seconds']:.0f} s)\n{'h':>4} {'DM mse':>9} {'ens mse':>9} "

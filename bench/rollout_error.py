@@ -118,7 +118,8 @@ def main(args: Args) -> None:
     # models on the trajectory the policy really takes
     true, actions = closed_loop(data, learner.act, s0, T - 1)
     curves, curves_pos = {}, {}
-    preds = {"ensemble": ensemble_predict(ens, args.seed)(s0, actions), "dm": dm_predict(dm, N, args.seed, S_churn=p.sampler_churn)(s0, actions)}
+    dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
+    preds = {"ensemble": ensemble_predict(ens, args.seed)(s0, actions), "dm": dm_pred(s0, actions)}
     for name, pred in preds.items():
         curves[name], curves_pos[name] = mse(np.asarray(pred, dtype=np.float64), true)
 
@@ -136,7 +137,8 @@ def main(args: Args) -> None:
         curves[f"dydiff_m{m}"], curves_pos[f"dydiff_m{m}"] = mse(raw.astype(np.float64), replay)
 
     out = {"env": args.env, "dataset_id": data.dataset_id, "policy": policy_info, "n_starts": args.n_starts,
-           "H": p.horizon, "T": T, "sampler_steps": N, "sampler_churn": p.sampler_churn, "dm": asdict(dm_config(p)),
+           "H": p.horizon, "T": T, "sampler_steps": N, "sampler_solver": p.sampler_solver,
+           "sampler_churn": p.sampler_churn, "dm": asdict(dm_config(p)),
            "train_flags": args.train_flags, "horizons": list(range(1, T)), "curves": curves,
            "curves_position": curves_pos, "seconds": time.time() - t0}
     RESULTS.mkdir(exist_ok=True)

@@ -142,12 +142,13 @@ def learner_rates(device: str, seconds: float) -> dict:
 
 
 def paths(p) -> dict:
-    """The DM and its sampler before this benchmark's speed work ("before": Mish, the official churn
-    S_churn 60 with N = 20 steps) and now (train.py's preset), as (DMConfig, RolloutConfig) pairs."""
+    """The DM and its sampler before this benchmark's speed work ("before": Mish, the official Heun sampler
+    with churn S_churn 60 and N = 20 steps) and now (train.py's preset), as (DMConfig, RolloutConfig) pairs."""
     from train import dm_config, rollout_config
 
     dm_now, roll_now = dm_config(p), rollout_config(p)
-    before = (replace(dm_now, act="mish", batch_size=64, lr=5e-4), replace(roll_now, sampler_steps=20, sampler_churn=60.0))
+    before = (replace(dm_now, act="mish", batch_size=64, lr=5e-4),
+              replace(roll_now, sampler_steps=20, sampler_solver="heun", sampler_churn=60.0))
     return {"before": before, "now": (dm_now, roll_now)}
 
 
@@ -187,18 +188,21 @@ def dydiff_rates(dm_cfg, cfg, device: str, seconds: float, peak: float) -> dict:
     sync(device)
     round_s = time.perf_counter() - t0
 
-    # sampler FLOPs: one denoiser call counted by torch, times the Heun evaluations (2N - 1: no correction
-    # on the last step to sigma = 0)
+    # sampler FLOPs: one denoiser call counted by torch, times the network calls (Heun: 2N - 1, no correction
+    # on the last step to sigma = 0; Euler: N)
     cond = torch.zeros(B, H, OBS_DIM + ACT_DIM, device=device)
     mask = dm.cond_mask(H)
     with FlopCounterMode(display=False) as counter:
         dm.denoise(cond, torch.ones(B, device=device), cond, mask, dm.ema)
-    flops_per_sample_call = counter.get_total_flops() * (2 * N - 1)
-    per_s, _ = rate(lambda: dm.sample(cond, mask, N, g, S_churn=cfg.sampler_churn), device, seconds, warmup=1)
+    calls = 2 * N - 1 if cfg.sampler_solver == "heun" else N
+    flops_per_sample_call = counter.get_total_flops() * calls
+    per_s, _ = rate(lambda: dm.sample(cond, mask, N, g, cfg.sampler_solver, cfg.sampler_churn), device, seconds,
+                    warmup=1)
     achieved = flops_per_sample_call * per_s
     return {"dm_act": dm_cfg.act, "dm_params": n_params, "dm_train_batch": dm_cfg.batch_size,
             "dm_train_steps_per_s": dm_steps_per_s, "dm_train_samples_per_s": dm_steps_per_s * dm_cfg.batch_size,
-            "sampler_steps": N, "sampler_churn": cfg.sampler_churn, "network_calls_per_sample": 2 * N - 1,
+            "sampler_steps": N, "sampler_solver": cfg.sampler_solver, "sampler_churn": cfg.sampler_churn,
+            "network_calls_per_sample": calls,
             "rollout_round_s": round_s, "rollout_transitions": stats["n_transitions"],
             "rollout_transitions_per_s": stats["n_transitions"] / round_s,
             "rollout_states_generated_per_s": B * (T - 1) / round_s,
@@ -249,7 +253,8 @@ def main(args: Args) -> None:
                      ("corl_style_td3bc_updates_per_s", ".0f"), ("td3bc_speedup_vs_corl_style", ".2f")):
         print(f"| {key} | {out[key]:{fmt}} |")
     print("\n| DyDiff measure | before | now | now / before |\n|---|---|---|---|")
-    for key, fmt in (("dm_act", ""), ("network_calls_per_sample", "d"), ("sampler_churn", ".0f"),
+    for key, fmt in (("dm_act", ""), ("sampler_solver", ""), ("network_calls_per_sample", "d"),
+                     ("sampler_churn", ".0f"),
                      ("sampler_gflop_per_s", ".1f"), ("sampler_utilisation_of_matmul", ".3f"),
                      ("rollout_round_s", ".2f"), ("rollout_transitions_per_s", ".0f"), ("rollout_dm_share", ".3f"),
                      ("dm_train_batch", "d"), ("dm_train_steps_per_s", ".2f"), ("dm_train_samples_per_s", ".0f")):
