@@ -43,8 +43,8 @@ from data import load_or_train_cached
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln(sigma) ~ N(P_MEAN, P_STD^2)
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
-# Churn of the official DyDiff sampler (train.py --preset paper sets --sampler-churn 60); the cpu preset
-# samples deterministically (S_churn = 0, EDM's Algorithm 1). gamma = min(S_churn/N, sqrt(2)-1).
+# Churn of the official sampler (--preset paper: --sampler-churn 60); the cpu preset's is deterministic
+# (S_churn = 0, EDM's Algorithm 1). gamma = min(S_churn/N, sqrt(2)-1).
 S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002
 MODEL_VERSION = 3  # part of the cache key: bump whenever the network's inputs, layout or box change
 
@@ -278,18 +278,16 @@ class DynamicsDiffusion(nn.Module):
     def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, sampler_steps: int = 8,
                generator: torch.Generator | None = None, solver: str = "euler", S_churn: float = 0.0,
                S_min: float = S_MIN, S_max: float = S_MAX, S_noise: float = S_NOISE) -> torch.Tensor:
-        """EDM's sampler (Karras et al. 2022, Algorithm 2; deterministic, Algorithm 1, when S_churn = 0) with
-        the EMA weights. cond: (B, H, D) values in [-1, 1] at the cond_mask entries. Returns (B, H, D) in
-        [-1, 1] space. solver 'heun' makes 2 N - 1 network calls (no correction on the last step, to
-        sigma = 0); 'euler' drops the correction, N calls (deterministic Euler is DDIM's sampler)."""
+        """EDM's sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when S_churn = 0) with the EMA weights.
+        cond: (B, H, D) values in [-1, 1] at the cond_mask entries; returns (B, H, D) in [-1, 1] space.
+        'heun': 2 N - 1 network calls (no correction on the last step, to sigma = 0); 'euler': N (DDIM's)."""
         if solver not in ("euler", "heun"):
             raise ValueError(f"unknown sampler solver {solver!r}: use 'euler' or 'heun'")
         i = torch.arange(sampler_steps, dtype=torch.float64)
         t = (SIGMA_MAX ** (1 / RHO) + i / max(sampler_steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
         t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()  # t_N = 0
         B = cond.shape[0]
-        x = torch.randn(cond.shape, device=cond.device, generator=generator) * t[0]
-        x = torch.where(cond_mask, cond, x)
+        x = torch.where(cond_mask, cond, torch.randn(cond.shape, device=cond.device, generator=generator) * t[0])
         for t_cur, t_next in zip(t[:-1], t[1:]):
             gamma = min(S_churn / sampler_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
             t_hat = t_cur * (1 + gamma)  # churn: add noise to climb back up to t_hat, then step down
