@@ -114,8 +114,8 @@ class Args:
     sampler_steps: int = 8
     """N, steps of the DM sampler (paper 34)"""
     sampler_solver: Literal["euler", "heun"] = "euler"
-    """'euler': N network calls, the most accurate rollouts here (bench/README.md); 'heun': EDM's 2nd-order
-    correction, 2N - 1 calls (paper)"""
+    """'euler': N network calls, closer to the simulator than Heun at N=8 (bench/README.md); 'heun': EDM's
+    2nd-order correction, 2N - 1 calls (paper)"""
     sampler_churn: float = 0.0
     """S_churn of the sampler: 0 = EDM's deterministic sampler (paper 60, with S_min 0.37, S_max 52.24)"""
     synthetic_capacity: int = 30_000

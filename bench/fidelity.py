@@ -96,7 +96,7 @@ def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, 
         T = a.shape[1]
         a = torch.cat([a, a[:, -1:].expand(-1, max(T + 1, model.horizon) - T, -1)], 1)
         states = dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, solver=solver,
-                                                 S_churn=S_churn)
+                                         S_churn=S_churn)
         return states[:, :T + 1].cpu().numpy()
 
     return predict
@@ -165,7 +165,8 @@ def fidelity(model: DynamicsDiffusion, info: dict, data, env: str, horizon: int 
               "sampler_solver": solver,
               "dm_train": {k: info.get(k) for k in ("train_seconds", "cpu_seconds", "train_steps", "final_loss",
                                                     "n_params", "path")},
-              "labels": {"dm": f"DM (H={s['H']} chained, {solver} N={sampler_steps})", "ensemble": "ensemble"}, "starts": {}}
+              "labels": {"dm": f"DM (H={s['H']} chained, {solver} N={sampler_steps})", "ensemble": "ensemble"},
+              "starts": {}}
     for starts, error_fn in (("any", rollout_error), ("in_episode", in_episode_rollout_error)):
         t0 = time.time()
         dm = error_fn(dm_predict(model, sampler_steps, seed, S_churn=S_churn, solver=solver), data, horizon=horizon,
