@@ -188,21 +188,22 @@ def dydiff_rates(dm_cfg, cfg, device: str, seconds: float, peak: float) -> dict:
     sync(device)
     round_s = time.perf_counter() - t0
 
-    # sampler FLOPs: one denoiser call counted by torch, times the network calls (Heun: 2N - 1, no correction
-    # on the last step to sigma = 0; Euler: N)
+    # sampler FLOPs and network calls: one whole sampler call, counted by torch and by a hook on the network
     cond = torch.zeros(B, H, OBS_DIM + ACT_DIM, device=device)
     mask = dm.cond_mask(H)
+    sample = lambda: dm.sample(cond, mask, N, g, cfg.sampler_solver, cfg.sampler_churn)  # noqa: E731
+    calls = []
+    hook = dm.ema.register_forward_hook(lambda *_: calls.append(1))
     with FlopCounterMode(display=False) as counter:
-        dm.denoise(cond, torch.ones(B, device=device), cond, mask, dm.ema)
-    calls = 2 * N - 1 if cfg.sampler_solver == "heun" else N
-    flops_per_sample_call = counter.get_total_flops() * calls
-    per_s, _ = rate(lambda: dm.sample(cond, mask, N, g, cfg.sampler_solver, cfg.sampler_churn), device, seconds,
-                    warmup=1)
+        sample()
+    hook.remove()
+    flops_per_sample_call = counter.get_total_flops()
+    per_s, _ = rate(sample, device, seconds, warmup=1)
     achieved = flops_per_sample_call * per_s
     return {"dm_act": dm_cfg.act, "dm_params": n_params, "dm_train_batch": dm_cfg.batch_size,
             "dm_train_steps_per_s": dm_steps_per_s, "dm_train_samples_per_s": dm_steps_per_s * dm_cfg.batch_size,
             "sampler_steps": N, "sampler_solver": cfg.sampler_solver, "sampler_churn": cfg.sampler_churn,
-            "network_calls_per_sample": calls,
+            "network_calls_per_sample": len(calls),
             "rollout_round_s": round_s, "rollout_transitions": stats["n_transitions"],
             "rollout_transitions_per_s": stats["n_transitions"] / round_s,
             "rollout_states_generated_per_s": B * (T - 1) / round_s,
