@@ -17,13 +17,11 @@ EDM in code (Karras et al., Table 1, "EDM" column, and Algorithm 2):
 
 One departure from the official code: besides inpainting, the clean conditions are also fed as
 extra, *unscaled* input channels (each row's action, and s_0 repeated on every row). With inpainting
-alone they reach the network multiplied by c_in ~ 1/sigma, so at high noise it barely sees them: the
-official code compensates with ~375k training steps, and a DM trained for minutes on a CPU without
-the extra channels did not follow its conditions.
+alone they reach the network multiplied by c_in ~ 1/sigma, so at high noise it barely sees them and
+must learn to follow them from many more training steps (the official code trains ~375k).
 
-``python bench/pretrain.py --env maze2d-umaze`` trains the DM (or loads it from the cache beside the
-dataset) and prints its validation loss; ``python bench/fidelity.py`` compares its rollouts with the
-ensemble's against the simulator (the paper's Figure 3).
+``python bench/pretrain.py --env maze2d-umaze`` trains (or loads) the DM and prints its validation loss;
+``python bench/fidelity.py`` compares its rollouts with the ensemble's against the simulator (Figure 3).
 """
 from __future__ import annotations
 
@@ -43,19 +41,17 @@ from data import load_or_train_cached
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln(sigma) ~ N(P_MEAN, P_STD^2)
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
-# Churn of the official sampler (--preset paper: --sampler-churn 60); the cpu preset's is deterministic
-# (S_churn = 0, EDM's Algorithm 1). gamma = min(S_churn/N, sqrt(2)-1).
-S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002
+S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002  # the paper's churn window; gamma = min(S_churn/N, sqrt(2)-1)
 MODEL_VERSION = 3  # part of the cache key: bump whenever the network's inputs, layout or box change
 
 
 # -- Temporal U-Net (Diffuser-style, 1-D convolutions over time) -----------------------------------
 # The activation: Diffuser's temporal U-Net (and the official DyDiff code) uses Mish; EDM's own networks
-# use SiLU, the same kind of smooth gate, which is much cheaper to compute on a CPU.
+# use SiLU, the same kind of smooth gate, which is cheaper to compute on a CPU.
 ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish}
 # Layout: activations are (B, time, channels), as the segments themselves. A convolution sees that memory
-# as a (B, channels, 1, time) channels-last image, which oneDNN's CPU kernels run near the matmul peak
-# (its 1-D path does not); additions, activations and concatenations stay plain contiguous operations.
+# as a (B, channels, 1, time) channels-last image, which oneDNN's CPU kernels run on their fast path
+# (its 1-D path is slower); additions, activations and concatenations stay plain contiguous operations.
 # Conv1d, GroupNorm and Upsample keep the parameters of the torch layers they subclass (bench/speed.py).
 
 
@@ -140,12 +136,19 @@ class Upsample(nn.ConvTranspose1d):
         return y.squeeze(2).transpose(1, 2).reshape(B, 2 * T, -1)
 
 
+def check_horizon(H: int, dim_mults) -> None:
+    """H must survive the U-Net's len(dim_mults) - 1 halvings; the message starts with the setting's name."""
+    k = 2 ** (len(dim_mults) - 1)
+    if H % k or H <= 0:
+        raise ValueError(f"horizon H={H} must be a multiple of {k}, as the U-Net halves it {len(dim_mults) - 1} "
+                         f"times: use H in {sorted({max(k, H // k * k), (H // k + 1) * k})} or fewer dim_mults")
+
+
 class TemporalUnet(nn.Module):
     """F_theta of EDM: (B, H, transition_dim + cond_dim) inputs -> (B, H, transition_dim) outputs.
 
-    Each of the len(dim_mults) levels has two residual blocks; all but the deepest halve the length,
-    so H must be divisible by 2 ** (len(dim_mults) - 1). Channel widths are dim * mult (multiples of 8
-    for GroupNorm(8))."""
+    Each of the len(dim_mults) levels has two residual blocks; all but the deepest halve the length
+    (check_horizon). Channel widths are dim * mult (multiples of 8 for GroupNorm(8))."""
 
     def __init__(self, transition_dim: int, cond_dim: int = 0, dim: int = 32, dim_mults=(1, 2, 4),
                  act: str = "silu"):
@@ -153,7 +156,6 @@ class TemporalUnet(nn.Module):
         if dim % 8:
             raise ValueError(f"dim={dim} must be a multiple of 8 (GroupNorm uses 8 groups)")
         self.transition_dim, self.cond_dim = transition_dim, cond_dim
-        self.downsampling = 2 ** (len(dim_mults) - 1)
         widths = [transition_dim + cond_dim] + [dim * m for m in dim_mults]
         pairs = list(zip(widths[:-1], widths[1:]))
         self.embed = NoiseEmbedding(dim, act)
@@ -175,15 +177,7 @@ class TemporalUnet(nn.Module):
                 ResidualTemporalBlock(c_h + c_skip, c_skip, dim, act), ResidualTemporalBlock(c_skip, c_skip, dim, act)]))
         self.final = nn.Sequential(ConvBlock(widths[1], dim, act), Conv1d(dim, transition_dim, 1))
 
-    def check_horizon(self, H: int) -> None:
-        k = self.downsampling
-        if H % k or H == 0:
-            near = sorted({max(k, H // k * k), (H // k + 1) * k})
-            raise ValueError(f"horizon H={H} must be a multiple of {k} (the U-Net halves it {len(self.downs) - 1} "
-                             f"times): use H in {near} or fewer dim_mults")
-
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        self.check_horizon(x.shape[1])
         emb = self.embed(c_noise)
         h, skips = x, []  # (B, time, channels) throughout
         for block1, block2, down in self.downs:
@@ -207,8 +201,8 @@ class DynamicsDiffusion(nn.Module):
         super().__init__()
         self.obs_dim, self.act_dim, self.horizon = obs_dim, act_dim, horizon
         D = obs_dim + act_dim
+        check_horizon(horizon, dim_mults)
         self.net = TemporalUnet(D, cond_dim=D, dim=dim, dim_mults=dim_mults, act=act)
-        self.net.check_horizon(horizon)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.register_buffer("x_min", torch.full((D,), -1.0) if x_min is None else torch.as_tensor(x_min).float())
         self.register_buffer("x_max", torch.full((D,), 1.0) if x_max is None else torch.as_tensor(x_max).float())
@@ -242,7 +236,7 @@ class DynamicsDiffusion(nn.Module):
         c_in = 1 / (sigma**2 + SIGMA_DATA**2).sqrt()
         c_noise = sigma.log().flatten() / 4
         # s_0 is repeated on every row so that each row sees it directly; given only at row 0, the
-        # U-Net must carry it along the whole segment through its convolutions and learns far slower.
+        # U-Net would have to carry it along the whole segment through its convolutions.
         given = torch.where(cond_mask, cond, 0.0).expand_as(x)
         given = torch.cat([given[:, :1, : self.obs_dim].expand(-1, x.shape[1], -1), given[:, :, self.obs_dim:]], -1)
         F_x = net(torch.cat([c_in * x, given], dim=-1), c_noise)
@@ -345,7 +339,8 @@ def gather_segments(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
 
 @dataclass
 class DMConfig:
-    """The DM's size and its training recipe. Defaults: train.py's cpu preset (--preset paper: the official)."""
+    """The DM's size and training recipe, filled from train.py's flags (train.DM_FLAGS; defaults: its cpu preset).
+    Checked once, here: a bad value raises a ValueError whose message starts with the field's name."""
 
     horizon: int = 32  # H, rows per segment; a multiple of 2 ** (len(dim_mults) - 1)
     dim: int = 32  # U-Net base width
@@ -361,6 +356,12 @@ class DMConfig:
     ema_rampup: float = 0.05  # early on the half-life is at most this share of the samples seen (EDM's default)
     seed: int = 0  # seed of the initialisation, the batches and the training noise
 
+    def __post_init__(self):
+        for name in ("dim", "train_steps", "batch_size", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        check_horizon(self.horizon, self.dim_mults)
+
 
 def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths: np.ndarray, cfg: DMConfig,
           progress: bool = True, val_every: int = 250) -> dict:
@@ -371,8 +372,7 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
     smooth curve (the per-step training loss jumps with its random sigma). Its time is not training time."""
     dev = model.x_min.device
     gen = torch.Generator().manual_seed(cfg.seed)
-    starts_t, lengths_t = torch.as_tensor(starts), torch.as_tensor(lengths)
-    cond_mask = model.cond_mask()
+    starts_t, lengths_t, cond_mask = torch.as_tensor(starts), torch.as_tensor(lengths), model.cond_mask()
     pick = torch.randint(len(starts_t), (512,), generator=torch.Generator().manual_seed(cfg.seed + 1))
     x_val, m_val = gather_segments(X, starts_t[pick], lengths_t[pick], model.horizon)
     opt = torch.optim.Adam(model.net.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
@@ -381,7 +381,7 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
             return min(1.0, (k + 1) / max(cfg.warmup_steps, 1))
         return 0.5 * (1 + math.cos(math.pi * (k - cfg.warmup_steps) / max(cfg.train_steps - cfg.warmup_steps, 1)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)  # the factor of step k multiplies cfg.lr
     losses, curve, val_curve, t_val, t0, cpu0 = [], [], [], 0.0, time.time(), time.process_time()
 
     def validate(step: int) -> None:  # appends [step, training seconds so far, validation loss]

@@ -10,24 +10,30 @@ The steps, each a function below:
                         a_t = pi(s_t), s_{t+1} = f(s_t, a_t) for t < T-1, and a_{T-1} = pi(s_{T-1}).
   3. refine             M times: the DM generates s_1..s_{T-1} given s_0 and the current actions (in
                         windows of its H rows, chained when T > H); states = (DM states + previous
-                        states) / 2; every action relabelled a_t = pi(s_t).
-  4. transition_rewards r_t of every transition: the reward model r(s_t, a_t) (the paper), or the
-                        task's own reward of (s_t, a_t, s_{t+1}) where it has one (train.py --reward);
-                        a trajectory's score is the sum of its rewards.
-  5. hardmax_filter /   keep every trajectory scoring at least the (1 - keep_fraction) quantile, or
-     softmax_filter     sample that share with p = softmax(z-scored score / T).
-  6. to_transitions     cut the kept trajectories into (s_t, a_t, r_t, s_{t+1}, done_t), t < T-1, each
-                        stopped at its first terminal.
-rollout_round runs steps 2-6 for given start states. Everything is batched over the B trajectories;
-the only Python loops run over time steps (the ensemble is autoregressive) and the M iterations.
+                        states) / 2; every action relabelled a_t = pi(s_t). With M = 0 the round is
+                        ensemble-only: the initial trajectory goes on to step 4 as it is.
+  4. transition_rewards r_t of each of the T-1 transitions t -> t+1: the reward model r(s_t, a_t) (the
+                        paper), or the task's own reward of (s_t, a_t, s_{t+1}) where it has one
+                        (train.py --reward). A trajectory's score is the sum of these T-1 rewards,
+                        the rewards its transitions carry into the buffer. (The official code also adds
+                        the reward model's r(s_{T-1}, a_{T-1}) of the last row, which never becomes a
+                        transition, and the task's reward has no value there.)
+  5. select             hardmax_filter keeps every trajectory scoring at least the (1 - keep_fraction)
+                        quantile; softmax_filter samples that share with p = softmax(z-scored score /
+                        temperature).
+  6. transition_dones,  the terminal flag of every transition, then the kept trajectories cut into
+     to_transitions     (s_t, a_t, r_t, s_{t+1}, done_t), t < T-1, each stopped at its first terminal.
+rollout runs steps 2-3 and rollout_round steps 2-6, for given start states. Everything is batched over
+the B trajectories; the only Python loops run over time steps (the ensemble is autoregressive) and the
+M iterations.
 
-As the official code's conversions between spaces do, every state the policy or the ensemble sees and
-every state and action returned lies in the dataset's box (per-dimension min/max). State dimensions
-that never change within a dataset episode (maze2d's goal) are copied from s_0, not generated.
+As the official code's conversions between spaces do, every state and action the policy or the
+ensemble sees, and every one returned, lies in the dataset's box (per-dimension min/max). State
+dimensions that never change within a dataset episode (maze2d's goal) are copied from s_0, not generated.
 
-Spaces: states are in env space (z-scored with the dataset's obs_mean/obs_std), as the learner, the
+Spaces: states are z-scored (with the dataset's obs_mean/obs_std; names end in _z), as the learner, the
 ensemble and the reward model use them; the DM takes and returns raw states; terminal and task reward
-functions take raw states. ``act_fn(obs (N, obs_dim)) -> actions (N, act_dim)`` in [-1, 1] is the
+functions take raw states. ``act_fn(obs_z (N, obs_dim)) -> actions (N, act_dim)`` in [-1, 1] is the
 deterministic policy (TD3+BC's actor, IQL's tanh mean).
 """
 from __future__ import annotations
@@ -46,24 +52,31 @@ UNIFORM_FLOOR = 1e-6  # softmax filter: every trajectory keeps at least this sha
 
 @dataclass
 class RolloutConfig:
-    rollout_batch: int = 512
-    """B, start states per round (official 2048)"""
-    rollout_length: int = 32
-    """T, rows [s_t, a_t] per trajectory; at least the DM's H (official T = H = 100)"""
-    iterations: int = 2
-    """M, rounds of DM sampling + action relabelling (official 2)"""
-    sampler_steps: int = 8
-    """N, steps of the DM sampler (official 34)"""
-    sampler_solver: str = "euler"
-    """'euler' (N network calls) or 'heun' (2 N - 1, official)"""
-    sampler_churn: float = 0.0
-    """S_churn of the sampler; 0 = deterministic (official 60)"""
-    filter: str = "hardmax"
-    """'hardmax' keeps the top keep_fraction by score; 'softmax' samples that many by score"""
-    keep_fraction: float = 0.6
-    """share of the B trajectories kept (official 0.6)"""
-    temperature: float = 0.05
-    """softmax filter temperature T on z-scored trajectory scores (official 0.05)"""
+    """A round's settings; train.py fills each field from its flag of the same name (defaults: its cpu preset).
+    Checked once, here: a bad value raises a ValueError whose message starts with the field's name."""
+
+    rollout_batch: int = 512  # B, start states per round
+    rollout_length: int = 32  # T, rows [s_t, a_t] per trajectory (DM windows of H rows are chained when T > H)
+    iterations: int = 2  # M, rounds of DM sampling + action relabelling (0: ensemble-only rollouts)
+    sampler_steps: int = 8  # N, steps of the DM sampler
+    sampler_solver: str = "euler"  # 'euler' (N network calls) or 'heun' (2N - 1)
+    sampler_churn: float = 0.0  # S_churn of the sampler; 0 = deterministic
+    filter: str = "hardmax"  # step 5: 'hardmax' or 'softmax'
+    keep_fraction: float = 0.6  # share of the B trajectories kept
+    temperature: float = 0.05  # softmax filter: temperature on z-scored trajectory scores
+
+    def __post_init__(self):
+        for name in ("rollout_batch", "rollout_length", "sampler_steps", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be 0 or more (got {self.iterations})")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1] (got {self.keep_fraction})")
+        if self.filter not in ("hardmax", "softmax"):
+            raise ValueError(f"filter must be 'hardmax' or 'softmax' (got {self.filter!r})")
+        if self.sampler_solver not in ("euler", "heun"):
+            raise ValueError(f"sampler_solver must be 'euler' or 'heun' (got {self.sampler_solver!r})")
 
 
 @dataclass
@@ -71,12 +84,12 @@ class DyDiffModels:
     """What a round needs besides the policy: the pretrained models and the dataset's z-scoring."""
 
     ensemble: nn.Module
-    """single-step ensemble f (dynamics.Ensemble), env space"""
+    """single-step ensemble f (dynamics.Ensemble), on z-scored states"""
     reward_model: nn.Module
-    """learned r(s, a) (dynamics.RewardModel), env space"""
+    """learned r(s, a) (dynamics.RewardModel), on z-scored states"""
     dm: nn.Module
-    """the diffusion model (diffusion.DynamicsDiffusion), raw space"""
-    terminal: Callable
+    """the diffusion model (diffusion.DynamicsDiffusion), on raw states"""
+    terminal_fn: Callable
     """done(s, a, s') on raw states (dynamics.terminal_fn)"""
     obs_mean: torch.Tensor
     obs_std: torch.Tensor
@@ -87,22 +100,22 @@ class DyDiffModels:
     reward_scale: float = 1.0
     """the learner's reward units: rewards are multiplied by it, as the real data's (train.py --normalize-reward)"""
 
-    def raw(self, states_env: torch.Tensor) -> torch.Tensor:
-        return states_env * self.obs_std.to(states_env) + self.obs_mean.to(states_env)
+    def raw(self, states_z: torch.Tensor) -> torch.Tensor:
+        return states_z * self.obs_std.to(states_z) + self.obs_mean.to(states_z)
 
-    def env(self, states_raw: torch.Tensor) -> torch.Tensor:
+    def zscore(self, states_raw: torch.Tensor) -> torch.Tensor:
         return (states_raw - self.obs_mean.to(states_raw)) / self.obs_std.to(states_raw)
 
-    def in_box(self, states_env: torch.Tensor, s0_env: torch.Tensor) -> torch.Tensor:
-        """States clipped to the dataset's box (the DM's raw min/max, mapped to env space), with the
-        constant dimensions copied from s_0 (B, obs_dim)."""
+    def in_box(self, states_z: torch.Tensor, s0_z: torch.Tensor) -> torch.Tensor:
+        """States clipped to the dataset's box (the DM's raw min/max, z-scored), with the constant
+        dimensions copied from s_0 (B, obs_dim)."""
         obs = slice(0, self.dm.obs_dim)
-        lo, hi = self.env(self.dm.x_min[obs].to(states_env)), self.env(self.dm.x_max[obs].to(states_env))
-        states_env = torch.minimum(torch.maximum(states_env, lo), hi)
+        lo, hi = self.zscore(self.dm.x_min[obs].to(states_z)), self.zscore(self.dm.x_max[obs].to(states_z))
+        states_z = torch.minimum(torch.maximum(states_z, lo), hi)
         if self.constant_dims is not None:
-            s0 = s0_env[:, None] if states_env.dim() == 3 else s0_env
-            states_env = torch.where(self.constant_dims.to(states_env.device), s0, states_env)
-        return states_env
+            s0 = s0_z[:, None] if states_z.dim() == 3 else s0_z
+            states_z = torch.where(self.constant_dims.to(states_z.device), s0, states_z)
+        return states_z
 
     def action_in_box(self, actions: torch.Tensor) -> torch.Tensor:
         act = slice(self.dm.obs_dim, None)
@@ -110,29 +123,30 @@ class DyDiffModels:
 
 
 # -- Steps 1-3: start states, the initial trajectory, M DM iterations ------------------------------
-def draw_start_states(obs_env: torch.Tensor, B: int, generator: torch.Generator | None = None):
+def draw_start_states(obs_z: torch.Tensor, B: int, generator: torch.Generator | None = None):
     """Step 1: B start states s_0 drawn uniformly (with replacement) from the dataset; also their indices."""
-    idx = torch.randint(len(obs_env), (B,), generator=generator, device=obs_env.device)
-    return obs_env[idx], idx
+    idx = torch.randint(len(obs_z), (B,), generator=generator, device=obs_z.device)
+    return obs_z[idx], idx
 
 
-def relabel(act_fn: ActFn, states_env: torch.Tensor) -> torch.Tensor:
+def relabel(act_fn: ActFn, states_z: torch.Tensor) -> torch.Tensor:
     """a_t = pi(s_t) for every (b, t) in one call: (B, T, obs_dim) -> (B, T, act_dim)."""
-    B, T, _ = states_env.shape
-    return act_fn(states_env.reshape(B * T, -1)).reshape(B, T, -1)
+    B, T, _ = states_z.shape
+    return act_fn(states_z.reshape(B * T, -1)).reshape(B, T, -1)
 
 
 @torch.no_grad()
-def initial_rollout(act_fn: ActFn, models: DyDiffModels, s0_env: torch.Tensor, T: int,
+def initial_rollout(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, T: int,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 2: the current policy in the ensemble. Returns states_env (B, T, obs), actions (B, T, act)."""
-    s_t, states, actions = s0_env, [s0_env], []
+    """Step 2: the current policy in the ensemble, its actions clipped to the dataset's box.
+    Returns states_z (B, T, obs), actions (B, T, act)."""
+    s_t, states, actions = s0_z, [s0_z], []
     for _ in range(T - 1):
-        a_t = act_fn(s_t)
-        s_t = models.in_box(models.ensemble.step(s_t, a_t, generator=generator), s0_env)
+        a_t = models.action_in_box(act_fn(s_t))
+        s_t = models.in_box(models.ensemble.step(s_t, a_t, generator=generator), s0_z)
         states.append(s_t)
         actions.append(a_t)
-    actions.append(act_fn(s_t))  # a_{T-1}: the DM is conditioned on every row's action
+    actions.append(models.action_in_box(act_fn(s_t)))  # a_{T-1}: the DM is conditioned on every row's action
     return torch.stack(states, 1), torch.stack(actions, 1)
 
 
@@ -147,55 +161,64 @@ def generate_chained(dm: nn.Module, s0_raw: torch.Tensor, actions: torch.Tensor,
     B, T, _ = actions.shape
     H = dm.horizon
     if T < H:
-        raise ValueError(f"generate_chained needs at least H={H} actions (got {T})")
+        raise ValueError(f"rollout length T={T} is shorter than the diffusion model's H={H}")
     states = torch.empty(B, T, dm.obs_dim, device=dm.x_min.device)
     states[:, 0] = s0_raw
-    done = 0  # rows 0..done are final
-    while done < T - 1:
-        start = min(done, T - H)
+    filled = 0  # rows 0..filled are final
+    while filled < T - 1:
+        start = min(filled, T - H)
         window = dm.generate(states[:, start], actions[:, start:start + H], sampler_steps, generator, **sampler)
-        states[:, done + 1:start + H] = window[:, done - start + 1:]
-        done = start + H - 1
+        states[:, filled + 1:start + H] = window[:, filled - start + 1:]
+        filled = start + H - 1
     return states
 
 
 @torch.no_grad()
-def refine(act_fn: ActFn, models: DyDiffModels, states_env: torch.Tensor, actions: torch.Tensor, cfg: RolloutConfig,
+def refine(act_fn: ActFn, models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor, cfg: RolloutConfig,
            generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Step 3: M iterations of (DM states given s_0 and the actions -> average -> box -> relabel).
 
-    Returns [(states_env, actions)] for iterations 0 (the input) .. M, so benchmarks can look at each one;
+    Returns [(states_z, actions)] for iterations 0 (the input) .. M, so benchmarks can look at each one;
     the last entry is policy-consistent: its actions are pi(its states), clipped to the dataset's box."""
-    s_0 = states_env[:, 0].clone()
-    iterates = [(states_env, actions)]
+    s_0 = states_z[:, 0].clone()
+    iterates = [(states_z, actions)]
     for _ in range(cfg.iterations):
-        dm_env = models.env(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator,
-                                             solver=cfg.sampler_solver, S_churn=cfg.sampler_churn).to(states_env))
+        dm_z = models.zscore(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator,
+                                              solver=cfg.sampler_solver, S_churn=cfg.sampler_churn).to(states_z))
         # The official code averages with the previous states (the paper does not say so): a cheap
         # ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.
-        avg = torch.where(torch.isfinite(states_env), (dm_env + states_env) / 2, dm_env)
-        states_env = models.in_box(avg, s_0)
-        states_env[:, 0] = s_0  # s_0 is a real data state: keep it bit-exact (the DM only inpaints it)
-        actions = models.action_in_box(relabel(act_fn, states_env))
-        iterates.append((states_env, actions))
+        avg = torch.where(torch.isfinite(states_z), (dm_z + states_z) / 2, dm_z)
+        states_z = models.in_box(avg, s_0)
+        states_z[:, 0] = s_0  # s_0 is a real data state: keep it bit-exact (the DM only inpaints it)
+        actions = models.action_in_box(relabel(act_fn, states_z))
+        iterates.append((states_z, actions))
     return iterates
+
+
+def rollout(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: RolloutConfig,
+            generator: torch.Generator | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+    """Steps 2-3: refine's iterates (the last one is the round's trajectory) and the seconds each step took."""
+    t0 = time.time()
+    states_z, actions = initial_rollout(act_fn, models, s0_z, cfg.rollout_length, generator)
+    t1 = time.time()
+    iterates = refine(act_fn, models, states_z, actions, cfg, generator)
+    return iterates, {"time_ensemble_s": t1 - t0, "time_dm_s": time.time() - t1}
 
 
 # -- Steps 4-5: rewards, scores and filters --------------------------------------------------------
 @torch.no_grad()
-def transition_rewards(models: DyDiffModels, states_env: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Step 4: r_t for every trajectory and step, (B, T) from the reward model r(s_t, a_t), or (B, T-1)
-    from the task's own reward of each transition (s_t, a_t, s_{t+1}) on raw states."""
-    B, T, obs_dim = states_env.shape
+def transition_rewards(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Step 4: r_t of every transition t -> t+1, (B, T-1): the reward model's r(s_t, a_t), or the task's own
+    reward of (s_t, a_t, s_{t+1}) on raw states; in the learner's units (times reward_scale)."""
+    B, T, obs_dim = states_z.shape
+    n = B * (T - 1)
+    s, a = states_z[:, :-1].reshape(n, obs_dim), actions[:, :-1].reshape(n, -1)
     if models.reward_fn is None:
-        r = models.reward_model(states_env.reshape(B * T, -1), actions.reshape(B * T, -1)).reshape(B, T)
+        r = models.reward_model(s, a)
     else:
-        raw = models.raw(states_env)
-        r = models.reward_fn(raw[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(B * (T - 1), -1),
-                             raw[:, 1:].reshape(-1, obs_dim))
-        r = torch.as_tensor(r, dtype=states_env.dtype, device=states_env.device).reshape(B, T - 1)
-    return r * models.reward_scale
+        r = models.reward_fn(models.raw(s), a, models.raw(states_z[:, 1:].reshape(n, obs_dim)))
+    return torch.as_tensor(r, dtype=states_z.dtype, device=states_z.device).reshape(B, T - 1) * models.reward_scale
 
 
 def n_keep(B: int, keep_fraction: float) -> int:  # the softmax filter's count
@@ -216,94 +239,91 @@ def hardmax_filter(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
 def softmax_filter(scores: torch.Tensor, keep_fraction: float, temperature: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Step 5: n_keep(B, keep_fraction) distinct indices drawn without replacement, p = softmax(z-scored
-    score / T) mixed with a uniform floor. Z-scoring makes T independent of the reward scale; the floor
-    keeps every probability positive once exp() underflows, so the draws after the favourites stay
-    uniformly random (with p = 0, torch 2.x picks zero-probability indices in a fixed order)."""
+    score / temperature) mixed with a uniform floor. Z-scoring makes the temperature independent of the
+    reward scale; the floor keeps every probability positive once exp() underflows, so the draws after the
+    favourites stay uniformly random (with p = 0, torch 2.x picks zero-probability indices in a fixed order)."""
     B = len(scores)
-    s = scores.double()  # float32 exp() underflows already at a score gap of ~5 std for T = 0.05
+    s = scores.double()  # float32 exp() underflows already at a score gap of ~5 std for temperature 0.05
     z = (s - s.mean()) / (s.std(correction=0) + 1e-8)  # equal scores give z = 0: a uniform draw
     p = (1 - UNIFORM_FLOOR) * torch.softmax(z / temperature, 0) + UNIFORM_FLOOR / B
     return torch.multinomial(p, n_keep(B, keep_fraction), replacement=False, generator=generator)
 
 
-# -- Step 6: transitions ---------------------------------------------------------------------------
-def to_transitions(states_env: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                   terminal: torch.Tensor) -> dict[str, torch.Tensor]:
+def select(scores: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Step 5: the indices of the kept trajectories, by cfg.filter."""
+    if cfg.filter == "hardmax":
+        return hardmax_filter(scores, cfg.keep_fraction)
+    return softmax_filter(scores, cfg.keep_fraction, cfg.temperature, generator)
+
+
+# -- Step 6: terminals and transitions -------------------------------------------------------------
+def transition_dones(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Step 6: done of every transition t -> t+1, (B, T-1) bool, from the terminal function on raw states."""
+    B, T, obs_dim = states_z.shape
+    raw, n = models.raw(states_z), B * (T - 1)
+    dones = models.terminal_fn(raw[:, :-1].reshape(n, obs_dim), actions[:, :-1].reshape(n, -1),
+                               raw[:, 1:].reshape(n, obs_dim))
+    return torch.as_tensor(dones, device=states_z.device).bool().reshape(B, T - 1)  # 'never' answers on the CPU
+
+
+def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                   dones: torch.Tensor) -> dict[str, torch.Tensor]:
     """Step 6: (s_t, a_t, r_t, s_{t+1}, done_t) for t < T-1, flattened trajectory by trajectory.
 
-    rewards: (B, T) or (B, T-1); terminal: (B, T-1) bool, done of the transition t -> t+1. A trajectory
-    stops at its first terminal: that transition is kept with done = 1, the later ones are dropped
-    (they would continue from a state the environment never leaves)."""
-    done = terminal.bool()
-    H1 = done.shape[1]
-    terminals_before = done.long().cumsum(1) - done.long()  # terminals strictly before t
+    rewards, dones: (B, T-1), of the transition t -> t+1. A trajectory stops at its first terminal: that
+    transition is kept with done = 1, the later ones are dropped (they would continue from a state the
+    environment never leaves)."""
+    dones = dones.bool()
+    terminals_before = dones.long().cumsum(1) - dones.long()  # terminals strictly before t
     keep = terminals_before == 0
-    return {"obs": states_env[:, :H1][keep], "actions": actions[:, :H1][keep],
-            "rewards": rewards[:, :H1][keep], "next_obs": states_env[:, 1:H1 + 1][keep],
-            "dones": done[keep].to(states_env.dtype)}
+    return {"obs": states_z[:, :-1][keep], "actions": actions[:, :-1][keep], "rewards": rewards[keep],
+            "next_obs": states_z[:, 1:][keep], "dones": dones[keep].to(states_z.dtype)}
 
 
 # -- One full round --------------------------------------------------------------------------------
-def rollout_round(act_fn: ActFn, models: DyDiffModels, start_states_env: torch.Tensor, cfg: RolloutConfig,
+def rollout_round(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: RolloutConfig,
                   generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Steps 2-6 for the start states s_0 (B, obs_dim), env space. Returns (transitions, stats)."""
-    if cfg.rollout_length < models.dm.horizon:
-        raise ValueError(f"rollout length T={cfg.rollout_length} is shorter than the diffusion model's H={models.dm.horizon}")
-    if cfg.filter not in ("hardmax", "softmax"):
-        raise ValueError(f"unknown filter '{cfg.filter}': use 'hardmax' or 'softmax'")
-    if not 0 < cfg.keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
+    """Steps 2-6 for the start states s_0 (B, obs_dim), z-scored. Returns (transitions, stats)."""
     t0 = time.time()
-    states, actions = initial_rollout(act_fn, models, start_states_env, cfg.rollout_length, generator)
-    t_ensemble = time.time() - t0
-    iterates = refine(act_fn, models, states, actions, cfg, generator)
-    t_dm = time.time() - t0 - t_ensemble
-    states, actions = iterates[-1]
-    B, T, obs_dim = states.shape
-
-    rewards = transition_rewards(models, states, actions)
+    iterates, times = rollout(act_fn, models, s0_z, cfg, generator)
+    states_z, actions = iterates[-1]
+    rewards = transition_rewards(models, states_z, actions)
     scores = rewards.sum(1)
-    if cfg.filter == "hardmax":
-        kept = hardmax_filter(scores, cfg.keep_fraction)
-    else:
-        kept = softmax_filter(scores, cfg.keep_fraction, cfg.temperature, generator)
-    rejected = torch.ones(B, dtype=torch.bool, device=scores.device)
+    kept = select(scores, cfg, generator)
+    dones = transition_dones(models, states_z[kept], actions[kept])
+    transitions = to_transitions(states_z[kept], actions[kept], rewards[kept], dones)
+    stats = round_stats(iterates, scores, kept, dones, len(transitions["obs"]))
+    return transitions, {**stats, **times, "time_s": time.time() - t0}
+
+
+def round_stats(iterates: list, scores: torch.Tensor, kept: torch.Tensor, dones: torch.Tensor,
+                n_transitions: int) -> dict:
+    """What a round logs: counts, the scores kept and rejected, and how far each iteration moved the states
+    (large values mean the DM and the ensemble disagree)."""
+    rejected = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
     rejected[kept] = False
-
-    raw = models.raw(states)[kept]
-    k = len(kept)
-    # terminal functions work on raw states; 'never' answers on the CPU whatever the input device
-    done = models.terminal(raw[:, :-1].reshape(k * (T - 1), obs_dim), actions[kept, :-1].reshape(k * (T - 1), -1),
-                           raw[:, 1:].reshape(k * (T - 1), obs_dim))
-    done = torch.as_tensor(done, device=states.device).bool().reshape(k, T - 1)
-    transitions = to_transitions(states[kept], actions[kept], rewards[kept], done)
-
-    # how far each iteration moved the states: large values mean the DM and the ensemble disagree
     shifts = {f"state_shift_m{m}": float(((iterates[m][0] - iterates[m - 1][0]) ** 2).mean())
               for m in range(1, len(iterates))}
-    stats = {"n_rollouts": B, "n_kept": k, "n_transitions": len(transitions["obs"]),
-             "score_kept_mean": float(scores[kept].mean()),
-             "score_rejected_mean": float(scores[rejected].mean()) if rejected.any() else float("nan"),
-             "score_mean": float(scores.mean()),
-             "terminated_fraction": float(done.any(1).float().mean()),
-             **shifts, "time_ensemble_s": t_ensemble, "time_dm_s": t_dm, "time_s": time.time() - t0}
-    return transitions, stats
+    return {"n_rollouts": len(scores), "n_kept": len(kept), "n_transitions": n_transitions,
+            "score_kept_mean": float(scores[kept].mean()),
+            "score_rejected_mean": float(scores[rejected].mean()) if rejected.any() else float("nan"),
+            "score_mean": float(scores.mean()), "terminated_fraction": float(dones.any(1).float().mean()),
+            **shifts}
 
 
 # -- The picture for learners ----------------------------------------------------------------------
-def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, start_states_env: torch.Tensor,
+def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor,
                   cfg: RolloutConfig, generator: torch.Generator | None = None, draw_background=None) -> None:
     """PNG of (x, y) = obs dims 0, 1: a few dataset episodes (grey) and, from the given start states, the
     initial trajectory (step 2, dashed) and the final DyDiff trajectory (step 3, solid) of the policy.
-    ``draw_background(ax, env)`` draws the scene first (data.draw_maze: walls, goal, evaluation starts)."""
+    ``draw_background(ax, env)`` draws the scene first (rebuild.draw_maze: walls, goal, evaluation starts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    states, actions = initial_rollout(act_fn, models, start_states_env, cfg.rollout_length, generator)
-    iterates = refine(act_fn, models, states, actions, cfg, generator)
+    iterates, _ = rollout(act_fn, models, s0_z, cfg, generator)
     initial, final = (models.raw(s).cpu().numpy() for s in (iterates[0][0], iterates[-1][0]))
     fig, ax = plt.subplots(figsize=(6, 6.3))
     if draw_background is not None:
@@ -321,6 +341,5 @@ def plot_rollouts(path, env: str, data, act_fn: ActFn, models: DyDiffModels, sta
     ax.set(aspect="equal", xlabel="x (obs dim 0)", ylabel="y (obs dim 1)")
     ax.set_title(f"{env}: {len(final)} rollouts of T={T} steps by the final policy", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the legend below the axes stays in the image
     plt.close(fig)

@@ -7,8 +7,8 @@ the first terminal. The ensemble follows MBPO/MOPO: 7 Gaussian MLPs (4x200, SiLU
 and log-variance of s' - s, trained by Gaussian NLL with per-layer weight decay; the 5 members best on
 a holdout set are the elites, and a rollout step uses the mean of one elite drawn per sample.
 
-Spaces: both models take s in env space (z-scored with the dataset's obs_mean/obs_std) and a in
-[-1, 1]; the ensemble predicts s' - s in env space, the reward model the raw reward. Terminal and
+Spaces: both models take z-scored s (with the dataset's obs_mean/obs_std) and a in [-1, 1]; the
+ensemble predicts the z-scored s' - s, the reward model the raw reward. Terminal and
 reward functions take raw observations.
 
 ``python bench/pretrain.py --env maze2d-umaze`` trains both (or loads them from the cache beside the
@@ -68,7 +68,7 @@ class BatchedMLP(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Probabilistic ensemble f(s, a) -> N(mean, exp(logvar)) of delta s = s' - s, env space."""
+    """Probabilistic ensemble f(s, a) -> N(mean, exp(logvar)) of delta s = s' - s, z-scored."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_members: int = 7, n_elites: int = 5,
                  hidden: int = 200, n_layers: int = 4):
@@ -84,7 +84,9 @@ class Ensemble(nn.Module):
         # MBPO's per-layer weight decay (grows with depth); the output layer gets the largest.
         self.weight_decay = [min(2.5e-5 * (i + 1), 7.5e-5) for i in range(n_layers)] + [1e-4]
         self.register_buffer("elites", torch.arange(n_elites))
-        self.register_buffer("obs_mean", torch.zeros(obs_dim))  # raw <-> env space, for rollouts
+        # The dataset's z-scoring, saved with the weights so that a cached ensemble can be used on raw
+        # states without its dataset (bench/fidelity.py); DyDiff's rounds take theirs from the data.
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +113,7 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def step(self, s: torch.Tensor, a: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """s' = s + mean of a uniformly drawn elite, drawn independently for every sample (env space).
+        """s' = s + mean of a uniformly drawn elite, drawn independently for every sample (z-scored).
         Each elite runs only on the samples that drew it."""
         pick = self.elites[torch.randint(len(self.elites), (s.shape[0],), generator=generator, device=s.device)]
         x, delta = torch.cat([s, a], -1), torch.empty_like(s)
@@ -122,7 +124,7 @@ class Ensemble(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """r(s, a) with s in env space: one MLP, stored as a 1-member BatchedMLP to share `fit`."""
+    """r(s, a) with z-scored s: one MLP, stored as a 1-member BatchedMLP to share `fit`."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, n_layers: int = 2):
         super().__init__()
@@ -143,12 +145,15 @@ class RewardModel(nn.Module):
 # -- Training with holdout early stopping ----------------------------------------------------------
 @dataclass
 class FitConfig:
-    # An "epoch" here is a fixed number of minibatch steps, not a pass over the data (the official
-    # code's epoch): on one CPU thread a pass of the 7x(4x200) ensemble over 1M transitions takes
-    # minutes, so the 7-epoch patience would barely act. The caps (4000 ensemble steps, about one pass
-    # of 1M samples per member; 6000 cheap reward steps) bound pretraining on a CPU. Batch 256 and
-    # lr 1e-3 are MBPO's; the sparse maze2d reward (1 within 0.45 of the goal) is learnt faster at
-    # lr 3e-3, which did not help the ensemble.
+    """The training recipe of the ensemble and the reward model (defaults: train.py's cpu preset; --preset
+    paper: train.PAPER_FIT, the official recipe).
+
+    An "epoch" here is a fixed number of minibatch steps, not a pass over the data (the official code's
+    epoch): on a CPU a pass of the 7x(4x200) ensemble over a 1M-transition dataset is slow enough that
+    the 7-epoch patience would barely act, and the epoch caps bound pretraining. Batch 256 and lr 1e-3
+    are MBPO's; the reward model has its own lr because the sparse maze2d reward (1 within 0.45 of the
+    goal) is learnt faster at a higher one (bench/README.md)."""
+
     batch_size: int = 256
     lr: float = 1e-3
     reward_lr: float = 3e-3
@@ -164,6 +169,7 @@ class FitConfig:
     n_layers: int = 4
     reward_hidden: int = 256
     reward_layers: int = 2
+    seed: int = 0  # the holdout split, the initialisation and the minibatches
 
 
 def fit(model: nn.Module, train: tuple, holdout: tuple, cfg: FitConfig, max_epochs: int,
@@ -206,21 +212,22 @@ def fit(model: nn.Module, train: tuple, holdout: tuple, cfg: FitConfig, max_epoc
     return {"history": history, "best": best.tolist(), "epochs": len(history)}
 
 
-def _env_tensors(data, idx: np.ndarray, device) -> tuple[torch.Tensor, ...]:
+def _zscored_tensors(data, idx: np.ndarray, device) -> tuple[torch.Tensor, ...]:
     s = data.normalize_obs(data.obs[idx])
     delta = data.normalize_obs(data.next_obs[idx]) - s
     return tuple(torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
                  for x in (s, data.actions[idx], delta, data.rewards[idx]))
 
 
-def train_models(data, cfg: FitConfig, device="cpu", seed: int = 0, progress: bool = True):
+def train_models(data, cfg: FitConfig, device="cpu", progress: bool = True):
     """Fit the ensemble and the reward model on one random holdout split of the transitions."""
+    seed = cfg.seed
     torch.manual_seed(seed)
     n = len(data.obs)
     perm = np.random.default_rng(seed).permutation(n)
     n_hold = min(cfg.holdout, int(0.2 * n))
-    s, a, delta, r = _env_tensors(data, perm[n_hold:], device)
-    s_h, a_h, delta_h, r_h = _env_tensors(data, perm[:n_hold], device)
+    s, a, delta, r = _zscored_tensors(data, perm[n_hold:], device)
+    s_h, a_h, delta_h, r_h = _zscored_tensors(data, perm[:n_hold], device)
     g = torch.Generator(device).manual_seed(seed)
     obs_dim, act_dim = s.shape[1], a.shape[1]
     t0 = time.time()
@@ -245,16 +252,16 @@ def train_models(data, cfg: FitConfig, device="cpu", seed: int = 0, progress: bo
 
 
 # -- Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached) ---------
-def load_or_train(data, device="cpu", seed: int = 0, cfg: FitConfig | None = None, retrain: bool = False,
+def load_or_train(data, cfg: FitConfig | None = None, device="cpu", retrain: bool = False,
                   progress: bool = True) -> tuple[Ensemble, RewardModel, dict]:
     """(ensemble, reward model, info) for `data`: from the cache beside the dataset, else trained now."""
     cfg = cfg or FitConfig()
 
     def train():
-        ens, rew, info = train_models(data, cfg, device, seed, progress)
+        ens, rew, info = train_models(data, cfg, device, progress)
         return {"info": info, "ensemble": ens.state_dict(), "reward": rew.state_dict()}
 
-    ckpt, path, cached = load_or_train_cached(data, "dynamics", {**asdict(cfg), "seed": seed}, train, device, retrain)
+    ckpt, path, cached = load_or_train_cached(data, "dynamics", asdict(cfg), train, device, retrain)
     ens = Ensemble(data.obs_dim, data.act_dim, cfg.n_members, cfg.n_elites, cfg.hidden, cfg.n_layers).to(device)
     rew = RewardModel(data.obs_dim, data.act_dim, cfg.reward_hidden, cfg.reward_layers).to(device)
     ens.load_state_dict(ckpt["ensemble"])

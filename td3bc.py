@@ -108,7 +108,7 @@ class TD3BC:
         if self.total_it % self.policy_freq == 0:
             pi = self.actor(obs)
             # Freeze the critic's weights here: only dQ/da is needed, so autograd skips the critic's
-            # weight gradients (a third of this step's matmuls).
+            # weight gradients, which this step would throw away.
             self.critic.requires_grad_(False)
             q1 = self.critic.q1(obs, pi)
             self.critic.requires_grad_(True)

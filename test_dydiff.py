@@ -1,7 +1,7 @@
 """Tests of the DyDiff reference implementation, in pipeline order: data, learners, dynamics models,
 diffusion model, the DyDiff round, the training loop, robustness, benchmark tools.
 
-    python -m pytest -q test_dydiff.py        # about 2-4 minutes on 2 CPU cores
+    python -m pytest -q test_dydiff.py
 
 Every test runs offline on small datasets generated into a temporary Minari folder, never ~/.minari.
 """
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,11 +28,11 @@ import torch.nn as nn
 import diffusion
 import dydiff
 import dynamics
-from data import (CheckpointError, DatasetError, MAZE2D, TransitionBuffer, WaypointController, draw_maze,
-                  load_dataset, maze_eval_env, normalized_score, resolve_env)
+from data import CheckpointError, DatasetError, MAZE2D, TransitionBuffer, load_dataset, normalized_score, resolve_env
 from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
+from rebuild import WaypointController, draw_maze, maze_eval_env
 from td3bc import TD3BC, TwinCritic
 from train import evaluate, main, parse_args, sample_batch
 
@@ -45,11 +46,11 @@ TINY_STEPS = 3000  # a few thousand maze steps: ~40 episodes, built in seconds
 TINY = FitConfig(steps_per_epoch=20, max_epochs=2, reward_max_epochs=2, hidden=32, reward_hidden=32)
 TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--rollout-length", "8", "--dm-dim", "8", "--dm-mults", "1", "2", "--dm-train-steps", "30",
                "--rollout-batch", "16", "--rollout-interval", "40", "--sampler-steps", "4", "--synthetic-capacity", "500"]
-# DyDiff unit tests: hand-made dataset stats (raw = env * STD + MEAN) and a tight dataset box
+# DyDiff unit tests: hand-made dataset stats (raw = z * STD + MEAN) and a tight dataset box
 OBS, ACT, H = 4, 2, 8
 MEAN = torch.tensor([0.5, -1.0, 2.0, 0.0])
 STD = torch.tensor([2.0, 0.5, 1.0, 3.0])
-BOX = 0.3  # the dataset box is [-0.3, 0.3] in env space: tight, so the ensemble leaves it
+BOX = 0.3  # the dataset box is [-0.3, 0.3] z-scored: tight, so the ensemble leaves it
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +99,9 @@ def tiny_hopper(minari_root):
 
 @pytest.fixture
 def tiny_fit(monkeypatch):
-    """Seconds, not minutes, of ensemble training wherever the default FitConfig is asked for."""
-    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: FitConfig(**kw) if kw else TINY)
+    """Seconds, not minutes, of ensemble training wherever a FitConfig is asked for: TINY's network sizes and
+    epoch caps, with the settings asked for (the seed, --preset paper's recipe) on top."""
+    monkeypatch.setattr(dynamics, "FitConfig", lambda **kw: replace(TINY, **kw))
 
 
 def fixed_batch(n=256, obs_dim=6, act_dim=2, seed=0):
@@ -416,7 +418,7 @@ def test_dynamics_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
     a = torch.as_tensor(tiny_data.actions[:10])
     torch.testing.assert_close(ens2(s, a), ens(s, a))
     torch.testing.assert_close(rew2(s, a), rew(s, a))
-    other_seed = dynamics.load_or_train(tiny_data, seed=1, cfg=TINY, progress=False)[2]
+    other_seed = dynamics.load_or_train(tiny_data, cfg=replace(TINY, seed=1), progress=False)[2]
     assert not other_seed["cached"] and other_seed["path"] != str(path)  # other settings, another file
 
     ckpt = torch.load(path, weights_only=True)
@@ -442,9 +444,9 @@ def test_unet_output_shape_equals_input(D, H, mults):
 
 
 def test_unet_rejects_bad_horizon_clearly():
-    """U-Net F: an H its down-sampling cannot halve gives a clear error."""
-    with pytest.raises(ValueError, match="H=30 must be a multiple of 4"):
-        TemporalUnet(4, dim=8, dim_mults=(1, 2, 4))(torch.randn(1, 30, 4), torch.zeros(1))
+    """U-Net F: an H its down-sampling cannot halve gives a clear error, from the config and from the model."""
+    with pytest.raises(ValueError, match=r"^horizon H=30 must be a multiple of 4, .* use H in \[28, 32\]"):
+        diffusion.DMConfig(horizon=30, dim_mults=(1, 2, 4))
     with pytest.raises(ValueError, match="multiple of 2"):
         DynamicsDiffusion(3, 2, horizon=7, dim=8, dim_mults=(1, 2))
 
@@ -517,7 +519,7 @@ def test_generate_chains_windows_beyond_H():
     w3 = model.generate(w2[:, 5], actions[:, 12:], 3, generator=g)
     assert torch.allclose(states[:, :8], w1, atol=1e-6) and torch.allclose(states[:, 8:15], w2[:, 1:], atol=1e-6)
     assert torch.allclose(states[:, 15:], w3[:, 3:], atol=1e-6)
-    with pytest.raises(ValueError, match="at least H=8 actions"):
+    with pytest.raises(ValueError, match="rollout length T=5 is shorter than the diffusion model.s H=8"):
         dydiff.generate_chained(model, s0, actions[:, :5], 3)
     with pytest.raises(ValueError, match="generates H=8 rows at a time"):
         model.generate(s0, actions, 3)
@@ -646,7 +648,8 @@ def models():
     constant = torch.tensor([False, False, True, False])
 
     def bundle(terminal=terminal_fn("maze2d"), reward_fn=None):
-        return dydiff.DyDiffModels(ens, reward, dm, terminal, MEAN, STD, reward_fn, constant)
+        return dydiff.DyDiffModels(ensemble=ens, reward_model=reward, dm=dm, terminal_fn=terminal, obs_mean=MEAN,
+                                   obs_std=STD, reward_fn=reward_fn, constant_dims=constant)
 
     return SimpleNamespace(ens=ens, reward=reward, dm=dm, act_fn=act_fn, bundle=bundle, constant=constant)
 
@@ -661,7 +664,7 @@ def test_constant_dims_are_found_from_the_data(tiny_data):
 
 
 def test_initial_rollout_follows_policy_and_ensemble_inside_the_box(models):
-    """Step 2: pi in the ensemble, a_{T-1} included; every state clipped to the box, constant dims = s_0's."""
+    """Step 2: pi in the ensemble, a_{T-1} included; every action and state clipped to the box, constant dims = s_0's."""
     models.ens.n_elites = 1
     models.ens.set_elites(torch.tensor([0.3, 0.1, 0.2]))  # one elite (member 1): the step is deterministic
     bundle, s0 = models.bundle(), starts(16)
@@ -670,7 +673,9 @@ def test_initial_rollout_follows_policy_and_ensemble_inside_the_box(models):
     assert torch.equal(s[:, 0], s0)
     with torch.no_grad():
         for t in range(H):
-            assert torch.allclose(a[:, t], models.act_fn(s[:, t]))
+            pi = models.act_fn(s[:, t])
+            assert torch.equal(a[:, t], torch.stack([pi[:, 0].clamp(-1, 0), pi[:, 1]], -1))
+        assert (models.act_fn(s.reshape(-1, OBS))[:, 0] > 0).any()  # so the clipping is exercised
         for t in range(H - 1):
             free = models.ens.step(s[:, t], a[:, t])
             assert (free[:, :2].abs() > BOX).any()  # the ensemble alone leaves the box...
@@ -764,7 +769,7 @@ def test_transitions_stop_at_first_terminal():
     B, H6 = 3, 6
     states = (torch.arange(B)[:, None] * 100 + torch.arange(H6)[None]).float()[..., None].expand(B, H6, OBS)
     actions = -states[..., :ACT]
-    rewards = states[..., 0] + 0.5
+    rewards = states[:, :-1, 0] + 0.5  # r_t of the transition t -> t + 1
     terminal = torch.zeros(B, H6 - 1, dtype=torch.bool)
     terminal[1, 2] = terminal[1, 4] = True  # trajectory 1: t = 0, 1, 2 kept, done at t = 2
     terminal[2, 0] = True                   # trajectory 2: only its first transition
@@ -789,8 +794,29 @@ def test_rollout_round_with_the_env_reward(models):
     raw_next = tr["next_obs"] * STD + MEAN
     assert torch.allclose(tr["rewards"], reward_fn(None, None, raw_next), atol=1e-6)
     assert 0 < tr["rewards"].mean() < 1
-    # hardmax on the sum of the H - 1 transition rewards: the kept ones score at least the rejected ones
-    assert stats["score_kept_mean"] >= stats["score_rejected_mean"]
+    # a trajectory's score is the sum of the H - 1 rewards its transitions carry
+    assert stats["score_kept_mean"] == pytest.approx(float(tr["rewards"].reshape(15, H - 1).sum(1).mean()), rel=1e-5)
+
+
+def test_ensemble_only_round_with_m_0(models):
+    """Steps 2 and 4-6 with M = 0 (--iterations 0, the ablation): the DM is never sampled; the transitions
+    are the initial ensemble trajectories that the filter keeps, their actions clipped to the box."""
+    def no_dm(*args, **kwargs):
+        raise AssertionError("the DM was sampled with M = 0")
+
+    models.dm.generate = no_dm
+    cfg = dydiff.RolloutConfig(rollout_batch=20, rollout_length=H, iterations=0, keep_fraction=0.5)
+    bundle, s0 = models.bundle(), starts(20)
+    tr, stats = dydiff.rollout_round(models.act_fn, bundle, s0, cfg, torch.Generator().manual_seed(0))
+    states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, H, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scores = models.reward(states[:, :-1].reshape(-1, OBS), actions[:, :-1].reshape(-1, ACT)).reshape(20, H - 1)
+    kept = dydiff.hardmax_filter(scores.sum(1), 0.5)
+    assert stats["n_kept"] == len(kept) == 10 and not any(k.startswith("state_shift") for k in stats)
+    assert torch.equal(tr["obs"], states[kept, :-1].reshape(-1, OBS))
+    assert torch.equal(tr["next_obs"], states[kept, 1:].reshape(-1, OBS))
+    assert torch.equal(tr["actions"], actions[kept, :-1].reshape(-1, ACT)) and tr["actions"][:, 0].max() <= 0
+    assert torch.equal(tr["rewards"], scores[kept].reshape(-1))
 
 
 @pytest.mark.parametrize("filt", ["hardmax", "softmax"])
@@ -820,8 +846,6 @@ def test_rollout_round_end_to_end(models, filt):
     # at most one done per kept trajectory, and it ends it: #dones = #terminated kept trajectories
     assert tr["dones"].sum() == round(stats["terminated_fraction"] * 20)
     assert tr["obs"].abs().max() <= BOX + 1e-6 and tr["next_obs"].abs().max() <= BOX + 1e-6
-    if filt == "hardmax":
-        assert stats["score_kept_mean"] > stats["score_rejected_mean"]
     with pytest.raises(ValueError, match="shorter than the diffusion model's H=8"):
         dydiff.rollout_round(models.act_fn, models.bundle(), s0, dydiff.RolloutConfig(rollout_length=6), g)
 
@@ -911,21 +935,43 @@ def test_evaluation_feeds_the_policy_on_the_learners_device(tiny_data, tmp_path,
     assert devices == ["cpu"]  # the loop passes the learner's device
 
 
-def test_paper_preset_dry_run(tiny_data, tmp_path, monkeypatch):
-    """--preset paper end to end on a CPU with tiny sizes: the official recipe reaches every model."""
-    import train
-
-    fits = []
-    monkeypatch.setattr(train, "fit_config", lambda args: fits.append(args.preset) or TINY)  # seconds of ensemble
+def test_paper_preset_dry_run(tiny_data, tmp_path, monkeypatch, tiny_fit):
+    """--preset paper end to end on a CPU with tiny networks: the paper's recipe reaches every model, the
+    ensemble's too (lr 1e-4, an epoch is a pass over the data, no epoch cap, any improvement counts)."""
+    fits, train_models = [], dynamics.train_models
+    monkeypatch.setattr(dynamics, "train_models", lambda data, cfg, *a, **kw: fits.append(cfg) or
+                        train_models(data, cfg, *a, **kw))
     tiny = ["--total-steps", "20", "--eval-interval", "10", "--horizon", "8", "--rollout-length", "8", "--dm-dim", "8",
             "--dm-mults", "1", "2", "--dm-train-steps", "20", "--rollout-batch", "16", "--rollout-interval", "10",
             "--sampler-steps", "3", "--synthetic-capacity", "200"]
-    summary = run_train(tmp_path, "--preset", "paper", "--dydiff", *tiny, "--run-name", "paper")
-    assert summary["preset"] == "paper" and summary["steps"] == 20 and fits == ["paper"]
+    summary = run_train(tmp_path, "--preset", "paper", "--dydiff", *tiny, "--run-name", "paper", "--model-seed", "7")
+    assert summary["preset"] == "paper" and summary["steps"] == 20 and len(fits) == 1
+    assert (fits[0].lr, fits[0].reward_lr, fits[0].steps_per_epoch, fits[0].max_epochs, fits[0].reward_max_epochs,
+            fits[0].improvement, fits[0].seed) == (1e-4, 1e-4, 0, 0, 0, 0.0, 7)
     config = json.loads((tmp_path / "paper" / "config.json").read_text())
     assert (config["sampler_churn"], config["dm_act"], config["dm_batch_size"], config["dm_lr"], config["dm_grad_clip"],
             config["dm_warmup_steps"], config["dm_lr_schedule"], config["real_ratio"]) == (
         60.0, "mish", 8, 1e-3, 0.0, 1_250_000, "constant", 0.6)
+
+
+def test_flags_fill_each_component_config_by_name():
+    """train.py: every RolloutConfig and DMConfig field comes from its flag, whatever the order of the fields."""
+    import train
+
+    flags = ["--rollout-batch", "7", "--horizon", "16", "--rollout-length", "40", "--iterations", "3",
+             "--sampler-steps", "5", "--sampler-solver", "heun", "--sampler-churn", "2.5", "--filter", "softmax",
+             "--keep-fraction", "0.3", "--temperature", "0.2", "--dm-dim", "24", "--dm-mults", "1", "2",
+             "--dm-act", "mish", "--dm-train-steps", "11", "--dm-batch-size", "13", "--dm-lr", "0.01",
+             "--dm-warmup-steps", "3", "--dm-lr-schedule", "constant", "--dm-grad-clip", "0.5", "--model-seed", "4"]
+    args = parse_args(flags)
+    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2)
+    assert train.dm_config(args) == diffusion.DMConfig(horizon=16, dim=24, dim_mults=(1, 2), act="mish", train_steps=11,
+                                                       batch_size=13, lr=0.01, warmup_steps=3, lr_schedule="constant",
+                                                       grad_clip=0.5, seed=4)
+    assert train.fit_config(args).seed == 4
+    # the cpu preset's defaults are the configs' own
+    defaults = parse_args([])
+    assert train.rollout_config(defaults) == dydiff.RolloutConfig() and train.dm_config(defaults) == diffusion.DMConfig()
 
 
 def test_paper_ensemble_recipe_is_the_official_one():
@@ -988,6 +1034,19 @@ def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, tiny_fit):
     # 60% of the 16, more with ties) of T - 1 = 7 transitions
     assert 3 * 9 * 7 <= ckpt["synthetic"]["size"] <= 3 * 16 * 7
     assert (tmp_path / "dyd" / "rollouts.png").stat().st_size > 1000
+
+
+def test_ensemble_only_rollouts_fill_the_buffer_in_the_loop(tiny_data, tmp_path, tiny_fit, monkeypatch):
+    """The loop with --iterations 0: rounds of ensemble-only rollouts reach the synthetic buffer and the
+    batches, and the DM is never sampled (not for the picture either)."""
+    def no_dm(*args, **kwargs):
+        raise AssertionError("the DM was sampled with --iterations 0")
+
+    monkeypatch.setattr(DynamicsDiffusion, "generate", no_dm)
+    summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "m0", *TINY_DYDIFF, "--iterations", "0")
+    ckpt = torch.load(tmp_path / "m0" / "checkpoint.pt", weights_only=True)
+    assert summary["steps"] == 100 and 3 * 9 * 7 <= ckpt["synthetic"]["size"] <= 3 * 16 * 7  # rounds at 0, 40, 80
+    assert (tmp_path / "m0" / "rollouts.png").stat().st_size > 1000
 
 
 def test_resume_gives_the_same_run_as_an_uninterrupted_one(tiny_data, tmp_path):
@@ -1087,7 +1146,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     (["--resume", "--run-name", "nothing-here"], "nothing to resume"),
     (["--real-ratio", "1.5"], "--real-ratio must be in [0, 1] (got 1.5)"),
     (["--keep-fraction", "0"], "--keep-fraction must be in (0, 1] (got 0.0)"),
-    (["--horizon", "30"], "--horizon 30 must be divisible by 4, the U-Net's down-sampling for --dm-mults 1 2 4"),
+    (["--horizon", "30"], "--horizon H=30 must be a multiple of 4, as the U-Net halves it 2 times: use H in [28, 32]"),
+    (["--dm-lr", "0"], "--dm-lr must be positive (got 0.0)"),
+    (["--temperature", "-1"], "--temperature must be positive (got -1.0)"),
     (["--rollout-batch", "0"], "--rollout-batch must be positive"),
     (["--rollout-length", "16"], "--rollout-length 16 must be at least --horizon 32"),
     (["--iterations", "-1"], "--iterations must be 0 or more"),
@@ -1192,5 +1253,5 @@ def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, cap
     pretrain.main(flags)
     out = capsys.readouterr().out
     assert "ensemble and reward model: loaded" in out and "diffusion model: loaded" in out
-    with pytest.raises(SystemExit, match="--horizon 7 must be divisible by 2"):
+    with pytest.raises(SystemExit, match="--horizon H=7 must be a multiple of 2"):
         pretrain.main([*flags, "--horizon", "7"])

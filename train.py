@@ -2,7 +2,7 @@
 
     python train.py --env maze2d-umaze                 # TD3+BC + DyDiff, CPU preset
     python train.py --env maze2d-umaze --no-dydiff     # the plain learner on the same budget
-    python train.py --env maze2d-umaze --preset paper  # the official sizes (a GPU-day)
+    python train.py --env maze2d-umaze --preset paper  # the paper's sizes (a GPU-day)
     python train.py --help                             # every flag, with its default
 
 The loop, in `train()` below:
@@ -12,32 +12,31 @@ The loop, in `train()` below:
   3. every K steps, a DyDiff round with the current policy (dydiff.py) into a synthetic FIFO buffer;
   4. each gradient step: int(batch * real_ratio) real transitions + the rest synthetic;
   5. every eval_interval steps: the D4RL normalized score on the eval env, and a checkpoint.
-Below `train()`, a marked plumbing section (run folder, TensorBoard, checkpoints, resume, Ctrl-C, NaN
-guard, summary) that a reader may skip.
+Above it: the flags (Args), the paper preset, and the small helpers the loop calls. The run folder,
+TensorBoard, checkpoints, resume, Ctrl-C, the NaN guard and the summary are plumbing, in runs.py.
 """
 from __future__ import annotations
 
-import json
-import math
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import tyro
-from tqdm import tqdm
 
 import diffusion
 import dydiff
 import dynamics
-from data import (CheckpointError, DatasetError, TransitionBuffer, draw_maze, flat_obs, load_checkpoint,
-                  load_dataset, real_buffer, write_atomic)
+from data import CheckpointError, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
 from iql import IQL
+from rebuild import draw_maze
+from runs import ConfigError, Run, read_run_checkpoint
 from td3bc import TD3BC
+
+ROLLOUT, DM = dydiff.RolloutConfig(), diffusion.DMConfig()  # the cpu preset's values of the DyDiff flags
 
 
 @dataclass
@@ -85,70 +84,72 @@ class Args:
     track_tensorboard: bool = True
     """write TensorBoard scalars to the run folder"""
 
-    # DyDiff. The defaults are the cpu preset; --preset paper changes the defaults of the flags in PAPER.
+    # DyDiff. Defaults: the cpu preset, whose values live in the component configs (dydiff.RolloutConfig,
+    # diffusion.DMConfig); --preset paper changes the defaults of the flags in PAPER.
     dydiff: bool = True
     """augment the learner's batches with DyDiff rollouts (--no-dydiff: the plain learner)"""
     preset: Literal["cpu", "paper"] = "cpu"
-    """cpu: a small DM and rollouts that fit a 2-core CPU; paper: the official sizes (a GPU); flags given win"""
-    rollout_batch: int = 512
+    """cpu: a small DM and rollouts that fit a 2-core CPU; paper: the paper's sizes (a GPU); flags given win"""
+    rollout_batch: int = ROLLOUT.rollout_batch
     """B, start states per rollout round (paper 2048)"""
-    horizon: int = 32
+    horizon: int = DM.horizon
     """H, the DM's segment length (paper 100)"""
-    rollout_length: int = 32
+    rollout_length: int = ROLLOUT.rollout_length
     """T, rows per synthetic trajectory, at least H: longer rollouts chain DM windows (paper T = H = 100)"""
-    iterations: int = 2
+    iterations: int = ROLLOUT.iterations
     """M, DM sampling + action relabelling iterations per round (paper 2; 0 = ensemble-only rollouts)"""
     rollout_interval: int = 1_000
     """K, gradient steps between rollout rounds (paper 500)"""
     real_ratio: float = 0.6
     """share of real transitions in each batch (paper 0.6)"""
-    filter: Literal["hardmax", "softmax"] = "hardmax"
-    """trajectory filter: keep the top keep_fraction by score, or sample them by softmax(score / T)"""
-    keep_fraction: float = 0.6
+    filter: Literal["hardmax", "softmax"] = ROLLOUT.filter
+    """trajectory filter: keep the top keep_fraction by score, or sample them by softmax(score / temperature)"""
+    keep_fraction: float = ROLLOUT.keep_fraction
     """share of the B rollouts kept by the filter (paper 0.6)"""
-    temperature: float = 0.05
-    """T, softmax filter temperature on z-scored trajectory scores (paper 0.05)"""
+    temperature: float = ROLLOUT.temperature
+    """softmax filter: temperature on z-scored trajectory scores (paper 0.05)"""
     reward: Literal["auto", "model", "env"] = "auto"
     """rewards of synthetic transitions: 'model' = the learned r(s, a) (the paper); 'env' = the task's own
     r(s, a, s') (maze2d only: the learned one extrapolates at the goal, bench/README.md); 'auto' = env on maze2d"""
-    sampler_steps: int = 8
+    sampler_steps: int = ROLLOUT.sampler_steps
     """N, steps of the DM sampler (paper 34)"""
-    sampler_solver: Literal["euler", "heun"] = "euler"
-    """'euler': N network calls, closer to the simulator than Heun at N=8 (bench/README.md); 'heun': EDM's
-    2nd-order correction, 2N - 1 calls (paper)"""
-    sampler_churn: float = 0.0
+    sampler_solver: Literal["euler", "heun"] = ROLLOUT.sampler_solver
+    """'euler': N network calls (why it is the cpu default: bench/README.md); 'heun': EDM's 2nd-order
+    correction, 2N - 1 calls (paper)"""
+    sampler_churn: float = ROLLOUT.sampler_churn
     """S_churn of the sampler: 0 = EDM's deterministic sampler (paper 60, with S_min 0.37, S_max 52.24)"""
     synthetic_capacity: int = 30_000
     """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
-    dm_dim: int = 32
+    dm_dim: int = DM.dim
     """U-Net base width of the DM (paper 128)"""
-    dm_mults: tuple[int, ...] = (1, 2, 4)
+    dm_mults: tuple[int, ...] = DM.dim_mults
     """U-Net width multipliers per resolution (paper 1 4 8)"""
-    dm_act: Literal["silu", "mish"] = "silu"
+    dm_act: Literal["silu", "mish"] = DM.act
     """activation of the DM's U-Net (paper: Mish, as Diffuser; SiLU, as EDM's networks, is cheaper on a CPU)"""
-    dm_train_steps: int = 1_800
+    dm_train_steps: int = DM.train_steps
     """gradient steps of DM pretraining (paper 375k)"""
-    dm_batch_size: int = 96
+    dm_batch_size: int = DM.batch_size
     """segments per DM training step (paper 8)"""
-    dm_lr: float = 2.5e-3
+    dm_lr: float = DM.lr
     """Adam learning rate of the DM after its warm-up (paper 1e-3)"""
-    dm_warmup_steps: int = 200
+    dm_warmup_steps: int = DM.warmup_steps
     """linear learning-rate warm-up of the DM (paper: over 10M samples, 1.25M steps at batch 8)"""
-    dm_lr_schedule: Literal["cosine", "constant"] = "cosine"
+    dm_lr_schedule: Literal["cosine", "constant"] = DM.lr_schedule
     """DM learning rate after the warm-up: cosine decay to 0 at the last step, or constant (paper)"""
-    dm_grad_clip: float = 1.0
+    dm_grad_clip: float = DM.grad_clip
     """gradient-norm clipping of the DM (0: none; paper none)"""
     model_seed: int = 0
     """seed of the pretrained models; shared by all learner seeds, so they are trained once and cached"""
 
 
-# --preset paper: the official settings that differ from the cpu defaults above
+# --preset paper: the paper's settings (the official code's yaml files and commands) that differ from the cpu
+# defaults above; PAPER_FIT is the official recipe of the ensemble and the reward model (no flags).
 PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_length=100, rollout_interval=500,
              sampler_steps=34, sampler_solver="heun", sampler_churn=60.0, synthetic_capacity=2_000_000, dm_dim=128,
              dm_mults=(1, 4, 8), dm_act="mish",
              dm_train_steps=375_000, dm_batch_size=8, dm_lr=1e-3, dm_warmup_steps=1_250_000, dm_lr_schedule="constant",
              dm_grad_clip=0.0)
-
+PAPER_FIT = dict(lr=1e-4, reward_lr=1e-4, steps_per_epoch=0, max_epochs=0, reward_max_epochs=0, improvement=0.0)
 
 # CORL's per-dataset IQL settings (configs/offline/iql/<env>/<dataset>.yaml) that differ from the defaults
 IQL_DATASETS = {
@@ -157,9 +158,25 @@ IQL_DATASETS = {
     "hopper-medium-expert": dict(beta=6.0, expectile=0.5),
 }
 
+# Each component's config is filled from the flags by name: RolloutConfig's fields are flags of the same
+# name; DMConfig's field -> its flag:
+DM_FLAGS = {"horizon": "horizon", "dim": "dm_dim", "dim_mults": "dm_mults", "act": "dm_act",
+            "train_steps": "dm_train_steps", "batch_size": "dm_batch_size", "lr": "dm_lr",
+            "warmup_steps": "dm_warmup_steps", "lr_schedule": "dm_lr_schedule", "grad_clip": "dm_grad_clip",
+            "seed": "model_seed"}
 
-class ConfigError(ValueError):
-    """A bad flag, reported as one line before any work is done."""
+
+def rollout_config(args: Args, **override) -> dydiff.RolloutConfig:
+    return dydiff.RolloutConfig(**{f.name: getattr(args, f.name) for f in fields(dydiff.RolloutConfig)} | override)
+
+
+def dm_config(args: Args) -> diffusion.DMConfig:
+    return diffusion.DMConfig(**{field: getattr(args, flag) for field, flag in DM_FLAGS.items()})
+
+
+def fit_config(args: Args) -> dynamics.FitConfig:
+    """The ensemble's and reward model's training recipe: FitConfig's defaults, or PAPER_FIT's with --preset paper."""
+    return dynamics.FitConfig(seed=args.model_seed, **(PAPER_FIT if args.preset == "paper" else {}))
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -184,32 +201,26 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def resolve(args: Args) -> Args:
-    """Check every flag (one-line ConfigError) and resolve --reward auto and --device auto."""
+    """Check every flag (one-line ConfigError) and resolve --reward auto and --device auto. The settings of
+    the rollouts and the DM are checked where they are defined, by their configs (__post_init__)."""
+    for name in ("total_steps", "batch_size", "eval_interval", "eval_episodes", "threads", "rollout_interval",
+                 "synthetic_capacity"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    try:
+        rollout_config(args), dm_config(args)
+    except ValueError as exc:  # the config names its field first: name the flag instead
+        field, problem = str(exc).split(" ", 1)
+        raise ConfigError(f"--{DM_FLAGS.get(field, field).replace('_', '-')} {problem}") from None
     if args.rollout_length < args.horizon:
         raise ConfigError(f"--rollout-length {args.rollout_length} must be at least --horizon {args.horizon}: "
                           f"a rollout is made of DM windows of H rows")
-    positive = ("total_steps", "batch_size", "eval_interval", "eval_episodes", "threads", "rollout_batch", "horizon",
-                "rollout_interval", "sampler_steps", "synthetic_capacity", "dm_dim", "dm_train_steps", "dm_batch_size",
-                "dm_lr")
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if args.iterations < 0:
-        raise ConfigError(f"--iterations must be 0 or more (got {args.iterations})")
     if not 0.0 <= args.real_ratio <= 1.0:
         raise ConfigError(f"--real-ratio must be in [0, 1] (got {args.real_ratio})")
-    if not 0.0 < args.keep_fraction <= 1.0:
-        raise ConfigError(f"--keep-fraction must be in (0, 1] (got {args.keep_fraction})")
     known_reward = args.env.split("-")[0] in dynamics.ENV_REWARDS
     if args.dydiff and args.reward == "env" and not known_reward:
         raise ConfigError(f"--reward env needs a known reward function, which only maze2d has (got {args.env}); "
                           f"use --reward model")
-    if args.temperature <= 0:
-        raise ConfigError(f"--temperature must be positive (got {args.temperature})")
-    down = 2 ** (len(args.dm_mults) - 1)  # the U-Net halves the time axis once per extra resolution
-    if args.horizon % down:
-        raise ConfigError(f"--horizon {args.horizon} must be divisible by {down}, the U-Net's down-sampling for "
-                          f"--dm-mults {' '.join(map(str, args.dm_mults))} (e.g. --horizon {args.horizon // down * down or down})")
     if args.dataset_steps is not None and args.dataset_steps <= 0:
         raise ConfigError(f"--dataset-steps must be positive (got {args.dataset_steps})")
     if args.resume and args.run_name is None:
@@ -229,43 +240,26 @@ def make_learner(args: Args, obs_dim: int, act_dim: int, device: str):
                max_steps=args.total_steps, seed=args.seed, deterministic=args.iql_deterministic)
 
 
-def dm_config(args: Args) -> diffusion.DMConfig:
-    return diffusion.DMConfig(args.horizon, args.dm_dim, args.dm_mults, args.dm_act, args.dm_train_steps,
-                              args.dm_batch_size, args.dm_lr, args.dm_warmup_steps, args.dm_lr_schedule,
-                              args.dm_grad_clip, seed=args.model_seed)
-
-
-def rollout_config(args: Args, rollout_batch: int | None = None) -> dydiff.RolloutConfig:
-    return dydiff.RolloutConfig(rollout_batch or args.rollout_batch, args.rollout_length, args.iterations,
-                                args.sampler_steps, args.sampler_solver, args.sampler_churn, args.filter,
-                                args.keep_fraction, args.temperature)
-
-
-def fit_config(args: Args) -> dynamics.FitConfig:
-    """The ensemble's and reward model's training: capped epochs of 250 steps on the cpu preset; with
-    --preset paper the official recipe: lr 1e-4, an epoch is a pass over the data, no cap, any holdout
-    improvement resets the patience of 7 epochs."""
-    if args.preset == "paper":
-        return dynamics.FitConfig(lr=1e-4, reward_lr=1e-4, steps_per_epoch=0, max_epochs=0, reward_max_epochs=0,
-                                  improvement=0.0)
-    return dynamics.FitConfig()
-
-
 def reward_scale(args: Args, data) -> float:
     return data.return_scale() if args.normalize_reward else 1.0
+
+
+def dydiff_models(args: Args, data, ensemble, reward_model, dm, device: str) -> dydiff.DyDiffModels:
+    """What a DyDiff round needs besides the policy, for this dataset and these flags."""
+    t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+    return dydiff.DyDiffModels(ensemble=ensemble, reward_model=reward_model, dm=dm,
+                               terminal_fn=dynamics.terminal_fn(args.env), obs_mean=t(data.obs_mean),
+                               obs_std=t(data.obs_std),
+                               reward_fn=dynamics.env_reward_fn(args.env) if args.reward == "env" else None,
+                               constant_dims=t(data.constant_dims), reward_scale=reward_scale(args, data))
 
 
 def pretrain(args: Args, data, device: str, retrain: bool = False) -> tuple[dydiff.DyDiffModels, dict, dict]:
     """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache.
     Returns them with the training summaries of the ensemble/reward model and of the DM."""
-    ensemble, reward_model, fit_info = dynamics.load_or_train(data, device, seed=args.model_seed, cfg=fit_config(args),
-                                                              retrain=retrain)
+    ensemble, reward_model, fit_info = dynamics.load_or_train(data, fit_config(args), device, retrain)
     dm, dm_info = diffusion.load_or_train(data, dm_config(args), device, retrain)
-    t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-    models = dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn(args.env), t(data.obs_mean),
-                                 t(data.obs_std), dynamics.env_reward_fn(args.env) if args.reward == "env" else None,
-                                 t(data.constant_dims), reward_scale(args, data))
-    return models, fit_info, dm_info
+    return dydiff_models(args, data, ensemble, reward_model, dm, device), fit_info, dm_info
 
 
 def round_generator(seed: int, step: int, device: str) -> torch.Generator:
@@ -300,14 +294,25 @@ def evaluate(act_fn, envs: list, data, seed: int, device: str | torch.device = "
     return returns
 
 
+def learner_from_checkpoint(path, obs_dim: int, act_dim: int, device: str = "cpu"):
+    """(learner, checkpoint dict) of a finished or stopped run, for benchmarks and probes of its policy."""
+    state = read_run_checkpoint(Path(path), "pass a run's checkpoint.pt")
+    a = state["args"]  # only the learner's own settings matter
+    learner = make_learner(Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
+                                iql_deterministic=a.get("iql_deterministic", False), tau=a.get("tau", 0.005),
+                                total_steps=a["total_steps"], seed=a["seed"]), obs_dim, act_dim, device)
+    learner.load_state_dict(state["learner"])
+    return learner, state
+
+
 # -- The loop --------------------------------------------------------------------------------------
 def train(args: Args) -> dict:
     args = resolve(args)
     torch.set_num_threads(args.threads)
     device = args.device
-    run = Run(args, device)  # checks the run folder before any work (plumbing, below)
+    run = Run(args, device)  # checks the run folder before any work (runs.py: the plumbing)
 
-    # 1. The dataset D in env space, on the device, and the learner.
+    # 1. The dataset D (observations z-scored), on the device, and the learner.
     data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
     real = real_buffer(data, device, reward_scale(args, data))
     learner = make_learner(args, data.obs_dim, data.act_dim, device)
@@ -328,7 +333,7 @@ def train(args: Args) -> dict:
             if synthetic is not None and step % args.rollout_interval == 0:
                 t0 = time.time()
                 g = round_generator(args.seed, step, device)
-                s0, _ = dydiff.draw_start_states(real.data["obs"], args.rollout_batch, g)
+                s0, _ = dydiff.draw_start_states(real.obs, args.rollout_batch, g)
                 transitions, stats = dydiff.rollout_round(learner.act, models, s0, rollout_cfg, g)
                 synthetic.add(**transitions)
                 run.log_round(step, stats, synthetic.size, time.time() - t0)
@@ -343,220 +348,15 @@ def train(args: Args) -> dict:
                 returns = evaluate(learner.act, envs, data, 10_000 * (args.seed + 1), device)
                 run.log_evaluation(step, losses, returns, float(data.normalized_score(returns).mean()))
                 run.save(step)
-    return run.finish(step, models, real)
+    run.exit_if_stopped(step)  # Ctrl-C: a checkpoint, and the command that resumes the run
 
-
-# --------------------------------------------------------------------------------------------------
-# Plumbing: run folder, TensorBoard, checkpoints, resume, Ctrl-C, NaN guard, summary. Nothing below
-# changes what is learnt; a reader may stop here.
-# --------------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = "dydiff-train-v1"
-NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
-FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard"}
-
-
-def read_run_checkpoint(path: Path, fix: str = "delete it to start over") -> dict:
-    """A train.py checkpoint, or a one-line CheckpointError saying what to do."""
-    state = load_checkpoint(path, fix)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a train.py checkpoint; {fix}")
-    return state
-
-
-def learner_from_checkpoint(path, obs_dim: int, act_dim: int, device: str = "cpu"):
-    """(learner, checkpoint dict) of a finished or stopped run, for benchmarks and probes of its policy."""
-    state = read_run_checkpoint(Path(path), "pass a run's checkpoint.pt")
-    a = state["args"]  # only the learner's own settings matter
-    learner = make_learner(Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
-                                iql_deterministic=a.get("iql_deterministic", False), tau=a.get("tau", 0.005),
-                                total_steps=a["total_steps"], seed=a["seed"]), obs_dim, act_dim, device)
-    learner.load_state_dict(state["learner"])
-    return learner, state
-
-
-class Run:
-    """One run folder: config.json, TensorBoard, the progress bar, checkpoints and --resume, Ctrl-C,
-    the NaN guard, timing (updates and rollouts apart) and summary.json."""
-
-    def __init__(self, args: Args, device: str):
-        self.args, self.device, self.t_start, self.evals, self.signals = args, device, time.time(), [], []
-        self.cpu_start, self.cpu_before = time.process_time(), 0.0
-        self.name = args.run_name or f"{args.env}__{args.algo}{'+dydiff' * args.dydiff}__{args.seed}__{int(time.time())}"
-        self.path = Path(args.run_dir) / self.name
-        self.ckpt = self.path / "checkpoint.pt"
-        if not args.resume and self.ckpt.exists():
-            raise ConfigError(f"{self.path} already holds a run: add --resume to continue it or pick another --run-name")
-        if args.resume and not self.ckpt.exists():
-            raise ConfigError(f"nothing to resume: {self.ckpt} does not exist")
-        self.wall_before = self.update_time = self.rollout_time = 0.0
-
-    @property
-    def stopped(self) -> bool:
-        return bool(self.signals)
-
-    def start(self, data, learner, gen, synthetic) -> int:
-        """Restore the checkpoint (--resume), write config.json, open TensorBoard, the bar and the Ctrl-C handler."""
-        args, self.data, self.learner, self.gen, self.synthetic = self.args, data, learner, gen, synthetic
-        self.pretrain_time, step = time.time() - self.t_start, 0
-        if args.resume:
-            state = read_run_checkpoint(self.ckpt)
-            if state["fingerprint"] != data.fingerprint:
-                raise ConfigError(f"{self.ckpt} was made for another dataset ({state['args']['env']}); use another --run-name")
-            now, then = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"]))  # tuples vs lists
-            changed = [k for k in now if k not in FREE_FLAGS and then.get(k) != now[k]]
-            if changed:
-                raise ConfigError(f"{self.ckpt} was made with other settings "
-                                  f"({', '.join('--' + k.replace('_', '-') + '=' + str(then.get(k)) for k in changed)}); "
-                                  f"resume with the same flags or use another --run-name")
-            learner.load_state_dict(state["learner"])
-            gen.set_state(state["gen"])
-            if synthetic is not None:
-                synthetic.load_state_dict(state["synthetic"])
-            step, self.evals = state["step"], state["evals"]
-            self.wall_before, self.update_time, self.rollout_time = (state[k] for k in ("wall_time", "update_time",
-                                                                                         "rollout_time"))
-            self.cpu_before = state.get("cpu_time", 0.0)
-            print(f"resuming {self.path} at step {step}")
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.json").write_text(json.dumps({**asdict(args), "device": self.device, "run_name": self.name,
-                                                           "dataset_id": data.dataset_id, "ref_min": data.ref_min,
-                                                           "ref_max": data.ref_max}, indent=2))
-        self.writer = None
-        if args.track_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events logged after the checkpoint by the run that died: no duplicated curves.
-            self.writer = SummaryWriter(str(self.path), purge_step=step if args.resume else None)
-            self.writer.add_text("config", json.dumps(asdict(args), indent=2))
-        self.bar = tqdm(total=args.total_steps, initial=step, dynamic_ncols=True,
-                        desc=f"{args.algo}{'+dydiff' * args.dydiff} {data.dataset_id}")
-        self.postfix = {}
-        # Ctrl-C / SIGTERM only raise a flag, checked between gradient steps: a checkpoint never holds a
-        # half-done update. SIGKILL loses at most one eval interval (a checkpoint is written at every evaluation).
-        self.old_handlers = {sig: signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-                             for sig in (signal.SIGINT, signal.SIGTERM)}
-        self.interval_step, self.interval_t0, self.interval_rollout = step, time.time(), 0.0
-        return step
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer:
-            self.writer.add_scalar(tag, value, step)
-
-    def log_round(self, step: int, stats: dict, buffer_size: int, seconds: float) -> None:
-        self.interval_rollout += seconds
-        for k in ("score_kept_mean", "score_rejected_mean", "n_transitions", "time_s"):
-            self.scalar(f"dydiff/{k}", stats[k], step)
-        self.scalar("dydiff/buffer_size", buffer_size, step)
-        self.postfix.update(syn=buffer_size, roll=f"{stats['time_s']:.0f}s")
-
-    def after_update(self, step: int, losses: dict) -> None:
-        self.bar.update(1)
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
-        if bad:  # stop before the NaN reaches a checkpoint: the last one on disk stays good
-            last = f"{self.ckpt} (step {self.evals[-1]['step']})" if self.evals else "none yet"
-            raise FloatingPointError(f"{self.args.algo} {bad[0]} became {losses[bad[0]]} at step {step}; "
-                                     f"last good checkpoint: {last}")
-
-    def end_interval(self, step: int) -> float:
-        """Close the timing of the steps since the last evaluation; returns their updates per second."""
-        dt = time.time() - self.interval_t0 - self.interval_rollout
-        self.update_time, self.rollout_time = self.update_time + dt, self.rollout_time + self.interval_rollout
-        sps = (step - self.interval_step) / max(dt, 1e-9)
-        self.interval_step, self.interval_rollout = step, 0.0
-        return sps
-
-    def log_evaluation(self, step: int, losses: dict, returns: np.ndarray, score: float) -> None:
-        sps = self.end_interval(step)
-        self.evals.append({"step": step, "return": float(returns.mean()), "score": score})
-        for k, v in losses.items():
-            self.scalar(f"losses/{k}", v, step)
-        self.scalar("charts/normalized_score", score, step)
-        self.scalar("charts/return", float(returns.mean()), step)
-        self.scalar("charts/SPS", sps, step)
-        self.postfix.update(sps=f"{sps:.0f}", score=f"{score:.1f}", best=f"{max(e['score'] for e in self.evals):.1f}")
-        self.bar.set_postfix(self.postfix)
-
-    def wall_time(self) -> float:  # seconds, all sessions of a resumed run
-        return self.wall_before + time.time() - self.t_start
-
-    def cpu_time(self) -> float:  # CPU seconds, all sessions: not inflated by a paused machine
-        return self.cpu_before + time.process_time() - self.cpu_start
-
-    def save(self, step: int) -> None:
-        """The whole state of the run, written atomically (a crash mid-write keeps the last checkpoint)."""
-        state = {"format": CHECKPOINT_FORMAT, "args": asdict(self.args), "fingerprint": self.data.fingerprint,
-                 "step": step, "learner": self.learner.state_dict(), "gen": self.gen.get_state(), "evals": self.evals,
-                 "synthetic": self.synthetic.state_dict() if self.synthetic is not None else None,
-                 "wall_time": self.wall_time(), "update_time": self.update_time,
-                 "rollout_time": self.rollout_time, "cpu_time": self.cpu_time(),
-                 "obs_mean": torch.as_tensor(self.data.obs_mean),
-                 "obs_std": torch.as_tensor(self.data.obs_std)}
-        write_atomic(self.ckpt, lambda tmp: torch.save(state, tmp))
-        self.interval_t0 = time.time()  # evaluation and checkpoint time count in the wall time only
-
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()  # an error message must start on its own line, not after the bar
-        for sig, handler in self.old_handlers.items():
-            signal.signal(sig, handler)
-        if self.writer:
-            self.writer.close()
-
-    def finish(self, step: int, models, real) -> dict:
-        """After the loop: on Ctrl-C a checkpoint and exit 130; else the rollout picture, summary and curve."""
-        if self.stopped:
-            if self.interval_step != step:
-                self.end_interval(step)
-                self.save(step)
-            print(f"interrupted at step {step}: checkpoint saved; continue with "
-                  f"python train.py --run-name {self.name} --resume (and the same flags)")
-            raise SystemExit(130)
-        args, data = self.args, self.data
-        if models is not None:
-            # the final policy's rollouts from a few data states, before and after the DM iterations
-            g = round_generator(args.seed, -1, self.device)
-            s0, _ = dydiff.draw_start_states(real.data["obs"], 8, g)
-            cfg = rollout_config(args, rollout_batch=8)
-            dydiff.plot_rollouts(self.path / "rollouts.png", args.env, data, self.learner.act, models, s0, cfg, g,
-                                 draw_maze if args.env.startswith("maze2d") else None)
-        best = max(self.evals, key=lambda e: e["score"])
-        wall = self.wall_time()
-        summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "dydiff": args.dydiff,
-                   "preset": args.preset, "seed": args.seed, "steps": step,
-                   # final: the mean of the last 3 evaluations, less noisy than the last one alone
-                   "final_score": float(np.mean([e["score"] for e in self.evals[-3:]])),
-                   "last_score": self.evals[-1]["score"], "best_score": best["score"], "best_step": best["step"],
-                   "wall_time_s": wall, "cpu_time_s": self.cpu_time(),
-                   "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
-                   "updates_per_s": step / max(self.update_time, 1e-9), "ref_min": data.ref_min,
-                   "ref_max": data.ref_max, "device": self.device,
-                   "threads": args.threads, "evaluations": self.evals}
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curve(self.evals, self.path / "learning_curve.png", f"{NAMES[args.algo]}{' + DyDiff' * args.dydiff}, "
-                   f"seed {args.seed}", data.dataset_id)
-        print(f"done: final {summary['final_score']:.1f} (mean of the last 3 evaluations), last "
-              f"{summary['last_score']:.1f}, best {summary['best_score']:.1f} (step {best['step']}), "
-              f"{wall / 60:.1f} min (pretraining {self.pretrain_time / 60:.1f}, rollouts {self.rollout_time / 60:.1f}), "
-              f"{summary['updates_per_s']:.0f} updates/s -> {self.path}")
-        return summary
-
-
-def plot_curve(evals: list[dict], path: Path, title: str, subtitle: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.plot([e["step"] for e in evals], [e["score"] for e in evals], marker="o", ms=3)
-    ax.set(xlabel="gradient steps", ylabel="normalized score (0 random, 100 expert)")
-    ax.set_title(f"{title}\n{subtitle}", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if models is not None:  # the final policy's rollouts from a few data states, before and after the M iterations
+        g = round_generator(args.seed, -1, device)
+        s0, _ = dydiff.draw_start_states(real.obs, 8, g)
+        dydiff.plot_rollouts(run.path / "rollouts.png", args.env, data, learner.act, models, s0,
+                             rollout_config(args, rollout_batch=8), g,
+                             draw_maze if args.env.startswith("maze2d") else None)
+    return run.finish(step)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -158,7 +158,7 @@ def fidelity(model: DynamicsDiffusion, info: dict, data, env: str, horizon: int 
              S_churn: float = 0.0, solver: str = "euler") -> dict:
     """DM (chained H-windows) vs the single-step ensemble against the simulator on the same starts: any
     dataset start (rollout_error) and starts that stay inside one episode."""
-    ensemble, _, _ = dynamics.load_or_train(data, device, seed=seed, progress=progress)
+    ensemble, _, _ = dynamics.load_or_train(data, dynamics.FitConfig(seed=seed), device, progress=progress)
     s = info["settings"]
     result = {"env": env, "dataset_id": data.dataset_id, "fingerprint": data.fingerprint, "n_starts": n_starts,
               "seed": seed, "horizon": horizon, "sampler_steps": sampler_steps,

@@ -73,18 +73,17 @@ def stay_share(data, act, episodes: int) -> dict:
 
 
 def main(args: Args) -> None:
-    import diffusion
     import dydiff
     import dynamics
     from data import load_dataset
     from fidelity import simulate
-    from train import dm_config, parse_args, rollout_config
+    from train import parse_args, pretrain, rollout_config
 
     torch.set_num_threads(1)
     data = load_dataset("maze2d-umaze")
-    ens, reward_model, _ = dynamics.load_or_train(data, "cpu", seed=0)
-    p = parse_args([])  # the cpu preset
-    dm, _ = diffusion.load_or_train(data, dm_config(p))
+    p = parse_args(["--reward", "model"])  # the cpu preset, with the learned reward model
+    models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads
+    reward_model = models.reward_model
     out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
 
     # 1. the learned reward of a still ball d away from its goal, zero action
@@ -100,14 +99,11 @@ def main(args: Args) -> None:
     # 2. one DyDiff round with the first run's policy: learned vs true reward of the same transitions
     learner, _ = load_learner(Path(args.runs[0]))
     g = torch.Generator().manual_seed(0)
-    obs_env = torch.as_tensor(data.normalize_obs(data.obs), dtype=torch.float32)
-    s0, _ = dydiff.draw_start_states(obs_env, args.n_rollouts, g)
+    obs_z = torch.as_tensor(data.normalize_obs(data.obs), dtype=torch.float32)
+    s0, _ = dydiff.draw_start_states(obs_z, args.n_rollouts, g)
     # steps 2-4 and 6 of a round (dydiff.py) with every trajectory kept: the learned reward of each transition
     B, H = args.n_rollouts, p.rollout_length
-    models = dydiff.DyDiffModels(ens, reward_model, dm, dynamics.terminal_fn("maze2d"), torch.as_tensor(data.obs_mean),
-                                 torch.as_tensor(data.obs_std), constant_dims=torch.as_tensor(data.constant_dims))
-    states, actions = dydiff.initial_rollout(learner.act, models, s0, H, g)
-    states, actions = dydiff.refine(learner.act, models, states, actions, rollout_config(p), g)[-1]
+    states, actions = dydiff.rollout(learner.act, models, s0, rollout_config(p), g)[0][-1]
     tr = dydiff.to_transitions(states, actions, dydiff.transition_rewards(models, states, actions),
                                torch.zeros(B, H - 1, dtype=torch.bool))
     raw = lambda x: x.numpy() * data.obs_std + data.obs_mean  # noqa: E731

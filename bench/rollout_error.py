@@ -22,7 +22,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +96,9 @@ def mse(pred: np.ndarray, true: np.ndarray) -> tuple[list, list]:
 
 
 def main(args: Args) -> None:
-    import diffusion
     import dydiff
-    import dynamics
     from data import load_dataset
-    from train import dm_config, parse_args, rollout_config
+    from train import dm_config, parse_args, pretrain, rollout_config
 
     torch.set_num_threads(args.threads)
     if not args.env.startswith("maze2d"):
@@ -108,8 +106,8 @@ def main(args: Args) -> None:
     t0 = time.time()
     p = parse_args(["--preset", args.preset, *shlex.split(args.train_flags)])
     data = load_dataset(args.env)
-    ens, _, _ = dynamics.load_or_train(data, "cpu", seed=0)
-    dm, _ = diffusion.load_or_train(data, dm_config(p))
+    models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
+    ens, dm = models.ensemble, models.dm
     learner, policy_info = load_policy(args, data, data.obs_dim, data.act_dim)
     T, N = p.rollout_length, p.sampler_steps
     rng = np.random.default_rng(args.seed)
@@ -125,14 +123,10 @@ def main(args: Args) -> None:
 
     # DyDiff's own iterates, each against the simulator replaying its actions
     g = torch.Generator().manual_seed(args.seed)
-    s0_env = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
-    models = dydiff.DyDiffModels(ens, None, dm, dynamics.terminal_fn(args.env), torch.as_tensor(data.obs_mean),
-                                 torch.as_tensor(data.obs_std), constant_dims=torch.as_tensor(data.constant_dims))
-    states, acts = dydiff.initial_rollout(learner.act, models, s0_env, T, g)
-    cfg = replace(rollout_config(p), iterations=args.max_iterations)
-    iterates = dydiff.refine(learner.act, models, states, acts, cfg, g)
-    for m, (states_env, acts) in enumerate(iterates):
-        raw = states_env.numpy() * data.obs_std + data.obs_mean
+    s0_z = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
+    iterates, _ = dydiff.rollout(learner.act, models, s0_z, rollout_config(p, iterations=args.max_iterations), g)
+    for m, (states_z, acts) in enumerate(iterates):
+        raw = states_z.numpy() * data.obs_std + data.obs_mean
         replay = simulate(data, s0, acts[:, : T - 1].numpy())
         curves[f"dydiff_m{m}"], curves_pos[f"dydiff_m{m}"] = mse(raw.astype(np.float64), replay)
 

@@ -178,8 +178,9 @@ def dydiff_rates(dm_cfg, cfg, device: str, seconds: float, peak: float) -> dict:
     reward_model = dynamics.RewardModel(OBS_DIM, ACT_DIM).to(device)
     actor = TD3BC(OBS_DIM, ACT_DIM, device=device)
     s0 = torch.randn(B, OBS_DIM, device=device)
-    models = dydiff.DyDiffModels(ensemble, reward_model, dm, dynamics.terminal_fn("maze2d"),
-                                 torch.zeros(OBS_DIM, device=device), torch.ones(OBS_DIM, device=device))
+    models = dydiff.DyDiffModels(ensemble=ensemble, reward_model=reward_model, dm=dm,
+                                 terminal_fn=dynamics.terminal_fn("maze2d"), obs_mean=torch.zeros(OBS_DIM, device=device),
+                                 obs_std=torch.ones(OBS_DIM, device=device))
     g = torch.Generator(device=device).manual_seed(0)
     dydiff.rollout_round(actor.act, models, s0, cfg, g)
     sync(device)

@@ -1,0 +1,219 @@
+"""Run plumbing for train.py: the run folder, TensorBoard, the progress bar, checkpoints and --resume,
+Ctrl-C, the NaN guard, timing and summary.json. Nothing here changes what is learnt.
+
+A run folder ``<run_dir>/<run_name>/`` holds config.json, TensorBoard events, checkpoint.pt (rewritten
+atomically at every evaluation), summary.json and learning_curve.png. Ctrl-C or SIGTERM only raise a
+flag that the loop checks between gradient steps, so a checkpoint never holds a half-done update; a
+SIGKILL loses at most one evaluation interval.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import CheckpointError, load_checkpoint, write_atomic
+
+CHECKPOINT_FORMAT = "dydiff-train-v1"
+NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
+# Flags that may differ when a run is resumed: they change where and how fast it runs, not what it learns.
+FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard"}
+
+
+class ConfigError(ValueError):
+    """A bad flag or run folder, reported as one line before any work is done."""
+
+
+def read_run_checkpoint(path: Path, fix: str = "delete it to start over") -> dict:
+    """A train.py checkpoint, or a one-line CheckpointError saying what to do."""
+    state = load_checkpoint(path, fix)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a train.py checkpoint; {fix}")
+    return state
+
+
+class Run:
+    """One run folder: config.json, TensorBoard, the progress bar, checkpoints and --resume, Ctrl-C,
+    the NaN guard, timing (updates and rollouts apart) and summary.json."""
+
+    def __init__(self, args, device: str):
+        self.args, self.device, self.t_start, self.evals, self.signals = args, device, time.time(), [], []
+        self.cpu_start, self.cpu_before = time.process_time(), 0.0
+        self.name = args.run_name or f"{args.env}__{args.algo}{'+dydiff' * args.dydiff}__{args.seed}__{int(time.time())}"
+        self.path = Path(args.run_dir) / self.name
+        self.ckpt = self.path / "checkpoint.pt"
+        if not args.resume and self.ckpt.exists():
+            raise ConfigError(f"{self.path} already holds a run: add --resume to continue it or pick another --run-name")
+        if args.resume and not self.ckpt.exists():
+            raise ConfigError(f"nothing to resume: {self.ckpt} does not exist")
+        self.wall_before = self.update_time = self.rollout_time = 0.0
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.signals)
+
+    def start(self, data, learner, gen, synthetic) -> int:
+        """Restore the checkpoint (--resume), write config.json, open TensorBoard, the bar and the Ctrl-C handler."""
+        args, self.data, self.learner, self.gen, self.synthetic = self.args, data, learner, gen, synthetic
+        self.pretrain_time, step = time.time() - self.t_start, 0
+        if args.resume:
+            state = read_run_checkpoint(self.ckpt)
+            if state["fingerprint"] != data.fingerprint:
+                raise ConfigError(f"{self.ckpt} was made for another dataset ({state['args']['env']}); use another --run-name")
+            now, then = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"]))  # tuples vs lists
+            changed = [k for k in now if k not in FREE_FLAGS and then.get(k) != now[k]]
+            if changed:
+                raise ConfigError(f"{self.ckpt} was made with other settings "
+                                  f"({', '.join('--' + k.replace('_', '-') + '=' + str(then.get(k)) for k in changed)}); "
+                                  f"resume with the same flags or use another --run-name")
+            learner.load_state_dict(state["learner"])
+            gen.set_state(state["gen"])
+            if synthetic is not None:
+                synthetic.load_state_dict(state["synthetic"])
+            step, self.evals = state["step"], state["evals"]
+            self.wall_before, self.update_time, self.rollout_time = (state[k] for k in ("wall_time", "update_time",
+                                                                                         "rollout_time"))
+            self.cpu_before = state.get("cpu_time", 0.0)
+            print(f"resuming {self.path} at step {step}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.json").write_text(json.dumps({**asdict(args), "device": self.device, "run_name": self.name,
+                                                           "dataset_id": data.dataset_id, "ref_min": data.ref_min,
+                                                           "ref_max": data.ref_max}, indent=2))
+        self.writer = None
+        if args.track_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events logged after the checkpoint by the run that died: no duplicated curves.
+            self.writer = SummaryWriter(str(self.path), purge_step=step if args.resume else None)
+            self.writer.add_text("config", json.dumps(asdict(args), indent=2))
+        self.bar = tqdm(total=args.total_steps, initial=step, dynamic_ncols=True,
+                        desc=f"{args.algo}{'+dydiff' * args.dydiff} {data.dataset_id}")
+        self.postfix = {}
+        self.old_handlers = {sig: signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+                             for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.interval_step, self.interval_t0, self.interval_rollout = step, time.time(), 0.0
+        return step
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer:
+            self.writer.add_scalar(tag, value, step)
+
+    def log_round(self, step: int, stats: dict, buffer_size: int, seconds: float) -> None:
+        self.interval_rollout += seconds
+        for k in ("score_kept_mean", "score_rejected_mean", "n_transitions", "time_s"):
+            self.scalar(f"dydiff/{k}", stats[k], step)
+        self.scalar("dydiff/buffer_size", buffer_size, step)
+        self.postfix.update(syn=buffer_size, roll=f"{stats['time_s']:.0f}s")
+
+    def after_update(self, step: int, losses: dict) -> None:
+        self.bar.update(1)
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad:  # stop before the NaN reaches a checkpoint: the last one on disk stays good
+            last = f"{self.ckpt} (step {self.evals[-1]['step']})" if self.evals else "none yet"
+            raise FloatingPointError(f"{self.args.algo} {bad[0]} became {losses[bad[0]]} at step {step}; "
+                                     f"last good checkpoint: {last}")
+
+    def end_interval(self, step: int) -> float:
+        """Close the timing of the steps since the last evaluation; returns their updates per second."""
+        dt = time.time() - self.interval_t0 - self.interval_rollout
+        self.update_time, self.rollout_time = self.update_time + dt, self.rollout_time + self.interval_rollout
+        sps = (step - self.interval_step) / max(dt, 1e-9)
+        self.interval_step, self.interval_rollout = step, 0.0
+        return sps
+
+    def log_evaluation(self, step: int, losses: dict, returns: np.ndarray, score: float) -> None:
+        sps = self.end_interval(step)
+        self.evals.append({"step": step, "return": float(returns.mean()), "score": score})
+        for k, v in losses.items():
+            self.scalar(f"losses/{k}", v, step)
+        self.scalar("charts/normalized_score", score, step)
+        self.scalar("charts/return", float(returns.mean()), step)
+        self.scalar("charts/SPS", sps, step)
+        self.postfix.update(sps=f"{sps:.0f}", score=f"{score:.1f}", best=f"{max(e['score'] for e in self.evals):.1f}")
+        self.bar.set_postfix(self.postfix)
+
+    def wall_time(self) -> float:  # seconds, all sessions of a resumed run
+        return self.wall_before + time.time() - self.t_start
+
+    def cpu_time(self) -> float:  # CPU seconds, all sessions: not inflated by a paused machine
+        return self.cpu_before + time.process_time() - self.cpu_start
+
+    def save(self, step: int) -> None:
+        """The whole state of the run, written atomically (a crash mid-write keeps the last checkpoint)."""
+        state = {"format": CHECKPOINT_FORMAT, "args": asdict(self.args), "fingerprint": self.data.fingerprint,
+                 "step": step, "learner": self.learner.state_dict(), "gen": self.gen.get_state(), "evals": self.evals,
+                 "synthetic": self.synthetic.state_dict() if self.synthetic is not None else None,
+                 "wall_time": self.wall_time(), "update_time": self.update_time,
+                 "rollout_time": self.rollout_time, "cpu_time": self.cpu_time(),
+                 "obs_mean": torch.as_tensor(self.data.obs_mean),
+                 "obs_std": torch.as_tensor(self.data.obs_std)}
+        write_atomic(self.ckpt, lambda tmp: torch.save(state, tmp))
+        self.interval_t0 = time.time()  # evaluation and checkpoint time count in the wall time only
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()  # an error message must start on its own line, not after the bar
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
+        if self.writer:
+            self.writer.close()
+
+    def exit_if_stopped(self, step: int) -> None:
+        """After a Ctrl-C: a checkpoint at this step, the command that continues the run, exit 130."""
+        if not self.stopped:
+            return
+        if self.interval_step != step:
+            self.end_interval(step)
+            self.save(step)
+        print(f"interrupted at step {step}: checkpoint saved; continue with "
+              f"python train.py --run-name {self.name} --resume (and the same flags)")
+        raise SystemExit(130)
+
+    def finish(self, step: int) -> dict:
+        """summary.json (final score = the mean of the last 3 evaluations) and learning_curve.png."""
+        args, data = self.args, self.data
+        best = max(self.evals, key=lambda e: e["score"])
+        wall = self.wall_time()
+        summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "dydiff": args.dydiff,
+                   "preset": args.preset, "seed": args.seed, "steps": step,
+                   # final: the mean of the last 3 evaluations, less noisy than the last one alone
+                   "final_score": float(np.mean([e["score"] for e in self.evals[-3:]])),
+                   "last_score": self.evals[-1]["score"], "best_score": best["score"], "best_step": best["step"],
+                   "wall_time_s": wall, "cpu_time_s": self.cpu_time(),
+                   "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
+                   "updates_per_s": step / max(self.update_time, 1e-9), "ref_min": data.ref_min,
+                   "ref_max": data.ref_max, "device": self.device,
+                   "threads": args.threads, "evaluations": self.evals}
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_curve(self.evals, self.path / "learning_curve.png", f"{NAMES[args.algo]}{' + DyDiff' * args.dydiff}, "
+                   f"seed {args.seed}", data.dataset_id)
+        print(f"done: final {summary['final_score']:.1f} (mean of the last 3 evaluations), last "
+              f"{summary['last_score']:.1f}, best {summary['best_score']:.1f} (step {best['step']}), "
+              f"{wall / 60:.1f} min (pretraining {self.pretrain_time / 60:.1f}, rollouts {self.rollout_time / 60:.1f}), "
+              f"{summary['updates_per_s']:.0f} updates/s -> {self.path}")
+        return summary
+
+
+def plot_curve(evals: list[dict], path: Path, title: str, subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot([e["step"] for e in evals], [e["score"] for e in evals], marker="o", ms=3)
+    ax.set(xlabel="gradient steps", ylabel="normalized score (0 random, 100 expert)")
+    ax.set_title(f"{title}\n{subtitle}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
