@@ -98,7 +98,7 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
 
 class IQL:
     """One IQL learner. `update(batch)` takes a dict of tensors (obs, actions, rewards, next_obs, dones)
-    in env space (z-scored observations, actions in [-1, 1]) and returns a dict of losses."""
+    with z-scored observations and actions in [-1, 1], and returns a dict of losses."""
 
     def __init__(self, obs_dim: int, act_dim: int, device: str = "cpu", lr: float = 3e-4, gamma: float = 0.99,
                  tau: float = 0.005, expectile: float = 0.7, beta: float = 3.0, max_steps: int = 1_000_000,

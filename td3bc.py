@@ -73,7 +73,7 @@ class Actor(nn.Module):
 
 class TD3BC:
     """One TD3+BC learner. `update(batch)` takes a dict of tensors (obs, actions, rewards, next_obs, dones)
-    in env space (z-scored observations, actions in [-1, 1]) and returns a dict of losses."""
+    with z-scored observations and actions in [-1, 1], and returns a dict of losses."""
 
     def __init__(self, obs_dim: int, act_dim: int, device: str = "cpu", lr: float = 3e-4, gamma: float = 0.99,
                  tau: float = 0.005, alpha: float = 2.5, policy_noise: float = 0.2, noise_clip: float = 0.5,

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     except (train.ConfigError, DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     print(f"ensemble and reward model: {'loaded' if info['cached'] else 'saved'} {info['path']}")
-    print(f"ensemble: holdout MSE of s'-s (env space, mean of elites {info['elites']}) "
+    print(f"ensemble: holdout MSE of the z-scored s'-s (mean of elites {info['elites']}) "
           f"{info['ensemble_holdout_mse']:.3e}; members {[f'{x:.2e}' for x in info['ensemble_holdout_mse_members']]}; "
           f"{info['ensemble_epochs']} epochs, {info['ensemble_time_s']:.0f} s")
     print(f"reward model: holdout MSE {info['reward_holdout_mse']:.3e} (reward variance {info['reward_variance']:.3e}); "
