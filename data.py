@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import gymnasium as gym
 import numpy as np
 import torch
 
@@ -163,7 +162,8 @@ class OfflineData:
     def normalized_score(self, returns) -> np.ndarray:
         return normalized_score(returns, self.ref_min, self.ref_max)
 
-    def make_eval_env(self) -> gym.Env:
+    def make_eval_env(self):
+        """The dataset's evaluation env (a gymnasium.Env)."""
         import gymnasium_robotics  # noqa: F401  (registers envs named in the eval spec)
 
         return self.minari_dataset.recover_environment(eval_env=True)

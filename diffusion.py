@@ -331,7 +331,7 @@ def segment_index(episode_starts: np.ndarray, episode_ends: np.ndarray, H: int) 
 
 def gather_segments(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, H: int):
     """Rows X[start : start+H] (B, H, D) and their mask (B, H); padded rows repeat the last real row."""
-    offs = torch.arange(H)
+    offs = torch.arange(H, device=starts.device)
     mask = offs[None] < lengths[:, None]
     rows = starts[:, None] + torch.minimum(offs[None], lengths[:, None] - 1)
     return X[rows], mask
@@ -370,34 +370,34 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
     Every val_every steps, the validation loss: the EDM loss of the EMA network (the one that samples) on
     512 fixed segments with fixed noise levels and noise, so that runs with other settings compare on one
     smooth curve (the per-step training loss jumps with its random sigma). Its time is not training time."""
-    dev = model.x_min.device
-    gen = torch.Generator().manual_seed(cfg.seed)
-    starts_t, lengths_t, cond_mask = torch.as_tensor(starts), torch.as_tensor(lengths), model.cond_mask()
-    pick = torch.randint(len(starts_t), (512,), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    dev = model.x_min.device  # the data, the batches and the noise are drawn there: no copy, no sync per step
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    X, starts_t, lengths_t = X.to(dev), torch.as_tensor(starts, device=dev), torch.as_tensor(lengths, device=dev)
+    cond_mask, val_gen = model.cond_mask(), torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+    pick = torch.randint(len(starts_t), (512,), generator=val_gen, device=dev)
     x_val, m_val = gather_segments(X, starts_t[pick], lengths_t[pick], model.horizon)
     opt = torch.optim.Adam(model.net.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
     def lr_factor(k: int) -> float:  # linear warm-up, then constant or a cosine decay to 0
         if k < cfg.warmup_steps or cfg.lr_schedule == "constant":
             return min(1.0, (k + 1) / max(cfg.warmup_steps, 1))
         return 0.5 * (1 + math.cos(math.pi * (k - cfg.warmup_steps) / max(cfg.train_steps - cfg.warmup_steps, 1)))
-
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)  # the factor of step k multiplies cfg.lr
-    losses, curve, val_curve, t_val, t0, cpu0 = [], [], [], 0.0, time.time(), time.process_time()
+    losses, pending, curve, val_curve, t_val, t0, cpu0 = [], [], [], [], 0.0, time.time(), time.process_time()
 
     def validate(step: int) -> None:  # appends [step, training seconds so far, validation loss]
         nonlocal t_val
         t1 = time.time()
         with torch.no_grad():
             g = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
-            val = float(model.loss(x_val.to(dev), cond_mask, m_val.to(dev), generator=g, net=model.ema))
+            val = float(model.loss(x_val, cond_mask, m_val, generator=g, net=model.ema))
         val_curve.append([step, t1 - t0 - t_val, val])
         t_val += time.time() - t1
 
     bar = tqdm(range(cfg.train_steps), desc="diffusion", disable=not progress, mininterval=2.0)
     for step in bar:
-        pick = torch.randint(len(starts_t), (cfg.batch_size,), generator=gen)
+        pick = torch.randint(len(starts_t), (cfg.batch_size,), generator=gen, device=dev)
         x, mask = gather_segments(X, starts_t[pick], lengths_t[pick], model.horizon)
-        loss = model.loss(x.to(dev), cond_mask, mask.to(dev), generator=gen if dev == torch.device("cpu") else None)
+        loss = model.loss(x, cond_mask, mask, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -405,16 +405,16 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
         opt.step()
         sched.step()
         model.update_ema((step + 1) * cfg.batch_size, cfg.batch_size, cfg.ema_halflife, cfg.ema_rampup)
-        losses.append(loss.item())
+        pending.append(loss.detach())  # read back every 100 steps: a .item() per step would wait for the GPU
         if (step + 1) % 100 == 0 or step + 1 == cfg.train_steps:
+            losses, pending = losses + torch.stack(pending).tolist(), []
             curve.append([step + 1, float(np.mean(losses[-100:]))])  # per-step loss is noisy (random sigma)
             bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
         if (step + 1) % val_every == 0 or step + 1 == cfg.train_steps:
             validate(step + 1)
     return {"train_seconds": time.time() - t0 - t_val, "cpu_seconds": time.process_time() - cpu0,
-            "train_steps": cfg.train_steps, "final_loss": float(np.mean(losses[-200:])),
-            "first_loss": float(np.mean(losses[:50])), "loss_curve": curve, "val_loss": val_curve[-1][2],
-            "val_curve": val_curve}
+            "train_steps": cfg.train_steps, "final_loss": float(np.mean(losses[-200:])), "first_loss":
+            float(np.mean(losses[:50])), "loss_curve": curve, "val_loss": val_curve[-1][2], "val_curve": val_curve}
 
 
 # -- Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached) ---------
@@ -432,7 +432,7 @@ def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrai
         torch.manual_seed(cfg.seed)  # network initialisation
         model = DynamicsDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.dim, cfg.dim_mults,
                                   torch.as_tensor(box.min(0)), torch.as_tensor(box.max(0)), cfg.act).to(device)
-        X = model.normalize(torch.as_tensor(raw).to(device)).cpu()
+        X = model.normalize(torch.as_tensor(raw).to(device))
         starts, lengths = segment_index(data.episode_starts, data.episode_ends, cfg.horizon)
         n_params = sum(p.numel() for p in model.net.parameters())
         print(f"training the diffusion model on {data.dataset_id}: {len(starts)} segments of H={cfg.horizon}, "

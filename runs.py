@@ -2,8 +2,10 @@
 Ctrl-C, the NaN guard, timing and summary.json. Nothing here changes what is learnt.
 
 A run folder ``<run_dir>/<run_name>/`` holds config.json, TensorBoard events, checkpoint.pt (rewritten
-atomically at every evaluation), summary.json and learning_curve.png. Ctrl-C or SIGTERM only raise a
-flag that the loop checks between gradient steps, so a checkpoint never holds a half-done update; a
+atomically at every evaluation), summary.json and learning_curve.png. Ctrl-C, SIGTERM and the signals a
+cluster sends before a time-out or pre-emption (SIGUSR1, SIGUSR2: Slurm's --signal, submitit's default)
+only raise a flag that the loop checks between gradient steps: the run then saves a checkpoint and exits
+with 128 + the signal's number (130 for Ctrl-C), so a checkpoint never holds a half-done update. A
 SIGKILL loses at most one evaluation interval.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ CHECKPOINT_FORMAT = "dydiff-train-v1"
 NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
 # Flags that may differ when a run is resumed: they change where and how fast it runs, not what it learns.
 FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard"}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class ConfigError(ValueError):
@@ -97,7 +100,7 @@ class Run:
                         desc=f"{args.algo}{'+dydiff' * args.dydiff} {data.dataset_id}")
         self.postfix = {}
         self.old_handlers = {sig: signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-                             for sig in (signal.SIGINT, signal.SIGTERM)}
+                             for sig in STOP_SIGNALS}
         self.interval_step, self.interval_t0, self.interval_rollout = step, time.time(), 0.0
         return step
 
@@ -168,7 +171,7 @@ class Run:
             self.writer.close()
 
     def exit_if_stopped(self, step: int) -> None:
-        """After a Ctrl-C: a checkpoint at this step, the command that continues the run, exit 130."""
+        """After a stop signal: a checkpoint at this step, the command that continues the run, exit 128 + signal."""
         if not self.stopped:
             return
         if self.interval_step != step:
@@ -176,7 +179,7 @@ class Run:
             self.save(step)
         print(f"interrupted at step {step}: checkpoint saved; continue with "
               f"python train.py --run-name {self.name} --resume (and the same flags)")
-        raise SystemExit(130)
+        raise SystemExit(128 + self.signals[0])
 
     def finish(self, step: int) -> dict:
         """summary.json (final score = the mean of the last 3 evaluations) and learning_curve.png."""

@@ -4,6 +4,7 @@ diffusion model, the DyDiff round, the training loop, robustness, benchmark tool
     python -m pytest -q test_dydiff.py
 
 Every test runs offline on small datasets generated into a temporary Minari folder, never ~/.minari.
+The tests with "device" in their name run on DYDIFF_TEST_DEVICE (default cpu; bench/gpu_check.py sets cuda).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from fidelity import crossings, dm_predict, ensemble_predict, in_episode_rollout
 import pretrain  # noqa: E402
 
 torch.set_num_threads(1)
+DEVICE = os.environ.get("DYDIFF_TEST_DEVICE", "cpu")
 TINY_STEPS = 3000  # a few thousand maze steps: ~40 episodes, built in seconds
 TINY = FitConfig(steps_per_epoch=20, max_epochs=2, reward_max_epochs=2, hidden=32, reward_hidden=32)
 TINY_DYDIFF = ["--dydiff", "--horizon", "8", "--rollout-length", "8", "--dm-dim", "8", "--dm-mults", "1", "2", "--dm-train-steps", "30",
@@ -269,17 +271,18 @@ def test_td3bc_q1_is_the_first_twin_critic():
 
 
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
-def test_learner_state_dict_round_trip_continues_identically(algo):
-    """Learners: a saved and reloaded learner continues bit for bit."""
+def test_learner_round_trip_on_the_device_continues_identically(algo):
+    """Learners: a saved and reloaded learner continues bit for bit, its generators' state included (on DEVICE)."""
     cls = TD3BC if algo == "td3bc" else IQL
-    a, batch = cls(6, 2, seed=3), fixed_batch()
+    a, batch = cls(6, 2, seed=3, device=DEVICE), {k: v.to(DEVICE) for k, v in fixed_batch().items()}
     for _ in range(5):
         a.update(batch)
     blob = io.BytesIO()  # through bytes, as a resumed run does (in memory, Adam's moments would be shared)
     torch.save(a.state_dict(), blob)
     blob.seek(0)
-    b = cls(6, 2, seed=99)
+    b = cls(6, 2, seed=99, device=DEVICE)
     b.load_state_dict(torch.load(blob, weights_only=True))
+    assert all(p.device.type == torch.device(DEVICE).type for p in b.actor.parameters())
     for _ in range(4):  # includes TD3+BC's target-noise generator and delayed actor steps
         la, lb = a.update(batch), b.update(batch)
         assert la == lb
@@ -819,6 +822,34 @@ def test_ensemble_only_round_with_m_0(models):
     assert torch.equal(tr["rewards"], scores[kept].reshape(-1))
 
 
+def test_round_on_the_device_keeps_every_tensor_there(models):
+    """Steps 1-6 on DEVICE: the models, the start states and every transition stay on the learner's device."""
+    bundle = models.bundle()
+    for m in (bundle.ensemble, bundle.reward_model, bundle.dm):
+        m.to(DEVICE)
+    bundle.obs_mean, bundle.obs_std, bundle.constant_dims = (x.to(DEVICE) for x in (MEAN, STD, models.constant))
+    policy = nn.Sequential(nn.Linear(OBS, 16), nn.Tanh(), nn.Linear(16, ACT), nn.Tanh()).to(DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    s0, _ = dydiff.draw_start_states(starts(64).to(DEVICE), 32, g)
+    cfg = dydiff.RolloutConfig(rollout_batch=32, rollout_length=2 * H, iterations=2, sampler_steps=3, filter="softmax")
+    tr, stats = dydiff.rollout_round(policy, bundle, s0, cfg, g)
+    assert {v.device.type for v in tr.values()} == {torch.device(DEVICE).type} and stats["n_transitions"] > 0
+    assert all(math.isfinite(stats[k]) for k in ("score_kept_mean", "state_shift_m1", "state_shift_m2"))
+
+
+def test_dm_training_and_sampling_on_the_device():
+    """DM on DEVICE: training draws its segments and noise there, and sampling returns states there."""
+    X, starts_, ends = toy_rows(n_episodes=4)
+    model = tiny_model(obs_dim=2, act_dim=2).to(DEVICE)
+    seg_start, seg_len = segment_index(starts_, ends, 8)
+    cfg = diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=20, batch_size=8)
+    info = diffusion.train(model, X.to(DEVICE), seg_start, seg_len, cfg, progress=False)
+    assert len(info["loss_curve"]) == 1 and math.isfinite(info["val_loss"])
+    out = model.generate(X[:3, :2].to(DEVICE), X[:24, 2:].reshape(3, 8, 2).to(DEVICE), 3,
+                         torch.Generator(device=DEVICE).manual_seed(0))
+    assert out.shape == (3, 8, 2) and out.device.type == torch.device(DEVICE).type
+
+
 @pytest.mark.parametrize("filt", ["hardmax", "softmax"])
 def test_rollout_round_end_to_end(models, filt):
     """Steps 2-6: a round with terminals, either filter, reward model scores."""
@@ -1061,11 +1092,11 @@ def test_resume_gives_the_same_run_as_an_uninterrupted_one(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_dydiff_run_resumed_mid_way_matches_an_uninterrupted_one(tiny_data, tmp_path, tiny_fit):
-    """Resume with DyDiff: rounds are seeded by (seed, step) and the synthetic buffer is in the checkpoint, so a DyDiff run
-    stopped at step 100 and resumed (in a rollout interval that began before the stop) ends bit-identical."""
-
-    flags = [*TINY_DYDIFF, "--reward", "env"]
+def test_dydiff_run_on_the_device_resumed_mid_way_matches_an_uninterrupted_one(tiny_data, tmp_path, tiny_fit):
+    """Resume with DyDiff: rounds are seeded by (seed, step) and the synthetic buffer and the generators are in the
+    checkpoint, so a DyDiff run (on DEVICE) stopped at step 100 and resumed (in a rollout interval that began before the
+    stop) ends bit-identical."""
+    flags = [*TINY_DYDIFF, "--reward", "env", "--device", DEVICE]
     full = run_train(tmp_path, "--total-steps", "150", "--run-name", "full", *flags)
     run_train(tmp_path, "--total-steps", "100", "--run-name", "split", *flags)
     resumed = run_train(tmp_path, "--total-steps", "150", "--run-name", "split", "--resume", *flags)
@@ -1255,3 +1286,63 @@ def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, cap
     assert "ensemble and reward model: loaded" in out and "diffusion model: loaded" in out
     with pytest.raises(SystemExit, match="--horizon H=7 must be a multiple of 2"):
         pretrain.main([*flags, "--horizon", "7"])
+
+
+def test_gpu_check_runs_at_tiny_size_and_reports_every_section(tmp_path):
+    """bench/gpu_check.py at tiny sizes on DEVICE: every section in the JSON (rewritten after each), rates that
+    are positive, and a projected paper-preset run made of its parts."""
+    import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    report = gpu_check.main(gpu_check.Args(device=DEVICE, tiny=True, tests=False, out=str(out)))
+    on_disk = json.loads(out.read_text())
+    assert on_disk == report and list(on_disk["sections"]) == [
+        "versions", "matmul", "dm_train", "round", "sampler", "learners", "projection", "done"]
+    s = on_disk["sections"]
+    assert s["versions"]["torch"] == torch.__version__ and s["matmul"]["tflops"]["fp32"] > 0
+    assert all(v > 0 for v in s["dm_train"]["steps_per_s"].values()) and len(s["dm_train"]["steps_per_s"]) == 2
+    assert s["round"]["network_calls"] == 2 * (2 * 3 - 1) and s["round"]["kept_transitions"] > 0  # M=2, Heun N=3
+    assert s["round"]["round_s"] == pytest.approx(s["round"]["ensemble_s"] + s["round"]["dm_s"]
+                                                  + s["round"]["filter_and_transitions_s"])
+    assert 0 < s["sampler"]["by_precision"]["fp32"]["share_of_matmul"]
+    assert s["sampler"]["by_precision"]["fp32"]["max_sample_change_vs_fp32"] == 0.0
+    assert s["projection"]["rounds"] == 1_000_000 // 500
+    assert s["projection"]["total_hours_td3bc"] == pytest.approx(sum(s["projection"]["hours"].values()))
+
+
+def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
+    """bench/compare.py --launcher submitit-local, the Slurm path on local processes: a preparing job, then two tiny
+    runs as jobs; one gets the cluster's pre-emption signal (SIGUSR2) after its first checkpoint, saves, is requeued
+    and resumes on its own; its summary equals an uninterrupted run's, and the same command again gathers the A/B."""
+    import compare
+
+    flags = f"--dataset-steps {TINY_STEPS} --total-steps 1500 --eval-interval 100 --eval-episodes 2"
+    args = compare.Args(env="maze2d-umaze", seeds=(0, 1), algos=("td3bc",), arms=("base",), flags=flags,
+                        run_dir=str(tmp_path / "runs"), results=str(tmp_path / "results"), name="ab",
+                        launcher="submitit-local", slurm_time_min=30)
+    compare.main(args)  # submits and returns
+    jobs = json.loads((tmp_path / "runs" / "ab_jobs.json").read_text())
+    victim = tmp_path / "runs" / "maze2d-umaze_td3bc_s1"
+    deadline = time.time() + 120
+    while not (victim / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    # the job's task is the child of submitit's local controller, whose pid is the job id
+    task = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
+            (p / "stat").exists() and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == jobs["maze2d-umaze_td3bc_s1"]]
+    assert len(task) == 1 and not (victim / "summary.json").exists()
+    os.kill(task[0], signal.SIGUSR2)
+    while not all((tmp_path / "runs" / f"maze2d-umaze_td3bc_s{s}" / "summary.json").exists() for s in (0, 1)):
+        assert time.time() < deadline + 180, "the jobs did not finish"
+        time.sleep(0.2)
+    log = next((tmp_path / "runs" / "jobs").glob(f"{jobs['maze2d-umaze_td3bc_s1']}_0_log.out")).read_text()
+    assert "interrupted at step" in log and "resuming" in log  # saved, requeued, resumed by the job itself
+    compare.main(args)  # the same command again: all done, so it gathers
+    out = json.loads((tmp_path / "results" / "ab.json").read_text())
+    assert sorted(r["seed"] for r in out["runs"]) == [0, 1]
+    reference = main(["--run-dir", str(tmp_path / "ref"), "--run-name", "s1", "--env", "maze2d-umaze", "--seed", "1",
+                      "--no-dydiff", *flags.split()])
+    resumed = json.loads((victim / "summary.json").read_text())
+    assert resumed["evaluations"] == reference["evaluations"] and resumed["steps"] == 1500
+    a, b = (torch.load(f, weights_only=True)["learner"]["actor"] for f in (victim / "checkpoint.pt",
+                                                                          tmp_path / "ref" / "s1" / "checkpoint.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -25,14 +25,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 
 import diffusion
 import dydiff
 import dynamics
 from data import CheckpointError, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
 from iql import IQL
-from rebuild import draw_maze
 from runs import ConfigError, Run, read_run_checkpoint
 from td3bc import TD3BC
 
@@ -197,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         default = replace(default, preset="paper", **PAPER)
     if given("--algo", "td3bc") == "iql":
         default = replace(default, **IQL_DATASETS.get(given("--env", default.env), {}))
+    import tyro  # here, not at the top: bench/gpu_check.py imports this file on machines with torch alone
+
     return tyro.cli(Args, args=argv, default=default)
 
 
@@ -351,6 +351,8 @@ def train(args: Args) -> dict:
     run.exit_if_stopped(step)  # Ctrl-C: a checkpoint, and the command that resumes the run
 
     if models is not None:  # the final policy's rollouts from a few data states, before and after the M iterations
+        from rebuild import draw_maze
+
         g = round_generator(args.seed, -1, device)
         s0, _ = dydiff.draw_start_states(real.obs, 8, g)
         dydiff.plot_rollouts(run.path / "rollouts.png", args.env, data, learner.act, models, s0,

@@ -3,6 +3,7 @@
     python bench/compare.py --env maze2d-umaze --seeds 0 1 2 3 4           # CPU preset, 50k steps per run
     python bench/compare.py --env maze2d-umaze --algos td3bc --dydiff-flags="--rollout-length 32" --tag T32
     python bench/compare.py --env maze2d-umaze --preset paper --jobs 4     # GPU machine, official budget
+    python bench/compare.py --env maze2d-umaze --preset paper --launcher slurm --slurm-partition gpu  # cluster
 
 Each run is a plain `train.py` subprocess in runs/compare/<env>_<algo>[+dydiff][_<tag>]_s<seed>/ with its
 log beside it. A run that already finished (summary.json) is reused, an interrupted one is resumed, so
@@ -20,6 +21,8 @@ learner: the paired difference DyDiff - plain with a 95% bootstrap confidence in
 
 --jobs runs that many at once. Where the vCPUs share one core's compute (bench/README.md, The machine),
 keep 1: two runs side by side would each go half as fast and their wall times would mislead.
+--launcher slurm submits every run as a Slurm job and returns; the same command again gathers the
+results once the jobs are done (bench/cluster.py).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -71,8 +74,23 @@ class Args:
     """parent folder of the runs"""
     name: str | None = None
     """base name of the results files (default compare_<env>[_<tag>])"""
+    results: str = str(RESULTS)
+    """folder of the results files"""
     dry_run: bool = False
     """print the train.py commands and stop"""
+    launcher: Literal["local", "slurm", "submitit-local"] = "local"
+    """local: subprocesses here; slurm: one Slurm job per run (submit, return; run again to gather);
+    submitit-local: the slurm path with local processes (tests, trying it without a cluster)"""
+    slurm_partition: str | None = None
+    """Slurm partition of the jobs"""
+    slurm_time_min: int = 24 * 60
+    """time limit of each job in minutes; a job that reaches it is checkpointed and requeued"""
+    slurm_gpus: int = 1
+    """GPUs per job"""
+    slurm_cpus: int = 4
+    """CPUs per job"""
+    slurm_flags: str = ""
+    """more sbatch options as key=value pairs, e.g. "account=myproj qos=normal" """
 
 
 def run_name(args: Args, algo: str, arm: str, seed: int) -> str:
@@ -80,16 +98,18 @@ def run_name(args: Args, algo: str, arm: str, seed: int) -> str:
     return f"{args.env}_{algo}{'+dydiff' if dydiff else ''}{f'_{args.tag}' if dydiff and args.tag else ''}_s{seed}"
 
 
-def command(args: Args, algo: str, arm: str, seed: int) -> list[str]:
-    folder = Path(args.run_dir) / run_name(args, algo, arm, seed)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--env", args.env, "--algo", algo, "--seed", str(seed),
-           "--preset", args.preset, "--run-dir", args.run_dir, "--run-name", folder.name, *shlex.split(args.flags)]
+def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:
+    """train.py's flags for one run, the same on every launcher (without --resume, decided where it runs)."""
+    flags = ["--env", args.env, "--algo", algo, "--seed", str(seed), "--preset", args.preset, "--run-dir", args.run_dir,
+             "--run-name", run_name(args, algo, arm, seed), *shlex.split(args.flags)]
     if args.steps is not None:
-        cmd += ["--total-steps", str(args.steps)]
-    cmd += shlex.split(args.dydiff_flags) if arm == "dydiff" else ["--no-dydiff"]
-    if (folder / "checkpoint.pt").exists():
-        cmd.append("--resume")
-    return cmd
+        flags += ["--total-steps", str(args.steps)]
+    return flags + (shlex.split(args.dydiff_flags) if arm == "dydiff" else ["--no-dydiff"])
+
+
+def command(args: Args, algo: str, arm: str, seed: int) -> list[str]:
+    resume = (Path(args.run_dir) / run_name(args, algo, arm, seed) / "checkpoint.pt").exists()
+    return [sys.executable, str(ROOT / "train.py"), *train_flags(args, algo, arm, seed), *(["--resume"] * resume)]
 
 
 def launch(args: Args, algo: str, arm: str, seed: int) -> str:
@@ -141,14 +161,29 @@ def main(args: Args) -> None:
             done = (Path(args.run_dir) / run_name(args, *job) / "summary.json").exists()
             print(f"# {run_name(args, *job)}: finished, reused" if done else shlex.join(command(args, *job)))
         return
-    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
-        for message in pool.map(lambda job: launch(args, *job), grid):
-            print(message, flush=True)
+    name = args.name or f"compare_{args.env}{f'_{args.tag}' if args.tag else ''}"
+    if args.launcher == "local":
+        with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
+            for message in pool.map(lambda job: launch(args, *job), grid):
+                print(message, flush=True)
+    else:
+        import cluster
+
+        args = replace(args, run_dir=str(Path(args.run_dir).resolve()))  # the jobs may start in another folder
+        dydiff = "dydiff" in args.arms
+        prepare = cluster.PrepareJob(["--env", args.env, "--preset", args.preset, *shlex.split(args.flags),
+                                      *shlex.split(args.dydiff_flags if dydiff else "")], models=dydiff)
+        runs = [(run_name(args, *job), Path(args.run_dir) / run_name(args, *job), train_flags(args, *job))
+                for job in grid]
+        waiting = cluster.launch(args, runs, prepare, Path(args.run_dir) / f"{name}_jobs.json")
+        if waiting:
+            print(f"{len(waiting)} of {len(grid)} runs not finished yet ({', '.join(waiting)}); run the same command "
+                  f"again to gather the results once they are")
+            return
 
     runs = load_runs([Path(args.run_dir) / run_name(args, *job) for job in grid])
     rows = aggregate(runs)
     pairs = [p for p in (paired(runs, algo) for algo in args.algos) if p is not None]
-    name = args.name or f"compare_{args.env}{f'_{args.tag}' if args.tag else ''}"
     out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset, "flags": args.flags,
            "dydiff_flags": args.dydiff_flags, "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
@@ -159,13 +194,14 @@ def main(args: Args) -> None:
                      "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"]}
                     for r in runs],
            "groups": rows, "paired": pairs}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(out, indent=2))
     tables = markdown(rows) + "\n\n" + paired_markdown(pairs)
-    (RESULTS / f"{name}.md").write_text(tables + "\n")
-    plot(runs, RESULTS / f"{name}.png")
+    (results / f"{name}.md").write_text(tables + "\n")
+    plot(runs, results / f"{name}.png")
     print(tables)
-    print(f"wrote {RESULTS / name}.json, .md and .png")
+    print(f"wrote {results / name}.json, .md and .png")
 
 
 if __name__ == "__main__":
