@@ -7,7 +7,8 @@ Loading order for a D4RL-style name (e.g. ``maze2d-umaze``):
 The dataset is then flattened to transition arrays, cached beside it (``dydiff_cache/flat.npz``)
 and rebuilt automatically when the dataset files change.
 
-Also the plumbing every other file shares: the transition buffer, atomic file writes, the one
+Also the diffusion model's training windows (segments of H rows inside episodes) and the plumbing every
+other file shares: the transition buffer, atomic file writes, the one
 checkpoint reader (``torch.load(weights_only=True)`` with a one-line error) and the cache of
 pretrained models beside the dataset.
 
@@ -237,6 +238,27 @@ def _flatten(ds) -> dict[str, np.ndarray]:
     return {"obs": np.concatenate(obs), "actions": np.concatenate(act), "rewards": np.concatenate(rew),
             "next_obs": np.concatenate(nxt), "terminals": np.concatenate(term),
             "episode_starts": np.asarray(starts, dtype=np.int64)}
+
+
+# -- Segments of length H inside episodes: the diffusion model's training data ---------------------
+def segment_index(episode_starts: np.ndarray, episode_ends: np.ndarray, H: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first row, number of real rows) of every segment: all full H-windows inside each episode, and one
+    shorter, padded segment for an episode shorter than H."""
+    starts, lengths = [], []
+    for s, e in zip(episode_starts, episode_ends):
+        L = int(e - s)
+        n = max(L - H + 1, 1)
+        starts.append(np.arange(s, s + n))
+        lengths.append(np.full(n, min(L, H)))
+    return np.concatenate(starts).astype(np.int64), np.concatenate(lengths).astype(np.int64)
+
+
+def gather_segments(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, H: int):
+    """Rows X[start : start+H] (B, H, D) and their mask (B, H); padded rows repeat the last real row."""
+    offs = torch.arange(H, device=starts.device)
+    mask = offs[None] < lengths[:, None]
+    rows = starts[:, None] + torch.minimum(offs[None], lengths[:, None] - 1)
+    return X[rows], mask
 
 
 # -- Transitions as device tensors (the real data D and DyDiff's synthetic FIFO) -------------------

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import load_or_train_cached
+from data import gather_segments, load_or_train_cached, segment_index
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln(sigma) ~ N(P_MEAN, P_STD^2)
@@ -101,9 +101,8 @@ class ResidualTemporalBlock(nn.Module):
 
 
 class NoiseEmbedding(nn.Module):
-    """Sinusoidal features of c_noise, then an MLP. c_noise = ln(sigma)/4 spans only ~[-1.6, 1.1] in
-    training, so it is stretched by ``scale`` first: unstretched, the lowest frequencies barely change
-    across that range and the network learnt more slowly."""
+    """Sinusoidal features of c_noise, then an MLP. c_noise = ln(sigma)/4 spans only ~[-1.6, 1.1] in training,
+    so it is stretched by ``scale`` first, or the lowest frequencies would barely change across that range."""
 
     def __init__(self, dim: int, act: str = "silu", scale: float = 100.0):
         super().__init__()
@@ -271,17 +270,20 @@ class DynamicsDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, sampler_steps: int = 8,
                generator: torch.Generator | None = None, solver: str = "euler", S_churn: float = 0.0,
-               S_min: float = S_MIN, S_max: float = S_MAX, S_noise: float = S_NOISE) -> torch.Tensor:
+               S_min: float = S_MIN, S_max: float = S_MAX, S_noise: float = S_NOISE, x_start: torch.Tensor | None = None,
+               sigma_start: float = SIGMA_MAX) -> torch.Tensor:
         """EDM's sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when S_churn = 0) with the EMA weights.
         cond: (B, H, D) values in [-1, 1] at the cond_mask entries; returns (B, H, D) in [-1, 1] space.
-        'heun': 2 N - 1 network calls (no correction on the last step, to sigma = 0); 'euler': N (DDIM's)."""
+        'heun': 2 N - 1 network calls (no correction on the last step, to sigma = 0); 'euler': N (DDIM's).
+        x_start: start from it noised to sigma_start instead of from pure noise (SDEdit, Meng et al. 2022)."""
         if solver not in ("euler", "heun"):
             raise ValueError(f"unknown sampler solver {solver!r}: use 'euler' or 'heun'")
         i = torch.arange(sampler_steps, dtype=torch.float64)
-        t = (SIGMA_MAX ** (1 / RHO) + i / max(sampler_steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+        t = (sigma_start ** (1 / RHO) + i / max(sampler_steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - sigma_start ** (1 / RHO))) ** RHO
         t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()  # t_N = 0
         B = cond.shape[0]
-        x = torch.where(cond_mask, cond, torch.randn(cond.shape, device=cond.device, generator=generator) * t[0])
+        x = torch.randn(cond.shape, device=cond.device, generator=generator) * t[0]
+        x = torch.where(cond_mask, cond, x if x_start is None else x_start + x)
         for t_cur, t_next in zip(t[:-1], t[1:]):
             gamma = min(S_churn / sampler_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
             t_hat = t_cur * (1 + gamma)  # churn: add noise to climb back up to t_hat, then step down
@@ -299,9 +301,11 @@ class DynamicsDiffusion(nn.Module):
 
     @torch.no_grad()
     def generate(self, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
-                 generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
+                 generator: torch.Generator | None = None, states_start: torch.Tensor | None = None,
+                 **sampler) -> torch.Tensor:
         """Raw states s_0..s_{H-1} (B, H, obs_dim) for raw s_0 (B, obs_dim) and actions a_0..a_{H-1}
-        (B, H, act_dim); index 0 is s_0 itself. Longer rollouts chain windows: dydiff.generate_chained."""
+        (B, H, act_dim); index 0 is s_0 itself. Longer rollouts chain windows: dydiff.generate_chained.
+        states_start (B, H, obs_dim), raw: the states to refine from (sample's x_start, with sigma_start)."""
         B, H, _ = actions.shape
         if H != self.horizon:
             raise ValueError(f"the DM generates H={self.horizon} rows at a time, got {H}: use dydiff.generate_chained")
@@ -310,31 +314,13 @@ class DynamicsDiffusion(nn.Module):
         cond = torch.zeros(B, H, self.obs_dim + self.act_dim, device=dev)
         cond[:, 0, obs] = self.normalize(s0_raw, obs)
         cond[:, :, self.obs_dim:] = self.normalize(actions.to(dev, torch.float32), slice(self.obs_dim, None))
+        if states_start is not None:
+            sampler["x_start"] = torch.cat([self.normalize(states_start.to(dev, torch.float32), obs).clamp(-1, 1),
+                                            torch.zeros(B, H, self.act_dim, device=dev)], -1)
         x = self.sample(cond.clamp(-1, 1), self.cond_mask(H), sampler_steps, generator, **sampler)
         states = self.unnormalize(x[..., obs], obs)
         states[:, 0] = s0_raw  # exact, not a normalize/unnormalize round trip
         return states
-
-
-# -- Data: segments of length H inside episodes ----------------------------------------------------
-def segment_index(episode_starts: np.ndarray, episode_ends: np.ndarray, H: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first row, number of real rows) of every segment: all full H-windows inside each episode, and one
-    shorter, padded segment for an episode shorter than H."""
-    starts, lengths = [], []
-    for s, e in zip(episode_starts, episode_ends):
-        L = int(e - s)
-        n = max(L - H + 1, 1)
-        starts.append(np.arange(s, s + n))
-        lengths.append(np.full(n, min(L, H)))
-    return np.concatenate(starts).astype(np.int64), np.concatenate(lengths).astype(np.int64)
-
-
-def gather_segments(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, H: int):
-    """Rows X[start : start+H] (B, H, D) and their mask (B, H); padded rows repeat the last real row."""
-    offs = torch.arange(H, device=starts.device)
-    mask = offs[None] < lengths[:, None]
-    rows = starts[:, None] + torch.minimum(offs[None], lengths[:, None] - 1)
-    return X[rows], mask
 
 
 @dataclass

@@ -64,11 +64,18 @@ class RolloutConfig:
     filter: str = "hardmax"  # step 5: 'hardmax' or 'softmax'
     keep_fraction: float = 0.6  # share of the B trajectories kept
     temperature: float = 0.05  # softmax filter: temperature on z-scored trajectory scores
+    update_weight: float = 0.5  # w of step 3: states = w * DM states + (1 - w) * previous states (official 1/2)
+    sdedit_sigma: float = 0.0  # 0: the DM samples from pure noise (the paper); > 0: from the previous states
+    # noised to this sigma (SDEdit), so it corrects them rather than replaces them
 
     def __post_init__(self):
         for name in ("rollout_batch", "rollout_length", "sampler_steps", "temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if not 0 < self.update_weight <= 1:
+            raise ValueError(f"update_weight must be in (0, 1] (got {self.update_weight})")
+        if self.sdedit_sigma < 0:
+            raise ValueError(f"sdedit_sigma must be 0 (off) or positive (got {self.sdedit_sigma})")
         if self.iterations < 0:
             raise ValueError(f"iterations must be 0 or more (got {self.iterations})")
         if not 0 < self.keep_fraction <= 1:
@@ -152,12 +159,14 @@ def initial_rollout(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, T: 
 
 @torch.no_grad()
 def generate_chained(dm: nn.Module, s0_raw: torch.Tensor, actions: torch.Tensor, sampler_steps: int = 8,
-                     generator: torch.Generator | None = None, **sampler) -> torch.Tensor:
+                     generator: torch.Generator | None = None, states_start: torch.Tensor | None = None,
+                     **sampler) -> torch.Tensor:
     """The DM's raw states s_0..s_{T-1} (B, T, obs_dim) for raw s_0 and T >= H actions, in windows of H rows.
 
     Each window starts from the last state the previous one generated (a stride of H - 1 rows), and the
     last one is shifted back to end at row T - 1 rather than padded with invented actions (the DM is not
-    causal: every row sees every action)."""
+    causal: every row sees every action). states_start (B, T, obs_dim), raw: the states each window is
+    refined from (SDEdit; DynamicsDiffusion.generate)."""
     B, T, _ = actions.shape
     H = dm.horizon
     if T < H:
@@ -167,7 +176,9 @@ def generate_chained(dm: nn.Module, s0_raw: torch.Tensor, actions: torch.Tensor,
     filled = 0  # rows 0..filled are final
     while filled < T - 1:
         start = min(filled, T - H)
-        window = dm.generate(states[:, start], actions[:, start:start + H], sampler_steps, generator, **sampler)
+        start_rows = None if states_start is None else states_start[:, start:start + H]
+        window = dm.generate(states[:, start], actions[:, start:start + H], sampler_steps, generator, start_rows,
+                             **sampler)
         states[:, filled + 1:start + H] = window[:, filled - start + 1:]
         filled = start + H - 1
     return states
@@ -182,13 +193,16 @@ def refine(act_fn: ActFn, models: DyDiffModels, states_z: torch.Tensor, actions:
     the last entry is policy-consistent: its actions are pi(its states), clipped to the dataset's box."""
     s_0 = states_z[:, 0].clone()
     iterates = [(states_z, actions)]
+    sdedit = {"sigma_start": cfg.sdedit_sigma} if cfg.sdedit_sigma > 0 else {}
     for _ in range(cfg.iterations):
-        dm_z = models.zscore(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator,
-                                              solver=cfg.sampler_solver, S_churn=cfg.sampler_churn).to(states_z))
-        # The official code averages with the previous states (the paper does not say so): a cheap
-        # ensemble of the two models, the DM's sample and the previous trajectory.
+        start = models.raw(torch.nan_to_num(states_z)) if sdedit else None  # the trajectory the DM corrects
+        dm_z = models.zscore(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator, start,
+                                              solver=cfg.sampler_solver, S_churn=cfg.sampler_churn, **sdedit).to(states_z))
+        # The official code averages with the previous states (the paper does not say so, w = 1/2): a
+        # cheap ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.
-        avg = torch.where(torch.isfinite(states_z), (dm_z + states_z) / 2, dm_z)
+        w = cfg.update_weight
+        avg = torch.where(torch.isfinite(states_z), w * dm_z + (1 - w) * states_z, dm_z)
         states_z = models.in_box(avg, s_0)
         states_z[:, 0] = s_0  # s_0 is a real data state: keep it bit-exact (the DM only inpaints it)
         actions = models.action_in_box(relabel(act_fn, states_z))

@@ -528,6 +528,25 @@ def test_generate_chains_windows_beyond_H():
         model.generate(s0, actions, 3)
 
 
+def test_sdedit_refines_the_given_states_instead_of_noise(models):
+    """Sampler from given states (SDEdit): from a low sigma the sample stays near them; from pure noise it does not;
+    in a round, --sdedit-sigma hands refine's previous trajectory to the DM."""
+    model, g = models.dm, lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    s0, actions = starts(6) * STD + MEAN, torch.rand(6, H, ACT) - 0.5
+    before = models.dm.generate(s0, actions, 4, g())  # any states inside the box
+    near = model.generate(s0, actions, 4, g(), states_start=before, sigma_start=0.01)
+    far = model.generate(s0, actions, 4, g())
+    other = model.generate(s0, actions, 4, torch.Generator().manual_seed(4))
+    assert (near - before).abs().max() < 0.1 * (other - far).abs().max()
+    seen = []
+    generate = model.generate
+    model.generate = lambda *a, **k: seen.append((a[4], k.get("sigma_start"))) or generate(*a, **k)
+    states, acts = dydiff.initial_rollout(models.act_fn, models.bundle(), starts(6), H, g())
+    cfg = dydiff.RolloutConfig(rollout_length=H, iterations=1, sampler_steps=3, sdedit_sigma=0.5)
+    dydiff.refine(models.act_fn, models.bundle(), states, acts, cfg, g())
+    assert seen[0][1] == 0.5 and torch.allclose(seen[0][0], states * STD + MEAN)
+
+
 def test_sampler_is_deterministic_for_a_seed():
     """Sampler: the same generator seed gives the same samples."""
     model = tiny_model()
@@ -709,14 +728,15 @@ def test_refine_is_policy_consistent_and_stays_in_dataset_box(models):
         assert (raw >= models.dm.x_min[:OBS] - 1e-5).all() and (raw <= models.dm.x_max[:OBS] + 1e-5).all()
 
 
-def test_state_averaging_with_previous_states(models):
-    """Step 3: states = clip((DM states + previous states) / 2), as the official code."""
+@pytest.mark.parametrize("w", [0.5, 1.0, 0.25])
+def test_state_averaging_with_previous_states(models, w):
+    """Step 3: states = clip(w * DM states + (1 - w) * previous states); w = 1/2 is the official code's."""
     s0, bundle = starts(8), models.bundle()
     states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, H, torch.Generator().manual_seed(0))
-    cfg = dydiff.RolloutConfig(rollout_length=H, iterations=1, sampler_steps=4)
+    cfg = dydiff.RolloutConfig(rollout_length=H, iterations=1, sampler_steps=4, update_weight=w)
     out = dydiff.refine(models.act_fn, bundle, states, actions, cfg, torch.Generator().manual_seed(5))
     dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 4, torch.Generator().manual_seed(5))
-    expect = (((dm_raw - MEAN) / STD + states) / 2).clamp(-BOX, BOX)
+    expect = (w * (dm_raw - MEAN) / STD + (1 - w) * states).clamp(-BOX, BOX)
     assert torch.allclose(out[1][0][:, 1:, [0, 1, 3]], expect[:, 1:, [0, 1, 3]], atol=1e-5)
 
 
@@ -991,11 +1011,12 @@ def test_flags_fill_each_component_config_by_name():
 
     flags = ["--rollout-batch", "7", "--horizon", "16", "--rollout-length", "40", "--iterations", "3",
              "--sampler-steps", "5", "--sampler-solver", "heun", "--sampler-churn", "2.5", "--filter", "softmax",
-             "--keep-fraction", "0.3", "--temperature", "0.2", "--dm-dim", "24", "--dm-mults", "1", "2",
+             "--keep-fraction", "0.3", "--temperature", "0.2", "--update-weight", "0.7", "--sdedit-sigma", "1.5",
+             "--dm-dim", "24", "--dm-mults", "1", "2",
              "--dm-act", "mish", "--dm-train-steps", "11", "--dm-batch-size", "13", "--dm-lr", "0.01",
              "--dm-warmup-steps", "3", "--dm-lr-schedule", "constant", "--dm-grad-clip", "0.5", "--model-seed", "4"]
     args = parse_args(flags)
-    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2)
+    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2, 0.7, 1.5)
     assert train.dm_config(args) == diffusion.DMConfig(horizon=16, dim=24, dim_mults=(1, 2), act="mish", train_steps=11,
                                                        batch_size=13, lr=0.01, warmup_steps=3, lr_schedule="constant",
                                                        grad_clip=0.5, seed=4)
@@ -1180,6 +1201,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     (["--horizon", "30"], "--horizon H=30 must be a multiple of 4, as the U-Net halves it 2 times: use H in [28, 32]"),
     (["--dm-lr", "0"], "--dm-lr must be positive (got 0.0)"),
     (["--temperature", "-1"], "--temperature must be positive (got -1.0)"),
+    (["--update-weight", "0"], "--update-weight must be in (0, 1] (got 0.0)"),
+    (["--sdedit-sigma", "-1"], "--sdedit-sigma must be 0 (off) or positive (got -1.0)"),
     (["--rollout-batch", "0"], "--rollout-batch must be positive"),
     (["--rollout-length", "16"], "--rollout-length 16 must be at least --horizon 32"),
     (["--iterations", "-1"], "--iterations must be 0 or more"),
@@ -1317,7 +1340,7 @@ def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
     import compare
 
     flags = f"--dataset-steps {TINY_STEPS} --total-steps 1500 --eval-interval 100 --eval-episodes 2"
-    args = compare.Args(env="maze2d-umaze", seeds=(0, 1), algos=("td3bc",), arms=("base",), flags=flags,
+    args = compare.Args(env="maze2d-umaze", seeds=(0, 1), algos=("td3bc",), arms=("plain",), flags=flags,
                         run_dir=str(tmp_path / "runs"), results=str(tmp_path / "results"), name="ab",
                         launcher="submitit-local", slurm_time_min=30)
     compare.main(args)  # submits and returns
@@ -1346,3 +1369,22 @@ def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
     a, b = (torch.load(f, weights_only=True)["learner"]["actor"] for f in (victim / "checkpoint.pt",
                                                                           tmp_path / "ref" / "s1" / "checkpoint.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
+    """bench/rollout_error.py: a rollout through a wall cell or with a too long step is impossible; the data's own
+    trajectories are not; the shares split by the round's hardmax filter."""
+    import rollout_error
+
+    maze = maze_eval_env("maze2d-umaze").unwrapped.maze
+    ok = tiny_data.obs[None, :40].astype(np.float64)  # a real episode piece
+    wall_xy = maze.cell_rowcol_to_xy(np.array([2, 2]))  # the middle of the U: a wall
+    through_wall = ok.copy()
+    through_wall[0, 20, :2] = wall_xy
+    jump = ok.copy()
+    jump[0, 20:, 0] += 0.3
+    traj = np.concatenate([ok, through_wall, jump])
+    wall, too_far = rollout_error.impossible(traj, maze, max_step=0.1)
+    assert wall.tolist() == [False, True, False] and too_far.tolist() == [False, True, True]
+    share = rollout_error.impossible_share(traj, maze, 0.1, 1.0, "maze2d-umaze")
+    assert share["all"] == pytest.approx(2 / 3) and share["kept"] == pytest.approx(2 / 3) and share["rejected"] is None

@@ -116,6 +116,10 @@ class Args:
     correction, 2N - 1 calls (paper)"""
     sampler_churn: float = ROLLOUT.sampler_churn
     """S_churn of the sampler: 0 = EDM's deterministic sampler (paper 60, with S_min 0.37, S_max 52.24)"""
+    update_weight: float = ROLLOUT.update_weight
+    """w of the DyDiff update: states = w * DM states + (1 - w) * previous states (paper 1/2; 1 = the DM's alone)"""
+    sdedit_sigma: float = ROLLOUT.sdedit_sigma
+    """0: the DM samples from pure noise (paper); > 0: it refines the previous trajectory noised to this sigma"""
     synthetic_capacity: int = 30_000
     """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
     dm_dim: int = DM.dim

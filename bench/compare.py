@@ -1,7 +1,10 @@
-"""The A/B behind every DyDiff claim: td3bc, td3bc+dydiff, iql, iql+dydiff over N seeds on one env.
+"""The A/B behind every DyDiff claim: each learner (td3bc, iql) in named arms over N seeds on one env:
+plain (the learner alone), ensemble (DyDiff's rounds with --iterations 0: ensemble-only rollouts, no DM) and
+dydiff (the full method).
 
     python bench/compare.py --env maze2d-umaze --seeds 0 1 2 3 4           # CPU preset, 50k steps per run
     python bench/compare.py --env maze2d-umaze --algos td3bc --dydiff-flags="--rollout-length 32" --tag T32
+    python bench/compare.py --env maze2d-medium --algos td3bc --arms plain ensemble dydiff --seeds 5 6 7 8 9
     python bench/compare.py --env maze2d-umaze --preset paper --jobs 4     # GPU machine, official budget
     python bench/compare.py --env maze2d-umaze --preset paper --launcher slurm --slurm-partition gpu  # cluster
 
@@ -12,12 +15,13 @@ seed share the learner's seed and the evaluation episodes, so they are compared 
 
 The score of a run is its final score, the mean of its last 3 evaluations (each of --eval-episodes
 episodes, 100 by default); last and best are reported too. Per arm: mean and std over seeds. Per
-learner: the paired difference DyDiff - plain with a 95% bootstrap confidence interval over seeds
-(scipy.stats.bootstrap, BCa, 10,000 resamples). Writes, all from the run summaries:
+learner: the paired differences dydiff - plain and dydiff - ensemble (for the arms run) with 95% bootstrap
+confidence intervals over seeds (scipy.stats.bootstrap, BCa, 10,000 resamples), for the final, last and
+best scores. Writes, all from the run summaries:
   bench/results/<name>.json  {"env", "steps", "runs": [...], "groups": [per arm], "paired": [per learner], ...}
   bench/results/<name>.md    the two markdown tables
   bench/results/<name>.png   learning curves, mean and min-max band over seeds
-(<name> defaults to compare_<env>[_<tag>].)
+(<name> defaults to compare_<env>[_<tag>], or ablation_<env>_<algos>[_<tag>] when the ensemble arm runs.)
 
 --jobs runs that many at once. Where the vCPUs share one core's compute (bench/README.md, The machine),
 keep 1: two runs side by side would each go half as fast and their wall times would mislead.
@@ -56,8 +60,9 @@ class Args:
     """learner seeds of every arm (5 or more for a claim)"""
     algos: tuple[Literal["td3bc", "iql"], ...] = ("td3bc", "iql")
     """offline learners to compare"""
-    arms: tuple[Literal["base", "dydiff"], ...] = ("base", "dydiff")
-    """base = the plain learner (--no-dydiff); dydiff = the learner with DyDiff augmentation"""
+    arms: tuple[Literal["plain", "ensemble", "dydiff"], ...] = ("plain", "dydiff")
+    """plain = the learner alone (--no-dydiff); ensemble = DyDiff's rounds with --iterations 0 (no DM);
+    dydiff = the learner with DyDiff augmentation"""
     preset: Literal["cpu", "paper"] = "cpu"
     """train.py preset (sets the budget and every DyDiff size)"""
     steps: int | None = None
@@ -94,8 +99,9 @@ class Args:
 
 
 def run_name(args: Args, algo: str, arm: str, seed: int) -> str:
-    dydiff = arm == "dydiff"
-    return f"{args.env}_{algo}{'+dydiff' if dydiff else ''}{f'_{args.tag}' if dydiff and args.tag else ''}_s{seed}"
+    if arm == "plain":  # shared by every tag
+        return f"{args.env}_{algo}_s{seed}"
+    return f"{args.env}_{algo}+{arm}{f'_{args.tag}' if args.tag else ''}_s{seed}"
 
 
 def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:
@@ -104,7 +110,9 @@ def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:
              "--run-name", run_name(args, algo, arm, seed), *shlex.split(args.flags)]
     if args.steps is not None:
         flags += ["--total-steps", str(args.steps)]
-    return flags + (shlex.split(args.dydiff_flags) if arm == "dydiff" else ["--no-dydiff"])
+    if arm == "plain":
+        return flags + ["--no-dydiff"]
+    return flags + shlex.split(args.dydiff_flags) + (["--iterations", "0"] if arm == "ensemble" else [])
 
 
 def command(args: Args, algo: str, arm: str, seed: int) -> list[str]:
@@ -131,24 +139,27 @@ def launch(args: Args, algo: str, arm: str, seed: int) -> str:
     return f"{folder.name}: done in {(time.time() - t0) / 60:.1f} min"
 
 
-def paired(runs: list[dict], algo: str, metric: str = "final_score") -> dict | None:
-    """DyDiff - plain per seed, their mean and its 95% bootstrap confidence interval."""
-    plain = {r["seed"]: r[metric] for r in runs if r["algo"] == algo and not r.get("dydiff")}
-    dyd = {r["seed"]: r[metric] for r in runs if r["algo"] == algo and r.get("dydiff")}
-    seeds = sorted(plain.keys() & dyd.keys())
+def paired(runs: list[dict], algo: str, arm: str = "dydiff", other: str = "plain",
+           metric: str = "final_score") -> dict | None:
+    """arm - other per seed (e.g. dydiff - plain), their mean and its 95% bootstrap confidence interval."""
+    a = {r["seed"]: r[metric] for r in runs if r["algo"] == algo and r["arm"] == arm}
+    b = {r["seed"]: r[metric] for r in runs if r["algo"] == algo and r["arm"] == other}
+    seeds = sorted(a.keys() & b.keys())
     if len(seeds) < 2:
         return None
-    d = np.array([dyd[s] - plain[s] for s in seeds])
+    d = np.array([a[s] - b[s] for s in seeds])
     ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=10_000, random_state=0).confidence_interval
-    return {"algo": algo, "metric": metric, "seeds": seeds, "differences": d.tolist(), "mean": float(d.mean()),
-            "ci_low": float(ci.low), "ci_high": float(ci.high), "dydiff_wins": int((d > 0).sum())}
+    return {"name": f"{arm}-{other}", "algo": algo, "metric": metric, "seeds": seeds, "differences": d.tolist(),
+            "mean": float(d.mean()), "ci_low": float(ci.low), "ci_high": float(ci.high),
+            "dydiff_wins": int((d > 0).sum())}
 
 
 def paired_markdown(rows: list[dict]) -> str:
-    lines = ["| learner | seeds | DyDiff - plain, final score | 95% CI | DyDiff ahead on |", "|---|---|---|---|---|"]
+    lines = ["| learner | difference | score | seeds | mean | 95% CI | first arm ahead on |", "|---|---|---|---|---|---|---|"]
     for p in rows:
-        lines.append(f"| {p['algo']} | {len(p['seeds'])} | {p['mean']:+.1f} | [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}] "
-                     f"| {p['dydiff_wins']} of {len(p['seeds'])} seeds |")
+        lines.append(f"| {p['algo']} | {p['name']} | {p['metric'].replace('_score', '')} | {len(p['seeds'])} | "
+                     f"{p['mean']:+.1f} | [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}] | {p['dydiff_wins']} of "
+                     f"{len(p['seeds'])} seeds |")
     return "\n".join(lines)
 
 
@@ -161,7 +172,8 @@ def main(args: Args) -> None:
             done = (Path(args.run_dir) / run_name(args, *job) / "summary.json").exists()
             print(f"# {run_name(args, *job)}: finished, reused" if done else shlex.join(command(args, *job)))
         return
-    name = args.name or f"compare_{args.env}{f'_{args.tag}' if args.tag else ''}"
+    name = args.name or (f"ablation_{args.env}_{'_'.join(args.algos)}" if "ensemble" in args.arms else
+                         f"compare_{args.env}") + (f"_{args.tag}" if args.tag else "")
     if args.launcher == "local":
         with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
             for message in pool.map(lambda job: launch(args, *job), grid):
@@ -181,14 +193,18 @@ def main(args: Args) -> None:
                   f"again to gather the results once they are")
             return
 
-    runs = load_runs([Path(args.run_dir) / run_name(args, *job) for job in grid])
+    arm_of = {run_name(args, *job): job[1] for job in grid}
+    runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([Path(args.run_dir) / name for name in arm_of])]
     rows = aggregate(runs)
-    pairs = [p for p in (paired(runs, algo) for algo in args.algos) if p is not None]
+    pairs = [p for algo in args.algos for other in ("plain", "ensemble") if "dydiff" in args.arms and other in args.arms
+             for metric in ("final_score", "last_score", "best_score")
+             if (p := paired(runs, algo, "dydiff", other, metric)) is not None]
     out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset, "flags": args.flags,
            "dydiff_flags": args.dydiff_flags, "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
            "jobs": args.jobs,
-           "runs": [{"algo": r["algo"], "dydiff": bool(r.get("dydiff")), "seed": r["seed"], "final": r["final_score"],
+           "runs": [{"algo": r["algo"], "arm": r["arm"], "dydiff": bool(r.get("dydiff")), "seed": r["seed"],
+                     "final": r["final_score"],
                      "last": r["last_score"], "best": r["best_score"], "best_step": r["best_step"],
                      "wall_s": r["wall_time_s"], "cpu_s": r.get("cpu_time_s"), "rollout_s": r.get("rollout_time_s", 0.0),
                      "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"]}

@@ -10,11 +10,17 @@ the PointMaze simulator of
   dydiff_m0..3  DyDiff's own trajectory after 0, 1, 2, 3 iterations (m0 = the policy in the ensemble);
                 each is compared with the simulator replaying *its* actions from s_0, open loop.
 The first two measure the models on a trajectory the policy really produces; the DyDiff curves measure
-what the learner is actually fed. Models come from the dataset's cache (trained there when missing,
-as train.py does). Without --policy, a TD3+BC policy is fitted for --policy-steps on the data first.
+what the learner is actually fed. Each curve is given as the mean and as the median over trajectories
+(a few catastrophic rollouts can drive the mean), and for each model the share of physically impossible
+rollouts (a position inside a wall cell, or a one-step move longer than 1.1x the dataset's largest),
+among those a round's hardmax filter keeps and those it rejects: the simulator never makes one.
+Models come from the dataset's cache (trained there when missing, as train.py does); --train-flags
+chooses them and DyDiff's settings (e.g. "--rollout-length 96 --update-weight 1 --sdedit-sigma 1").
+Several --policy checkpoints are measured one after the other; without one, a TD3+BC policy is fitted
+for --policy-steps on the data first.
 
-Writes bench/results/rollout_error.json ({"env", "horizons", "curves": {...}, "curves_position": {...}})
-and bench/results/rollout_error.png.
+Writes bench/results/<name>.json ({"env", "horizons", "by_policy": {label: {"curves", "curves_position",
+"curves_position_median", "impossible_share"}}}) and <name>.png.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +46,9 @@ from fidelity import dm_predict, ensemble_predict, simulate  # noqa: E402
 class Args:
     env: str = "maze2d-umaze"
     """a maze2d env (the simulator must be able to start from any dataset state)"""
-    policy: str | None = None
-    """train.py checkpoint whose learner provides the actions (default: fit TD3+BC for --policy-steps)"""
+    policy: tuple[str, ...] = ()
+    """train.py checkpoints whose learners provide the actions, each measured in turn (default: fit TD3+BC for
+    --policy-steps)"""
     policy_steps: int = 5000
     """gradient steps of the fallback TD3+BC policy"""
     preset: str = "cpu"
@@ -95,9 +102,45 @@ def mse(pred: np.ndarray, true: np.ndarray) -> tuple[list, list]:
     return err.mean((0, 2)).tolist(), err[..., :2].mean((0, 2)).tolist()
 
 
+def position_median(pred: np.ndarray, true: np.ndarray) -> list:
+    """Per horizon, the median over trajectories of the squared position error (mean over x, y)."""
+    return np.median(((pred[:, 1:, :2] - true[:, 1:, :2]) ** 2).mean(-1), axis=0).tolist()
+
+
+def impossible(traj: np.ndarray, maze, max_step: float) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) bool twice: rollouts the simulator can never make, with a position inside a wall cell (or off
+    the map), and with a one-step move longer than 1.1x the largest in the dataset."""
+    walls = np.array([[c == 1 for c in row] for row in maze.maze_map])
+    xy = traj[..., :2]
+    i = np.floor((maze.y_map_center - xy[..., 1]) / maze.maze_size_scaling).astype(np.int64)
+    j = np.floor((xy[..., 0] + maze.x_map_center) / maze.maze_size_scaling).astype(np.int64)
+    off = (i < 0) | (i >= walls.shape[0]) | (j < 0) | (j >= walls.shape[1])
+    in_wall = off | walls[i.clip(0, walls.shape[0] - 1), j.clip(0, walls.shape[1] - 1)]
+    jump = np.linalg.norm(np.diff(xy, axis=1), axis=-1) > 1.1 * max_step
+    return in_wall.any(1), jump.any(1)
+
+
+def impossible_share(traj: np.ndarray, maze, max_step: float, keep_fraction: float, env: str) -> dict:
+    """The share of impossible rollouts among those a round's hardmax filter keeps and those it rejects
+    (scores: the maze's own reward, as train.py's --reward auto)."""
+    import dydiff
+    import dynamics
+
+    wall, jump = impossible(traj, maze, max_step)
+    bad = wall | jump
+    nxt = torch.as_tensor(traj[:, 1:].reshape(-1, traj.shape[-1]))
+    scores = dynamics.env_reward_fn(env)(None, None, nxt).reshape(len(traj), -1).sum(1)
+    kept = np.zeros(len(traj), dtype=bool)
+    kept[dydiff.hardmax_filter(scores, keep_fraction).numpy()] = True
+    share = lambda m: float(bad[m].mean()) if m.any() else None  # noqa: E731
+    return {"all": float(bad.mean()), "kept": share(kept), "rejected": share(~kept), "n_kept": int(kept.sum()),
+            "wall": float(wall.mean()), "jump": float(jump.mean())}
+
+
 def main(args: Args) -> None:
     import dydiff
     from data import load_dataset
+    from rebuild import maze_eval_env
     from train import dm_config, parse_args, pretrain, rollout_config
 
     torch.set_num_threads(args.threads)
@@ -108,42 +151,53 @@ def main(args: Args) -> None:
     data = load_dataset(args.env)
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
     ens, dm = models.ensemble, models.dm
-    learner, policy_info = load_policy(args, data, data.obs_dim, data.act_dim)
+    maze = maze_eval_env(args.env).unwrapped.maze
+    max_step = float(np.linalg.norm(data.next_obs[:, :2] - data.obs[:, :2], axis=1).max())
     T, N = p.rollout_length, p.sampler_steps
     rng = np.random.default_rng(args.seed)
     s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
-
-    # models on the trajectory the policy really takes
-    true, actions = closed_loop(data, learner.act, s0, T - 1)
-    curves, curves_pos = {}, {}
-    dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
-    preds = {"ensemble": ensemble_predict(ens, args.seed)(s0, actions), "dm": dm_pred(s0, actions)}
-    for name, pred in preds.items():
-        curves[name], curves_pos[name] = mse(np.asarray(pred, dtype=np.float64), true)
-
-    # DyDiff's own iterates, each against the simulator replaying its actions
-    g = torch.Generator().manual_seed(args.seed)
-    s0_z = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
-    iterates, _ = dydiff.rollout(learner.act, models, s0_z, rollout_config(p, iterations=args.max_iterations), g)
-    for m, (states_z, acts) in enumerate(iterates):
-        raw = states_z.numpy() * data.obs_std + data.obs_mean
-        replay = simulate(data, s0, acts[:, : T - 1].numpy())
-        curves[f"dydiff_m{m}"], curves_pos[f"dydiff_m{m}"] = mse(raw.astype(np.float64), replay)
-
-    out = {"env": args.env, "dataset_id": data.dataset_id, "policy": policy_info, "n_starts": args.n_starts,
-           "H": p.horizon, "T": T, "sampler_steps": N, "sampler_solver": p.sampler_solver,
-           "sampler_churn": p.sampler_churn, "dm": asdict(dm_config(p)),
-           "train_flags": args.train_flags, "horizons": list(range(1, T)), "curves": curves,
-           "curves_position": curves_pos, "seconds": time.time() - t0}
+    out = {"env": args.env, "dataset_id": data.dataset_id, "n_starts": args.n_starts, "H": p.horizon, "T": T,
+           "sampler_steps": N, "sampler_solver": p.sampler_solver, "sampler_churn": p.sampler_churn,
+           "update_weight": p.update_weight, "sdedit_sigma": p.sdedit_sigma, "dm": asdict(dm_config(p)),
+           "train_flags": args.train_flags, "horizons": list(range(1, T)), "max_data_step": max_step,
+           "by_policy": {}}
+    for k, path in enumerate(args.policy or [None]):
+        learner, policy_info = load_policy(replace(args, policy=path), data, data.obs_dim, data.act_dim)
+        # models on the trajectory the policy really takes
+        true, actions = closed_loop(data, learner.act, s0, T - 1)
+        res = {"policy": policy_info, "curves": {}, "curves_position": {}, "curves_position_median": {},
+               "impossible_share": {"simulator": impossible_share(true, maze, max_step, p.keep_fraction, args.env)}}
+        dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
+        preds = {"ensemble": (ensemble_predict(ens, args.seed)(s0, actions), true),
+                 "dm": (dm_pred(s0, actions), true)}
+        # DyDiff's own iterates, each against the simulator replaying its actions
+        g = torch.Generator().manual_seed(args.seed)
+        s0_z = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
+        iterates, _ = dydiff.rollout(learner.act, models, s0_z, rollout_config(p, iterations=args.max_iterations), g)
+        for m, (states_z, acts) in enumerate(iterates):
+            preds[f"dydiff_m{m}"] = (states_z.numpy() * data.obs_std + data.obs_mean,
+                                     simulate(data, s0, acts[:, : T - 1].numpy()))
+        for name, (pred, ref) in preds.items():
+            pred = np.asarray(pred, dtype=np.float64)
+            res["curves"][name], res["curves_position"][name] = mse(pred, ref)
+            res["curves_position_median"][name] = position_median(pred, ref)
+            res["impossible_share"][name] = impossible_share(pred, maze, max_step, p.keep_fraction, args.env)
+        out["by_policy"][f"step {torch.load(path, weights_only=True)['step']}" if path else f"fitted {k}"] = res
+    out["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     plot(out, RESULTS / f"{args.name}.png")
-    show = sorted({h for h in (1, 4, 8, 16, 31, 47, 62, 93, T - 1) if h < T})
-    for key, what in (("curves", "all state dims"), ("curves_position", "position")):
-        print(f"\n| MSE vs simulator, {what} | " + " | ".join(f"h={h}" for h in show) + " |")
-        print("|---" * (len(show) + 1) + "|")
-        for name, c in out[key].items():
-            print(f"| {name} | " + " | ".join(f"{c[h - 1]:.2e}" for h in show) + " |")
+    show = sorted({h for h in (1, 4, 8, 16, 31, 47, 63, 95, T - 1) if h < T})
+    for label, res in out["by_policy"].items():
+        for key, what in (("curves_position", "position, mean"), ("curves_position_median", "position, median")):
+            print(f"\n| {label}: MSE vs simulator, {what} | " + " | ".join(f"h={h}" for h in show) + " |")
+            print("|---" * (len(show) + 1) + "|")
+            for name, c in res[key].items():
+                print(f"| {name} | " + " | ".join(f"{c[h - 1]:.2e}" for h in show) + " |")
+        print(f"\n| {label}: impossible rollouts | all | kept | rejected | wall | jump |\n|---|---|---|---|---|---|")
+        for name, sh in res["impossible_share"].items():
+            print(f"| {name} | " + " | ".join("-" if sh[k] is None else f"{sh[k]:.3f}"
+                                             for k in ("all", "kept", "rejected", "wall", "jump")) + " |")
     print(f"wrote {RESULTS / args.name}.json and .png ({out['seconds']:.0f} s)")
 
 
@@ -153,13 +207,17 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "curves", "all state dims"), (axes[1], "curves_position", "position (x, y)")):
-        for name, c in out[key].items():
-            ax.plot(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
-        ax.set(xlabel="horizon h", ylabel="MSE vs simulator", yscale="log", title=f"{out['env']}: {title}")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    rows = list(out["by_policy"].items())
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.8 * len(rows)), squeeze=False)
+    for (label, res), row in zip(rows, axes):
+        for ax, key, title in ((row[0], "curves_position", "position, mean"),
+                               (row[1], "curves_position_median", "position, median")):
+            for name, c in res[key].items():
+                ax.plot(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
+            ax.set(xlabel="horizon h", ylabel="squared error vs simulator", yscale="log",
+                   title=f"{out['env']}, policy {label}: {title}")
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
