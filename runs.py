@@ -70,11 +70,12 @@ class Run:
             state = read_run_checkpoint(self.ckpt)
             if state["fingerprint"] != data.fingerprint:
                 raise ConfigError(f"{self.ckpt} was made for another dataset ({state['args']['env']}); use another --run-name")
-            now, then = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"]))  # tuples vs lists
-            changed = [k for k in now if k not in FREE_FLAGS and then.get(k) != now[k]]
+            now, then, default = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"], asdict(type(args)())))
+            # a flag newer than the checkpoint counts as its default: the run was made with that behaviour
+            changed = [k for k in now if k not in FREE_FLAGS and then.get(k, default[k]) != now[k]]
             if changed:
-                raise ConfigError(f"{self.ckpt} was made with other settings "
-                                  f"({', '.join('--' + k.replace('_', '-') + '=' + str(then.get(k)) for k in changed)}); "
+                was = ", ".join(f"--{k.replace('_', '-')}={then.get(k, default[k])}" for k in changed)
+                raise ConfigError(f"{self.ckpt} was made with other settings ({was}); "
                                   f"resume with the same flags or use another --run-name")
             learner.load_state_dict(state["learner"])
             gen.set_state(state["gen"])

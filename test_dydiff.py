@@ -1226,6 +1226,19 @@ def test_resume_with_other_settings_is_refused(tiny_data, tmp_path, capsys):
     assert "was made with other settings (--alpha=2.5)" in capsys.readouterr().err
 
 
+def test_checkpoint_older_than_a_flag_resumes_with_its_default(tiny_data, tmp_path, capsys):
+    """Resume: a checkpoint made before a flag existed counts as made with the flag's default, and only then."""
+    run_train(tmp_path, "--total-steps", "50", "--run-name", "old")
+    ckpt = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["args"]["update_weight"]  # as written by the code before --update-weight
+    torch.save(state, ckpt)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume", "--update-weight", "0.7")
+    assert "was made with other settings (--update-weight=0.5)" in capsys.readouterr().err
+    assert run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume")["steps"] == 100
+
+
 def test_foreign_checkpoint_is_refused_with_a_clear_error(tiny_data, tmp_path, capsys):
     """Robustness: a file that is not a checkpoint gives a one-line error."""
     run = tmp_path / "foreign"
@@ -1372,19 +1385,23 @@ def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
 
 
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
-    """bench/rollout_error.py: a rollout through a wall cell or with a too long step is impossible; the data's own
-    trajectories are not; the shares split by the round's hardmax filter."""
+    """bench/rollout_error.py: a rollout through a wall cell, or whose step its velocity does not explain, is
+    impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""
     import rollout_error
 
     maze = maze_eval_env("maze2d-umaze").unwrapped.maze
-    ok = tiny_data.obs[None, :40].astype(np.float64)  # a real episode piece
-    wall_xy = maze.cell_rowcol_to_xy(np.array([2, 2]))  # the middle of the U: a wall
+    ok = tiny_data.obs[None, :40].astype(np.float64)  # a real episode piece: x_{t+1} = x_t + 0.01 v_{t+1}
     through_wall = ok.copy()
-    through_wall[0, 20, :2] = wall_xy
+    through_wall[0, 20, :2] = maze.cell_rowcol_to_xy(np.array([2, 2]))  # the middle of the U: a wall
     jump = ok.copy()
-    jump[0, 20:, 0] += 0.3
-    traj = np.concatenate([ok, through_wall, jump])
-    wall, too_far = rollout_error.impossible(traj, maze, max_step=0.1)
-    assert wall.tolist() == [False, True, False] and too_far.tolist() == [False, True, True]
-    share = rollout_error.impossible_share(traj, maze, 0.1, 1.0, "maze2d-umaze")
+    jump[0, 20:, 0] += 0.3  # a step of 0.3 that no velocity explains
+    fast = ok.copy()  # consistent with its velocities, only 4x faster than the data (a wall may stop it)
+    fast[0, 1:, :2] = fast[0, :1, :2] + np.cumsum(0.01 * fast[0, 1:, 2:4] * 4, axis=0)
+    fast[0, 1:, 2:4] *= 4
+    tests = rollout_error.impossible(np.concatenate([ok, through_wall, jump, fast]), maze, 0.1, 0.01)
+    assert tests["wall"][:3].tolist() == [False, True, False]
+    assert tests["inconsistent"].tolist() == [False, True, True, False]
+    assert tests["jump"][2] and not tests["jump"][0]
+    share = rollout_error.impossible_share(np.concatenate([ok, through_wall, jump]), maze, 0.1, 0.01, 1.0,
+                                           "maze2d-umaze")
     assert share["all"] == pytest.approx(2 / 3) and share["kept"] == pytest.approx(2 / 3) and share["rejected"] is None

@@ -73,6 +73,9 @@ class Args:
     """extra train.py flags for the DyDiff arm only, e.g. "--reward model --iterations 0" """
     tag: str = ""
     """suffix of the DyDiff runs' folder names, to keep variants (ablations) apart; the plain runs are shared"""
+    share_ensemble: bool = False
+    """the ensemble arm reuses the untagged runs: for a tag that only changes the DM's refinement (e.g.
+    --sdedit-sigma), which ensemble-only rounds never use"""
     jobs: int = 1
     """runs at once (keep 1 where the vCPUs share a core)"""
     run_dir: str = "runs/compare"
@@ -101,7 +104,8 @@ class Args:
 def run_name(args: Args, algo: str, arm: str, seed: int) -> str:
     if arm == "plain":  # shared by every tag
         return f"{args.env}_{algo}_s{seed}"
-    return f"{args.env}_{algo}+{arm}{f'_{args.tag}' if args.tag else ''}_s{seed}"
+    tag = args.tag if args.tag and not (arm == "ensemble" and args.share_ensemble) else ""
+    return f"{args.env}_{algo}+{arm}{f'_{tag}' if tag else ''}_s{seed}"
 
 
 def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:

@@ -12,7 +12,7 @@ the PointMaze simulator of
 The first two measure the models on a trajectory the policy really produces; the DyDiff curves measure
 what the learner is actually fed. Each curve is given as the mean and as the median over trajectories
 (a few catastrophic rollouts can drive the mean), and for each model the share of physically impossible
-rollouts (a position inside a wall cell, or a one-step move longer than 1.1x the dataset's largest),
+rollouts (a position inside a wall cell, or a step its own velocity does not explain; see `impossible`),
 among those a round's hardmax filter keeps and those it rejects: the simulator never makes one.
 Models come from the dataset's cache (trained there when missing, as train.py does); --train-flags
 chooses them and DyDiff's settings (e.g. "--rollout-length 96 --update-weight 1 --sdedit-sigma 1").
@@ -107,34 +107,40 @@ def position_median(pred: np.ndarray, true: np.ndarray) -> list:
     return np.median(((pred[:, 1:, :2] - true[:, 1:, :2]) ** 2).mean(-1), axis=0).tolist()
 
 
-def impossible(traj: np.ndarray, maze, max_step: float) -> tuple[np.ndarray, np.ndarray]:
-    """(B,) bool twice: rollouts the simulator can never make, with a position inside a wall cell (or off
-    the map), and with a one-step move longer than 1.1x the largest in the dataset."""
+def impossible(traj: np.ndarray, maze, max_step: float, dt: float) -> dict[str, np.ndarray]:
+    """(B,) bool per test of a rollout (raw states; PointMaze obs = x, y, vx, vy, goal):
+      wall          a position inside a wall cell or off the map: impossible;
+      inconsistent  a step its own velocity does not explain: |x_{t+1} - x_t - dt v_{t+1}| above 10% of the
+                    dataset's largest step (the simulator's semi-implicit Euler step makes it 0): impossible;
+      jump          a one-step move longer than 1.1x the dataset's largest: a policy faster than the data's
+                    controller makes these in the simulator too, so it is reported, not counted."""
     walls = np.array([[c == 1 for c in row] for row in maze.maze_map])
     xy = traj[..., :2]
     i = np.floor((maze.y_map_center - xy[..., 1]) / maze.maze_size_scaling).astype(np.int64)
     j = np.floor((xy[..., 0] + maze.x_map_center) / maze.maze_size_scaling).astype(np.int64)
     off = (i < 0) | (i >= walls.shape[0]) | (j < 0) | (j >= walls.shape[1])
     in_wall = off | walls[i.clip(0, walls.shape[0] - 1), j.clip(0, walls.shape[1] - 1)]
-    jump = np.linalg.norm(np.diff(xy, axis=1), axis=-1) > 1.1 * max_step
-    return in_wall.any(1), jump.any(1)
+    step = np.diff(xy, axis=1)
+    residual = np.linalg.norm(step - dt * traj[:, 1:, 2:4], axis=-1)
+    return {"wall": in_wall.any(1), "inconsistent": (residual > 0.1 * max_step).any(1),
+            "jump": (np.linalg.norm(step, axis=-1) > 1.1 * max_step).any(1)}
 
 
-def impossible_share(traj: np.ndarray, maze, max_step: float, keep_fraction: float, env: str) -> dict:
-    """The share of impossible rollouts among those a round's hardmax filter keeps and those it rejects
-    (scores: the maze's own reward, as train.py's --reward auto)."""
+def impossible_share(traj: np.ndarray, maze, max_step: float, dt: float, keep_fraction: float, env: str) -> dict:
+    """The share of impossible rollouts (wall or inconsistent) among those a round's hardmax filter keeps and
+    those it rejects (scores: the maze's own reward, as train.py's --reward auto), and each test's share."""
     import dydiff
     import dynamics
 
-    wall, jump = impossible(traj, maze, max_step)
-    bad = wall | jump
+    tests = impossible(traj, maze, max_step, dt)
+    bad = tests["wall"] | tests["inconsistent"]
     nxt = torch.as_tensor(traj[:, 1:].reshape(-1, traj.shape[-1]))
     scores = dynamics.env_reward_fn(env)(None, None, nxt).reshape(len(traj), -1).sum(1)
     kept = np.zeros(len(traj), dtype=bool)
     kept[dydiff.hardmax_filter(scores, keep_fraction).numpy()] = True
     share = lambda m: float(bad[m].mean()) if m.any() else None  # noqa: E731
     return {"all": float(bad.mean()), "kept": share(kept), "rejected": share(~kept), "n_kept": int(kept.sum()),
-            "wall": float(wall.mean()), "jump": float(jump.mean())}
+            **{k: float(v.mean()) for k, v in tests.items()}}
 
 
 def main(args: Args) -> None:
@@ -152,21 +158,23 @@ def main(args: Args) -> None:
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
     ens, dm = models.ensemble, models.dm
     maze = maze_eval_env(args.env).unwrapped.maze
-    max_step = float(np.linalg.norm(data.next_obs[:, :2] - data.obs[:, :2], axis=1).max())
+    step, v_next = data.next_obs[:, :2] - data.obs[:, :2], data.next_obs[:, 2:4]
+    max_step = float(np.linalg.norm(step, axis=1).max())
+    dt = float((step * v_next).sum() / (v_next * v_next).sum())  # x_{t+1} = x_t + dt v_{t+1} in the data
     T, N = p.rollout_length, p.sampler_steps
     rng = np.random.default_rng(args.seed)
     s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
     out = {"env": args.env, "dataset_id": data.dataset_id, "n_starts": args.n_starts, "H": p.horizon, "T": T,
            "sampler_steps": N, "sampler_solver": p.sampler_solver, "sampler_churn": p.sampler_churn,
            "update_weight": p.update_weight, "sdedit_sigma": p.sdedit_sigma, "dm": asdict(dm_config(p)),
-           "train_flags": args.train_flags, "horizons": list(range(1, T)), "max_data_step": max_step,
+           "train_flags": args.train_flags, "horizons": list(range(1, T)), "max_data_step": max_step, "dt": dt,
            "by_policy": {}}
     for k, path in enumerate(args.policy or [None]):
         learner, policy_info = load_policy(replace(args, policy=path), data, data.obs_dim, data.act_dim)
         # models on the trajectory the policy really takes
         true, actions = closed_loop(data, learner.act, s0, T - 1)
         res = {"policy": policy_info, "curves": {}, "curves_position": {}, "curves_position_median": {},
-               "impossible_share": {"simulator": impossible_share(true, maze, max_step, p.keep_fraction, args.env)}}
+               "impossible_share": {"simulator": impossible_share(true, maze, max_step, dt, p.keep_fraction, args.env)}}
         dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
         preds = {"ensemble": (ensemble_predict(ens, args.seed)(s0, actions), true),
                  "dm": (dm_pred(s0, actions), true)}
@@ -181,7 +189,7 @@ def main(args: Args) -> None:
             pred = np.asarray(pred, dtype=np.float64)
             res["curves"][name], res["curves_position"][name] = mse(pred, ref)
             res["curves_position_median"][name] = position_median(pred, ref)
-            res["impossible_share"][name] = impossible_share(pred, maze, max_step, p.keep_fraction, args.env)
+            res["impossible_share"][name] = impossible_share(pred, maze, max_step, dt, p.keep_fraction, args.env)
         out["by_policy"][f"step {torch.load(path, weights_only=True)['step']}" if path else f"fitted {k}"] = res
     out["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
@@ -194,10 +202,11 @@ def main(args: Args) -> None:
             print("|---" * (len(show) + 1) + "|")
             for name, c in res[key].items():
                 print(f"| {name} | " + " | ".join(f"{c[h - 1]:.2e}" for h in show) + " |")
-        print(f"\n| {label}: impossible rollouts | all | kept | rejected | wall | jump |\n|---|---|---|---|---|---|")
+        print(f"\n| {label}: impossible rollouts | all | kept | rejected | wall | inconsistent | (jump) |\n"
+              + "|---" * 7 + "|")
         for name, sh in res["impossible_share"].items():
             print(f"| {name} | " + " | ".join("-" if sh[k] is None else f"{sh[k]:.3f}"
-                                             for k in ("all", "kept", "rejected", "wall", "jump")) + " |")
+                                             for k in ("all", "kept", "rejected", "wall", "inconsistent", "jump")) + " |")
     print(f"wrote {RESULTS / args.name}.json and .png ({out['seconds']:.0f} s)")
 
 
