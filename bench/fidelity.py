@@ -165,7 +165,7 @@ def fidelity(model: DynamicsDiffusion, info: dict, data, env: str, horizon: int 
               "sampler_solver": solver,
               "dm_train": {k: info.get(k) for k in ("train_seconds", "cpu_seconds", "train_steps", "final_loss",
                                                     "n_params", "path")},
-              "labels": {"dm": f"DM (H={s['H']} chained, {solver} N={sampler_steps})", "ensemble": "ensemble"},
+              "labels": {"dm": f"DM (H={s['horizon']} chained, {solver} N={sampler_steps})", "ensemble": "ensemble"},
               "starts": {}}
     for starts, error_fn in (("any", rollout_error), ("in_episode", in_episode_rollout_error)):
         t0 = time.time()
