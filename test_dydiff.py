@@ -1330,11 +1330,12 @@ def test_gpu_check_runs_at_tiny_size_and_reports_every_section(tmp_path):
     import gpu_check
 
     out = tmp_path / "gpu_check.json"
-    report = gpu_check.main(gpu_check.Args(device=DEVICE, tiny=True, tests=False, out=str(out)))
+    report = gpu_check.main(gpu_check.Args(device=DEVICE, tiny=True, tests=True, out=str(out)))
     on_disk = json.loads(out.read_text())
     assert on_disk == report and list(on_disk["sections"]) == [
-        "versions", "matmul", "dm_train", "round", "sampler", "learners", "projection", "done"]
+        "versions", "tests", "matmul", "dm_train", "round", "sampler", "learners", "projection", "done"]
     s = on_disk["sections"]
+    assert s["tests"]["returncode"] == 0 and " passed" in s["tests"]["summary"]  # the device tests, on DEVICE
     assert s["versions"]["torch"] == torch.__version__ and s["matmul"]["tflops"]["fp32"] > 0
     assert all(v > 0 for v in s["dm_train"]["steps_per_s"].values()) and len(s["dm_train"]["steps_per_s"]) == 2
     assert s["round"]["network_calls"] == 2 * (2 * 3 - 1) and s["round"]["kept_transitions"] > 0  # M=2, Heun N=3

@@ -114,87 +114,66 @@ def matmul_rates(device: str, seconds: float, n: int) -> dict:
     return out
 
 
-def main(args: Args) -> dict:
+def device_tests(dev: str, box: float) -> dict:
+    """The tests with "device" in their name, on this device, where the project's requirements are installed."""
+    missing = [m for m in ("gymnasium", "minari", "tyro", "pytest") if not _importable(m)]
+    if missing:
+        return {"skipped": f"missing packages {', '.join(missing)}: carry them as wheels "
+                           f"(pip install -r requirements.txt where pip can reach them)"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_dydiff.py", "-k", "device"],
+                       cwd=ROOT, env={**os.environ, "DYDIFF_TEST_DEVICE": dev}, capture_output=True, text=True,
+                       timeout=max(60, 6 * box))
+    return {"returncode": r.returncode, "summary": r.stdout.strip().splitlines()[-1]}
+
+
+def dm_training(dev: str, dm_cfg, tiny: bool) -> tuple:
+    """A fresh DM of the paper's size and its training steps/s at the paper's batch and at 8x that batch."""
     import diffusion
-    import dydiff
-    import dynamics
-    from iql import IQL
-    from td3bc import TD3BC
-    from torch.utils.flop_counter import FlopCounterMode
 
-    dev, t_all = args.device, time.perf_counter()
-    torch.set_num_threads(1)  # the CPU side (the ensemble's loop, the simulator) as train.py runs it
-    report = Report(args.out, dev)
-    p, dm_cfg, cfg, box = sizes(args.tiny)
-
-    t0 = time.perf_counter()
-    gpu = torch.cuda.get_device_properties(dev) if dev.startswith("cuda") else None
-    report.section("versions", {"python": platform.python_version(), "torch": torch.__version__,
-                                "cuda": torch.version.cuda, "device": dev,
-                                "gpu": gpu.name if gpu else None,
-                                "gpu_memory_gib": round(gpu.total_memory / 2**30, 1) if gpu else None,
-                                "sizes": "tiny" if args.tiny else "paper"}, t0)
-
-    if args.tests:
-        t0 = time.perf_counter()
-        missing = [m for m in ("gymnasium", "minari", "tyro", "pytest") if not _importable(m)]
-        if missing:
-            report.section("tests", {"skipped": f"missing packages {', '.join(missing)}: carry them as wheels "
-                                                f"(pip install -r requirements.txt where pip can reach them)"}, t0)
-        else:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_dydiff.py",
-                                "-k", "device"], cwd=ROOT, env={**os.environ, "DYDIFF_TEST_DEVICE": dev},
-                               capture_output=True, text=True, timeout=max(60, 6 * box))
-            report.section("tests", {"returncode": r.returncode, "summary": r.stdout.strip().splitlines()[-1]}, t0)
-
-    t0 = time.perf_counter()
-    peak = matmul_rates(dev, box / 2, 256 if args.tiny else 8192)
-    report.section("matmul", {"tflops": peak}, t0)
-
-    # DM training at the paper's size: the paper's batch 8, and a batch a GPU would rather use
-    t0 = time.perf_counter()
     torch.manual_seed(0)
     dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, dm_cfg.horizon, dm_cfg.dim, dm_cfg.dim_mults,
                                      act=dm_cfg.act).to(dev)
     H, n_rows = dm_cfg.horizon, 20 * dm_cfg.horizon
     X = torch.rand(n_rows, OBS_DIM + ACT_DIM, device=dev) * 2 - 1
     seg_starts, seg_lengths = torch.arange(n_rows - H).numpy(), torch.full((n_rows - H,), H).numpy()
-    dm_rates = {}
+    rates = {}
     for batch in (dm_cfg.batch_size, 8 * dm_cfg.batch_size):
-        steps = 3 if args.tiny else 30
+        steps = 3 if tiny else 30
         info = diffusion.train(dm, X, seg_starts, seg_lengths, replace(dm_cfg, train_steps=steps, batch_size=batch),
                                progress=False, val_every=10**9)
-        dm_rates[f"batch_{batch}"] = steps / info["train_seconds"]
+        rates[f"batch_{batch}"] = steps / info["train_seconds"]
     n_params = sum(q.numel() for q in dm.net.parameters())
-    report.section("dm_train", {"params_m": round(n_params / 1e6, 2), "steps_per_s": dm_rates}, t0)
+    return dm, {"params_m": round(n_params / 1e6, 2), "steps_per_s": rates}
 
-    # one DyDiff round with fresh models, phase by phase
-    t0 = time.perf_counter()
+
+def one_round(dev: str, dm, cfg, actor, box: float) -> tuple:
+    """One DyDiff round with fresh models, phase by phase; where the DM's iterations would not fit the box,
+    their time is one network call's times the calls. Also returns that network call, for the sampler section."""
+    import dydiff
+    import dynamics
+
     ens, rew = dynamics.Ensemble(OBS_DIM, ACT_DIM).to(dev), dynamics.RewardModel(OBS_DIM, ACT_DIM).to(dev)
-    actor = TD3BC(OBS_DIM, ACT_DIM, device=dev)
     models = dydiff.DyDiffModels(ensemble=ens, reward_model=rew, dm=dm, terminal_fn=dynamics.terminal_fn("hopper"),
                                  obs_mean=torch.zeros(OBS_DIM, device=dev), obs_std=torch.ones(OBS_DIM, device=dev))
-    g = torch.Generator(device=dev).manual_seed(0)
+    g, H, phases = torch.Generator(device=dev).manual_seed(0), dm.horizon, {}
     s0 = torch.randn(cfg.rollout_batch, OBS_DIM, device=dev, generator=g) * 0.1
-    phases = {}
     t = time.perf_counter()
     states, actions = dydiff.initial_rollout(actor.act, models, s0, cfg.rollout_length, g)
     sync(dev)
     phases["ensemble_s"] = time.perf_counter() - t
-    calls_per_iteration = (2 * cfg.sampler_steps - 1 if cfg.sampler_solver == "heun" else cfg.sampler_steps) * \
-        -(-(cfg.rollout_length - 1) // (H - 1))  # network calls per window x chained windows
+    calls = (2 * cfg.sampler_steps - 1 if cfg.sampler_solver == "heun" else cfg.sampler_steps) * \
+        -(-(cfg.rollout_length - 1) // (H - 1)) * cfg.iterations  # per window x chained windows x M
     cond, mask = torch.zeros(cfg.rollout_batch, H, OBS_DIM + ACT_DIM, device=dev), dm.cond_mask(H)
     sigma = torch.full((cfg.rollout_batch,), 1.0, device=dev)
     call = torch.no_grad()(lambda: dm.denoise(cond, sigma, cond, mask, dm.ema))  # one network call of the sampler
     call_s, _ = timed(call, dev, box / 4, max_iters=20)
-    projected_dm_s = call_s * calls_per_iteration * cfg.iterations
-    if projected_dm_s < 2 * box:  # the whole refinement fits the box: run it
+    if call_s * calls < 2 * box:  # the whole refinement fits the box: run it
         t = time.perf_counter()
         states, actions = dydiff.refine(actor.act, models, states, actions, cfg, g)[-1]
         sync(dev)
         phases["dm_s"], phases["dm_measured"] = time.perf_counter() - t, "whole"
     else:
-        phases["dm_s"], phases["dm_measured"] = projected_dm_s, f"{calls_per_iteration * cfg.iterations} calls x one call"
+        phases["dm_s"], phases["dm_measured"] = call_s * calls, f"{calls} calls x one call"
     t = time.perf_counter()
     rewards = dydiff.transition_rewards(models, states, actions)
     kept = dydiff.select(rewards.sum(1), cfg, g)
@@ -203,32 +182,39 @@ def main(args: Args) -> dict:
     sync(dev)
     phases["filter_and_transitions_s"] = time.perf_counter() - t
     phases["round_s"] = phases["ensemble_s"] + phases["dm_s"] + phases["filter_and_transitions_s"]
-    report.section("round", {"B": cfg.rollout_batch, "T": cfg.rollout_length, "M": cfg.iterations,
-                             "N": cfg.sampler_steps, "solver": cfg.sampler_solver, "network_call_s": call_s,
-                             "network_calls": calls_per_iteration * cfg.iterations,
-                             "kept_transitions": len(tr["obs"]), **phases}, t0)
+    return {"B": cfg.rollout_batch, "T": cfg.rollout_length, "M": cfg.iterations, "N": cfg.sampler_steps,
+            "solver": cfg.sampler_solver, "network_call_s": call_s, "network_calls": calls,
+            "kept_transitions": len(tr["obs"]), **phases}, call
 
-    # the sampler's arithmetic rate against the matmul's, per precision, and what the precision does to samples
-    t0 = time.perf_counter()
+
+def sampler_precision(dev: str, dm, cfg, call, peak: dict, box: float) -> dict:
+    """The sampler's network call's FLOP/s as a share of the matmul's, per precision, and how far each
+    precision moves a batch of samples from fp32's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         call()
-    flops = counter.get_total_flops()
+    flops, H = counter.get_total_flops(), dm.horizon
     cond_s = torch.rand(min(cfg.rollout_batch, 64), H, OBS_DIM + ACT_DIM, device=dev) * 2 - 1
-    sampler, reference = {}, None
+    out, reference = {}, None
     for mode in peak:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
         with torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=mode == "bf16"):
             dt, _ = timed(call, dev, box / 6, max_iters=20)
-            x = dm.sample(cond_s, mask, cfg.sampler_steps, torch.Generator(device=dev).manual_seed(1),
+            x = dm.sample(cond_s, dm.cond_mask(H), cfg.sampler_steps, torch.Generator(device=dev).manual_seed(1),
                           cfg.sampler_solver).float()
         reference = x if reference is None else reference
-        sampler[mode] = {"tflops": flops / dt / 1e12, "share_of_matmul": flops / dt / 1e12 / peak[mode],
-                         "max_sample_change_vs_fp32": float((x - reference).abs().max())}
+        out[mode] = {"tflops": flops / dt / 1e12, "share_of_matmul": flops / dt / 1e12 / peak[mode],
+                     "max_sample_change_vs_fp32": float((x - reference).abs().max())}
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    report.section("sampler", {"gflop_per_call": flops / 1e9, "by_precision": sampler}, t0)
+    return {"gflop_per_call": flops / 1e9, "by_precision": out}
 
-    # the learners and the evaluation's policy pass
-    t0 = time.perf_counter()
+
+def learner_rates(dev: str, p, actor, box: float) -> dict:
+    """TD3+BC and IQL updates/s at batch 256, and the policy's pass over an evaluation's batch of observations."""
+    from iql import IQL
+    from td3bc import TD3BC
+
     batch = {"obs": torch.randn(256, OBS_DIM, device=dev), "actions": torch.rand(256, ACT_DIM, device=dev) * 2 - 1,
              "rewards": torch.rand(256, device=dev), "next_obs": torch.randn(256, OBS_DIM, device=dev),
              "dones": torch.zeros(256, device=dev)}
@@ -238,15 +224,48 @@ def main(args: Args) -> dict:
         rates[name] = 1 / timed(lambda: learner.update(batch), dev, box / 4, max_iters=2000)[0]
     obs = torch.randn(p.eval_episodes, OBS_DIM, device=dev)
     act_s, _ = timed(lambda: actor.act(obs).cpu(), dev, box / 8, max_iters=2000)
-    report.section("learners", {"updates_per_s": rates, "policy_step_on_eval_batch_s": act_s,
-                                "note": "an evaluation also steps the simulator on the CPU: not measured here"}, t0)
+    return {"updates_per_s": rates, "policy_step_on_eval_batch_s": act_s,
+            "note": "an evaluation also steps the simulator on the CPU: not measured here"}
+
+
+def main(args: Args) -> dict:
+    from td3bc import TD3BC
+
+    dev, t_all = args.device, time.perf_counter()
+    torch.set_num_threads(1)  # the CPU side (the ensemble's loop, the simulator) as train.py runs it
+    report = Report(args.out, dev)
+    p, dm_cfg, cfg, box = sizes(args.tiny)
+
+    t0 = time.perf_counter()
+    gpu = torch.cuda.get_device_properties(dev) if dev.startswith("cuda") else None
+    report.section("versions", {"python": platform.python_version(), "torch": torch.__version__,
+                                "cuda": torch.version.cuda, "device": dev, "gpu": gpu.name if gpu else None,
+                                "gpu_memory_gib": round(gpu.total_memory / 2**30, 1) if gpu else None,
+                                "sizes": "tiny" if args.tiny else "paper"}, t0)
+    if args.tests:
+        t0 = time.perf_counter()
+        report.section("tests", device_tests(dev, box), t0)
+    t0 = time.perf_counter()
+    peak = matmul_rates(dev, box / 2, 256 if args.tiny else 8192)
+    report.section("matmul", {"tflops": peak}, t0)
+    t0 = time.perf_counter()
+    dm, values = dm_training(dev, dm_cfg, args.tiny)
+    report.section("dm_train", values, t0)
+    t0, actor = time.perf_counter(), TD3BC(OBS_DIM, ACT_DIM, device=dev)
+    round_values, call = one_round(dev, dm, cfg, actor, box)
+    report.section("round", round_values, t0)
+    t0 = time.perf_counter()
+    report.section("sampler", sampler_precision(dev, dm, cfg, call, peak, box), t0)
+    t0 = time.perf_counter()
+    learners = learner_rates(dev, p, actor, box)
+    report.section("learners", learners, t0)
 
     # a full --preset paper run from these rates
     t0 = time.perf_counter()
     rounds = p.total_steps // p.rollout_interval
-    hours = {"dm_pretraining": p.dm_train_steps / dm_rates[f"batch_{dm_cfg.batch_size}"] / 3600,
-             "rollout_rounds": rounds * phases["round_s"] / 3600,
-             "td3bc_updates": p.total_steps / rates["td3bc"] / 3600}
+    hours = {"dm_pretraining": p.dm_train_steps / values["steps_per_s"][f"batch_{dm_cfg.batch_size}"] / 3600,
+             "rollout_rounds": rounds * round_values["round_s"] / 3600,
+             "td3bc_updates": p.total_steps / learners["updates_per_s"]["td3bc"] / 3600}
     report.section("projection", {"rounds": rounds, "hours": hours, "total_hours_td3bc": sum(hours.values()),
                                   "excluded": "ensemble and reward-model pretraining (epochs until the holdout "
                                               "stops improving), evaluations' simulator steps"}, t0)
