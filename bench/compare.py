@@ -189,9 +189,9 @@ def main(args: Args) -> None:
         dydiff = "dydiff" in args.arms
         prepare = cluster.PrepareJob(["--env", args.env, "--preset", args.preset, *shlex.split(args.flags),
                                       *shlex.split(args.dydiff_flags if dydiff else "")], models=dydiff)
-        runs = [(run_name(args, *job), Path(args.run_dir) / run_name(args, *job), train_flags(args, *job))
+        jobs = [(run_name(args, *job), Path(args.run_dir) / run_name(args, *job), train_flags(args, *job))
                 for job in grid]
-        waiting = cluster.launch(args, runs, prepare, Path(args.run_dir) / f"{name}_jobs.json")
+        waiting = cluster.launch(args, jobs, prepare, Path(args.run_dir) / f"{name}_jobs.json")
         if waiting:
             print(f"{len(waiting)} of {len(grid)} runs not finished yet ({', '.join(waiting)}); run the same command "
                   f"again to gather the results once they are")

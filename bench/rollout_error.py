@@ -28,7 +28,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +67,17 @@ class Args:
     """results files: bench/results/<name>.json and .png"""
 
 
-def load_policy(args: Args, data, obs_dim: int, act_dim: int):
+def load_policy(path: str | None, args: Args, data, obs_dim: int, act_dim: int):
+    """(learner, description, short label) of a run's checkpoint, or of a TD3+BC fitted here when path is None."""
     from data import CheckpointError, real_buffer
     from train import learner_from_checkpoint
 
-    if args.policy:
+    if path:
         try:
-            learner, state = learner_from_checkpoint(args.policy, obs_dim, act_dim)
+            learner, state = learner_from_checkpoint(path, obs_dim, act_dim)
         except CheckpointError as exc:
             raise SystemExit(f"error: {exc}") from None
-        return learner, f"{args.policy} (step {state['step']})"
+        return learner, f"{path} (step {state['step']})", f"step {state['step']}"
     from td3bc import TD3BC
 
     learner = TD3BC(obs_dim, act_dim, seed=args.seed)
@@ -84,7 +85,7 @@ def load_policy(args: Args, data, obs_dim: int, act_dim: int):
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(args.policy_steps):
         learner.update(real.sample(256, gen))
-    return learner, f"TD3+BC fitted here for {args.policy_steps} steps"
+    return learner, f"TD3+BC fitted here for {args.policy_steps} steps", "fitted"
 
 
 def closed_loop(data, act, s0_raw: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +170,8 @@ def main(args: Args) -> None:
            "update_weight": p.update_weight, "sdedit_sigma": p.sdedit_sigma, "dm": asdict(dm_config(p)),
            "train_flags": args.train_flags, "horizons": list(range(1, T)), "max_data_step": max_step, "dt": dt,
            "by_policy": {}}
-    for k, path in enumerate(args.policy or [None]):
-        learner, policy_info = load_policy(replace(args, policy=path), data, data.obs_dim, data.act_dim)
+    for path in args.policy or [None]:
+        learner, policy_info, label = load_policy(path, args, data, data.obs_dim, data.act_dim)
         # models on the trajectory the policy really takes
         true, actions = closed_loop(data, learner.act, s0, T - 1)
         res = {"policy": policy_info, "curves": {}, "curves_position": {}, "curves_position_median": {},
@@ -190,7 +191,7 @@ def main(args: Args) -> None:
             res["curves"][name], res["curves_position"][name] = mse(pred, ref)
             res["curves_position_median"][name] = position_median(pred, ref)
             res["impossible_share"][name] = impossible_share(pred, maze, max_step, dt, p.keep_fraction, args.env)
-        out["by_policy"][f"step {torch.load(path, weights_only=True)['step']}" if path else f"fitted {k}"] = res
+        out["by_policy"][label] = res  # the checkpoint is read once, by load_policy
     out["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
