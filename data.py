@@ -1,18 +1,23 @@
 """Offline datasets for DyDiff: D4RL names, Minari loading, flat arrays and scores.
 
-Loading order for a D4RL-style name (e.g. ``maze2d-umaze``):
-  1. a local Minari dataset (the official id, then our own local rebuild),
-  2. a download attempt of the official id (gives up at once when offline),
-  3. for maze2d only: the local rebuild (rebuild.py), stored with Minari under ``dydiff/pointmaze/...``.
-The dataset is then flattened to transition arrays, cached beside it (``dydiff_cache/flat.npz``)
-and rebuilt automatically when the dataset files change.
+A D4RL-style name means D4RL's recipe; it loads the first found of these Minari datasets:
+  maze2d-umaze: the official D4RL/pointmaze/umaze-v2 (local, else a download attempt that gives up at
+    once offline), then our local rebuild dydiff/pointmaze/umaze-v0;
+  hopper-medium-replay: D4RL's own file imported here (import_d4rl) as dydiff/d4rl/hopper/medium-replay-v2,
+    the only like-for-like comparison with the paper's and CORL's tables, then our local rebuild
+    dydiff/mujoco/hopper/medium-replay-v0. (Minari's mujoco/<env>/medium-v0 is another recipe, with a far
+    stronger "medium" and no medium-replay or medium-expert: only --dataset-id loads it.)
+If none is here the rebuild is built (rebuild.py: the maze planner in minutes, SAC for about an hour per
+locomotion env), unless build=False: then a one-line DatasetError says how to get it. The dataset is then
+flattened to transition arrays, cached beside it (dydiff_cache/flat.npz), rebuilt when its files change.
 
 Also the diffusion model's training windows (segments of H rows inside episodes) and the plumbing every
 other file shares: the transition buffer, atomic file writes, the one
 checkpoint reader (``torch.load(weights_only=True)`` with a one-line error) and the cache of
 pretrained models beside the dataset.
 
-``python data.py --env maze2d-umaze`` builds/loads a dataset on its own and prints a summary.
+    python data.py --env maze2d-umaze                          # build/load a dataset, print a summary
+    python data.py --import-d4rl hopper_medium_replay-v2.hdf5  # store D4RL's file (name from the file)
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import hashlib
 import json
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,11 +40,15 @@ MAZE2D = {
     "maze2d-medium": ("D4RL/pointmaze/medium-v2", "MEDIUM_MAZE", (6, 6), 600, 2_000_000),
     "maze2d-large": ("D4RL/pointmaze/large-v2", "LARGE_MAZE", (7, 9), 800, 4_000_000),
 }
-LOCOMOTION = {
-    f"{env}-{level}": f"mujoco/{env}/{level}-v0"
-    for env in ("hopper", "halfcheetah", "walker2d")
-    for level in ("medium", "medium-replay", "medium-expert")
+# The locomotion envs: gymnasium id (v5, as Minari's mujoco sets; D4RL used the mujoco-py envs, same observation
+# layout) and D4RL's reference returns (d4rl/infos.py: a random policy, SAC's expert), the 0 and 100 of a score.
+LOCOMOTION_ENVS = {
+    "hopper": ("Hopper-v5", -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
 }
+LOCOMOTION = {f"{env}-{level}": (env, level) for env in LOCOMOTION_ENVS
+              for level in ("medium", "medium-replay", "medium-expert")}
 ENV_NAMES = list(MAZE2D) + list(LOCOMOTION)
 
 
@@ -51,12 +61,14 @@ class CheckpointError(ValueError):
 
 
 # -- Names -----------------------------------------------------------------------------------------
-def resolve_env(env: str) -> str:
-    """Return the official Minari id for a D4RL-style name, or fail with the list of valid names."""
+def resolve_env(env: str, steps: int | None = None) -> list[str]:
+    """The Minari ids a D4RL-style name loads, first found wins (module docstring); or fail with the valid names.
+    maze2d with a size override (``steps``) means our rebuild of that size alone."""
     if env in MAZE2D:
-        return MAZE2D[env][0]
+        local = local_maze_id(env, steps or MAZE2D[env][4])
+        return [local] if steps is not None else [MAZE2D[env][0], local]
     if env in LOCOMOTION:
-        return LOCOMOTION[env]
+        return list(locomotion_ids(env))
     raise DatasetError(f"unknown env '{env}': choose one of {', '.join(ENV_NAMES)} (or pass --dataset-id <minari id>)")
 
 
@@ -65,6 +77,21 @@ def local_maze_id(env: str, steps: int) -> str:
     maze = env.split("-", 1)[1]
     size = "" if steps == MAZE2D[env][4] else f"-{steps}"
     return f"dydiff/pointmaze/{maze}{size}-v0"
+
+
+def locomotion_ids(env: str) -> tuple[str, str]:
+    """Our own Minari ids of a locomotion name: D4RL's file imported here (import_d4rl), our rebuild (rebuild.py)."""
+    robot, level = LOCOMOTION[env]
+    return f"dydiff/d4rl/{robot}/{level}-v2", f"dydiff/mujoco/{robot}/{level}-v0"
+
+
+def missing_dataset_message(env: str, steps: int | None = None) -> str:
+    """One line: a name's dataset is not here and may not be built; the ways to get it."""
+    where = f"dataset {env} is not on this machine (looked for {' and '.join(resolve_env(env, steps))}) and building is off"
+    if env in LOCOMOTION:
+        return (f"{where}: import D4RL's file with `python data.py --import-d4rl {env}-v2.hdf5`, or rebuild it "
+                f"with `python data.py --env {env}` (SAC, about an hour per env on a CPU core)")
+    return f"{where}: rebuild it with `python data.py --env {env}{f' --steps {steps}' if steps else ''}` (minutes)"
 
 
 # -- Loading and flattening ------------------------------------------------------------------------
@@ -84,30 +111,29 @@ def _try_download(dataset_id: str) -> bool:
         return False
 
 
-def open_minari(env: str | None = None, dataset_id: str | None = None, steps: int | None = None):
-    """Find, download or build the Minari dataset. Returns (MinariDataset, how it was obtained)."""
+def open_minari(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
+                build: bool = True):
+    """Find, download or build the Minari dataset (the order: module docstring). ``build=False``: a dataset
+    that is not here is never built, a one-line DatasetError says how to get it. Returns (MinariDataset, how)."""
     import minari
 
-    if dataset_id is None:
-        official = resolve_env(env)
-        candidates = [official] + ([local_maze_id(env, steps or MAZE2D[env][4])] if env in MAZE2D else [])
-        if steps is not None and env in MAZE2D:
-            candidates = candidates[1:]  # a size override always means our own rebuild
-    else:
-        official, candidates = dataset_id, [dataset_id]
+    candidates = [dataset_id] if dataset_id is not None else resolve_env(env, steps)
     local = set(minari.list_local_datasets())
     for cid in candidates:
         if cid in local:
             return minari.load_dataset(cid), "local"
-    if official in candidates and _try_download(official):
+    # Only an official id can be downloaded: one given explicitly, or maze2d's D4RL set (never our own ids).
+    official = dataset_id or (candidates[0] if env in MAZE2D and steps is None else None)
+    if official is not None and _try_download(official):
         return minari.load_dataset(official), "downloaded"
-    if dataset_id is None and env in MAZE2D:  # an explicit dataset_id is never swapped for a rebuilt maze
-        from rebuild import generate_maze_dataset
+    if dataset_id is None:  # an explicit dataset_id is never swapped for a rebuild
+        if not build:
+            raise DatasetError(missing_dataset_message(env, steps))
+        from rebuild import generate_locomotion_dataset, generate_maze_dataset
 
-        return generate_maze_dataset(env, steps), "built locally"
-    where = "minari download " + official
+        return (generate_maze_dataset(env, steps) if env in MAZE2D else generate_locomotion_dataset(env)), "built locally"
     raise DatasetError(f"dataset {official} is not on this machine and cannot be downloaded: on a connected "
-                       f"machine run `{where}` and copy ~/.minari/datasets/{official} here "
+                       f"machine run `minari download {official}` and copy ~/.minari/datasets/{official} here "
                        f"(or set MINARI_DATASETS_PATH)")
 
 
@@ -194,11 +220,11 @@ def _fingerprint(dataset_id: str, root: Path) -> str:
 
 
 def load_dataset(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
-                 verbose: bool = True) -> OfflineData:
-    """Open (or obtain) a dataset and return its flat arrays, from the cache when it is current."""
+                 verbose: bool = True, build: bool = True) -> OfflineData:
+    """Open (or obtain; ``build``: open_minari) a dataset and return its flat arrays, from the cache when current."""
     from minari.storage import get_dataset_path
 
-    ds, how = open_minari(env, dataset_id, steps)
+    ds, how = open_minari(env, dataset_id, steps, build)
     dataset_id = ds.spec.dataset_id
     root = Path(get_dataset_path(dataset_id))
     cache_dir = root / "dydiff_cache"
@@ -238,6 +264,53 @@ def _flatten(ds) -> dict[str, np.ndarray]:
     return {"obs": np.concatenate(obs), "actions": np.concatenate(act), "rewards": np.concatenate(rew),
             "next_obs": np.concatenate(nxt), "terminals": np.concatenate(term),
             "episode_starts": np.asarray(starts, dtype=np.int64)}
+
+
+# -- D4RL's own files, stored with Minari ----------------------------------------------------------
+def import_d4rl(path: str | Path, env: str | None = None) -> str:
+    """Store D4RL's hdf5 file of a locomotion dataset with Minari under ``dydiff/d4rl/<env>/<level>-v2``, with
+    D4RL's reference returns and the v5 env's spec. ``env``: the name (default: from the file name, D4RL's
+    ``hopper_medium_replay-v2.hdf5`` or ``hopper-medium-replay-v2.hdf5``). Returns the Minari id."""
+    import gymnasium as gym
+    import h5py
+    import minari
+
+    from rebuild import episode_buffers
+
+    path = Path(path)
+    name = env or "-".join(path.name.removesuffix(".hdf5").replace("_", "-").split("-")[:-1])
+    if name not in LOCOMOTION:
+        raise DatasetError(f"cannot tell a locomotion dataset from {env or path.name!r}: pass --env, one of "
+                           f"{', '.join(LOCOMOTION)}")
+    gym_id, ref_min, ref_max = LOCOMOTION_ENVS[LOCOMOTION[name][0]]
+    dataset_id = locomotion_ids(name)[0]
+    if dataset_id in minari.list_local_datasets():
+        raise DatasetError(f"{dataset_id} is already here: `minari delete {dataset_id}` first to import again")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+    try:
+        with h5py.File(path, "r") as f:  # v0/v1 files have no next_observations
+            d = {k: f[k][()] for k in keys if k in f}
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path} as hdf5 ({exc})") from None
+    if any(k not in d for k in keys[:-1]):
+        raise DatasetError(f"{path} is not a D4RL dataset file: it lacks {[k for k in keys[:-1] if k not in d]}")
+    genv = gym.make(gym_id)
+    if d["observations"].shape[1] != genv.observation_space.shape[0]:
+        raise DatasetError(f"{path.name} has {d['observations'].shape[1]}-wide observations, {gym_id} has "
+                           f"{genv.observation_space.shape[0]}: not a {name} file (pass the right --env)")
+    next_obs = d.get("next_observations")
+    buffers = episode_buffers(d["observations"], d["actions"], d["rewards"], d["terminals"], d["timeouts"], next_obs)
+    dropped = "" if next_obs is not None else " No next_observations: each episode's last transition dropped, truncated."
+    warnings.filterwarnings("ignore", message=".*author_email.*")  # an import has no contact address
+    minari.create_dataset_from_buffers(
+        dataset_id=dataset_id, buffer=buffers, env=genv.spec, eval_env=genv.spec, algorithm_name="D4RL (imported)",
+        author="D4RL (Fu et al. 2020), imported by the DyDiff reference implementation", code_permalink="data.py",
+        ref_min_score=ref_min, ref_max_score=ref_max,
+        description=f"D4RL's {name}, imported from {path.name} ({len(d['rewards'])} transitions). D4RL "
+                    f"collected it on the mujoco-py env of gym (v2 datasets); the env spec here is gymnasium's "
+                    f"{gym_id}, with the same observation layout. Refs: D4RL's random and expert returns.{dropped}")
+    print(f"imported {path.name} as {dataset_id}: {sum(len(b.rewards) for b in buffers)} transitions, {len(buffers)} episodes")
+    return dataset_id
 
 
 # -- Segments of length H inside episodes: the diffusion model's training data ---------------------
@@ -361,16 +434,22 @@ if __name__ == "__main__":
 
     @dataclass
     class Args:
-        env: str = "maze2d-umaze"
-        """D4RL-style dataset name (maze2d-umaze/-medium/-large, hopper-medium, ...)"""
+        env: str | None = None
+        """D4RL-style dataset name (maze2d-umaze/-medium/-large, hopper-medium, ...; default maze2d-umaze)"""
         dataset_id: str | None = None
         """any Minari dataset id, instead of --env"""
         steps: int | None = None
         """maze2d only: size of a local rebuild (default: as D4RL, 1M/2M/4M steps)"""
+        build: bool = True
+        """build a missing dataset locally (maze2d: minutes; a locomotion build is SAC for about an hour per env on a CPU core)"""
+        import_d4rl: str | None = None
+        """store this D4RL hdf5 file (e.g. hopper_medium_replay-v2.hdf5) with Minari; --env names it if its file name does not"""
 
     args = tyro.cli(Args)
     try:
-        d = load_dataset(args.env, args.dataset_id, args.steps)
+        if args.import_d4rl is not None:
+            args.dataset_id = import_d4rl(args.import_d4rl, args.env)
+        d = load_dataset(args.env or "maze2d-umaze", args.dataset_id, args.steps, build=args.build)
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
     lengths = d.episode_ends - d.episode_starts

@@ -4,20 +4,33 @@ maze2d (D4RL's recipe, as Minari's D4RL/pointmaze sets): one continuing run of a
 (breadth-first search over the maze's cells) with a PD controller and Gaussian action noise, cut into
 episodes at every success, stored with Minari under our own id ``dydiff/pointmaze/<maze>-v0``. Its
 reference scores: the noise-free controller (expert) and a random policy on the evaluation env, whose
-goal is one fixed cell. data.open_minari calls ``generate_maze_dataset`` when neither a local nor a
-downloadable dataset exists.
+goal is one fixed cell.
 
-Also the maze picture (walls, goal, evaluation starts) that train.py's rollout plot draws first.
+Locomotion (D4RL's recipe, on gymnasium's v5 envs): one SAC run (stable-baselines3) per env. The first
+evaluation at 1/3 of D4RL's expert return fixes the medium policy, and the replay buffer up to then is
+medium-replay; training goes on to the expert (0.9 of it, or the best evaluated by the step cap). Each
+policy then collects 1M steps with sampled actions: medium, and medium-expert = both collections. Stored
+under ``dydiff/mujoco/<env>/<level>-v0`` with D4RL's reference returns; the run itself (checkpointed at
+every evaluation, so a build resumes) lives beside them in ``dydiff/mujoco/<env>/_sac/``.
+
+data.open_minari calls ``generate_maze_dataset`` / ``generate_locomotion_dataset`` when no dataset of
+the name is here. Also the maze picture (walls, goal, evaluation starts) that train.py's rollout plot draws first.
 """
 from __future__ import annotations
 
+import io
+import json
+import shutil
+import time
 import warnings
 from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
-from data import MAZE2D, local_maze_id
+from data import LOCOMOTION, LOCOMOTION_ENVS, MAZE2D, DatasetError, local_maze_id, locomotion_ids, write_atomic
 
 GYM_IDS = {"U_MAZE": "PointMaze_UMaze-v3", "MEDIUM_MAZE": "PointMaze_Medium-v3", "LARGE_MAZE": "PointMaze_Large-v3"}
 
@@ -158,6 +171,264 @@ def generate_maze_dataset(env: str, steps: int | None = None, seed: int = 0, pro
                     f"refs = random policy / noise-free controller, 100 episodes on the fixed-goal eval env.",
     )
     print(f"built {dataset_id}: {steps} steps, {len(buffers)} episodes, refs {ref_min:.2f}/{ref_max:.2f}")
+    return dataset
+
+
+# -- Flat transitions -> Minari episodes: the SAC rebuild below and D4RL's files (data.import_d4rl) ------
+def episode_buffers(obs, actions, rewards, terminals, timeouts, next_obs=None) -> list:
+    """Transitions in time order -> Minari EpisodeBuffers. An episode ends at a termination, or at a timeout
+    (a truncation: the episode was cut, not ended by the task); a trailing episode with neither is a truncation.
+    Without ``next_obs`` the next state of an episode's last transition is unknown: that transition is dropped
+    and the episode, ending one step early, counts as truncated."""
+    from minari.data_collector import EpisodeBuffer
+
+    term = np.asarray(terminals, dtype=bool)
+    trunc = np.asarray(timeouts, dtype=bool) & ~term  # a step flagged both ended by the task
+    trunc[-1] |= not term[-1]  # the trailing episode
+    ends = np.flatnonzero(term | trunc) + 1
+    buffers = []
+    for s, e in zip(np.r_[0, ends[:-1]], ends):
+        if next_obs is None:
+            if e - s < 2:
+                continue  # one transition whose next state is unknown: nothing left
+            o, e = obs[s:e], e - 1
+            done = {"terminations": np.zeros(e - s, bool), "truncations": np.arange(s, e) == e - 1}
+        else:
+            o = np.concatenate([obs[s:e], next_obs[e - 1:e]])
+            done = {"terminations": term[s:e], "truncations": trunc[s:e]}
+        buffers.append(EpisodeBuffer(id=len(buffers), observations=np.asarray(o), actions=np.asarray(actions[s:e]),
+                                     rewards=np.asarray(rewards[s:e], dtype=np.float64), **done))
+    return buffers
+
+
+# -- Locomotion: D4RL's recipe with SAC (stable-baselines3) -----------------------------------------
+@dataclass
+class SACBuild:
+    """The sizes of a locomotion rebuild: the defaults build the real thing, the tests a tiny one."""
+
+    max_steps: int = 300_000  # SAC's env steps at most (the cap; also the replay buffer's size: nothing is overwritten)
+    eval_every: int = 5_000  # env steps between evaluations (and checkpoints)
+    eval_episodes: int = 10  # deterministic episodes per evaluation
+    learning_starts: int = 10_000  # uniform random actions first (rl-baselines3-zoo's value for MuJoCo)
+    medium_fraction: float = 1 / 3  # of D4RL's expert return: the first evaluation reaching it is the medium policy
+    expert_fraction: float = 0.9  # ... and the expert (else the best evaluated when max_steps is reached)
+    collect_steps: int = 1_000_000  # env steps collected with each policy (D4RL: 1M)
+    collect_envs: int = 10  # envs stepped together in a collection: one policy call per 10 steps
+    episode_steps: int = 1_000  # the time limit of every episode (a timeout is a truncation)
+    seed: int = 0
+
+
+COLLECT = ("collect_steps", "collect_envs")  # the settings that do not change the SAC run
+BUFFER = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")  # SB3's ReplayBuffer
+
+
+def sac_dir(robot: str) -> Path:
+    """The SAC run of one env, beside its datasets: <Minari root>/dydiff/mujoco/<robot>/_sac/."""
+    from minari.storage import get_dataset_path
+
+    return Path(get_dataset_path(f"dydiff/mujoco/{robot}")) / "_sac"
+
+
+def _make(robot: str, cfg: SACBuild) -> gym.Env:
+    return gym.make(LOCOMOTION_ENVS[robot][0], max_episode_steps=cfg.episode_steps)
+
+
+def _evaluate(model, envs: list) -> float:
+    """Mean return of the deterministic policy, one episode per env in lockstep (fixed reset seeds)."""
+    obs = np.stack([env.reset(seed=10_000 + i)[0] for i, env in enumerate(envs)])
+    returns, alive = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
+    while alive.any():
+        actions, _ = model.predict(obs, deterministic=True)
+        for i in np.flatnonzero(alive):
+            obs[i], r, terminated, truncated, _ = envs[i].step(actions[i])
+            returns[i] += r
+            alive[i] = not (terminated or truncated)
+    return float(returns.mean())
+
+
+def read_sac_state(robot: str) -> dict | None:
+    """The run's state (step, evaluations, medium/expert/best policies, CPU time), from its checkpoint."""
+    path = sac_dir(robot) / "checkpoint.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return json.loads(str(z["state"]))
+
+
+def train_sac(robot: str, cfg: SACBuild, until: str, progress: bool = True) -> dict:
+    """Train SAC on the env until the ``until`` ('medium' or 'expert') policy exists, resuming from the
+    run's checkpoint; a policy that exists already costs nothing. Returns the run's state."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in COLLECT}
+    state = read_sac_state(robot) or {"settings": settings, "step": 0, "evals": [], "medium": None, "expert": None,
+                                      "best": None, "cpu_time_s": 0.0, "resumes": []}
+    folder, (gym_id, _, ref_max) = sac_dir(robot), LOCOMOTION_ENVS[robot]
+    if state["settings"] != settings:
+        raise DatasetError(f"{folder} holds a SAC run with other settings ({state['settings']}): delete it to start over")
+    if state[until] is not None:
+        return state
+    import stable_baselines3
+    import torch
+    from stable_baselines3 import SAC
+    from tqdm import tqdm
+
+    torch.set_num_threads(1)
+    env, eval_envs, t0 = _make(robot, cfg), [_make(robot, cfg) for _ in range(cfg.eval_episodes)], time.process_time()
+    if state["step"] == 0:
+        model = SAC("MlpPolicy", env, learning_rate=3e-4, buffer_size=cfg.max_steps, learning_starts=cfg.learning_starts,
+                    batch_size=256, tau=0.005, gamma=0.99, train_freq=1, gradient_steps=1, ent_coef="auto",
+                    policy_kwargs=dict(net_arch=[256, 256]), seed=cfg.seed, device="cpu")
+    else:  # resume: the model, its optimizers and entropy coefficient, and the buffer, exactly as checkpointed
+        with np.load(folder / "checkpoint.npz") as z:
+            model = SAC.load(io.BytesIO(z["model"].tobytes()), env=env, device="cpu")
+            n, rb = state["step"], model.replay_buffer
+            for k in BUFFER:
+                getattr(rb, k)[:n, 0] = z[k]
+        rb.pos = n
+        if not rb.dones[n - 1, 0]:  # the episode in progress was cut: a truncation, which SAC bootstraps as before
+            rb.dones[n - 1, 0] = rb.timeouts[n - 1, 0] = 1.0
+        state["resumes"].append(n)
+    state["sb3"] = stable_baselines3.__version__
+    bar = tqdm(total=cfg.max_steps, initial=model.num_timesteps, desc=f"SAC {gym_id} (until {until})", unit="step",
+               disable=not progress, mininterval=1.0)
+    step_bar = lambda local_vars, global_vars: bar.update(1) or True  # noqa: E731  (SB3's functional callback)
+    while state[until] is None and model.num_timesteps < cfg.max_steps:
+        # learn() in chunks of one evaluation period: between chunks the buffer and the model agree exactly
+        chunk = min(cfg.eval_every - model.num_timesteps % cfg.eval_every, cfg.max_steps - model.num_timesteps)
+        model.learn(chunk, reset_num_timesteps=False, callback=step_bar)
+        step, ret = model.num_timesteps, _evaluate(model, eval_envs)
+        state["step"], point = step, {"step": step, "return": ret}
+        state["evals"].append([step, ret])
+        bar.set_postfix(eval_return=f"{ret:.0f}")
+        if state["best"] is None or ret > state["best"]["return"]:
+            write_atomic(folder / "best.zip", model.save)
+            state["best"] = point
+        for which, fraction in (("medium", cfg.medium_fraction), ("expert", cfg.expert_fraction)):
+            if state[which] is None and ret >= fraction * ref_max:
+                write_atomic(folder / f"{which}.zip", model.save)
+                state[which] = point
+        if step >= cfg.max_steps and state["expert"] is None:  # the cap: the best evaluated policy is the expert
+            write_atomic(folder / "expert.zip", lambda tmp: shutil.copyfile(folder / "best.zip", tmp))
+            state["expert"] = {**state["best"], "capped": True}
+        state["cpu_time_s"] += time.process_time() - t0
+        t0 = time.process_time()
+        model.save(blob := io.BytesIO())
+        buffer = {k: getattr(model.replay_buffer, k)[:step, 0] for k in BUFFER}
+        write_atomic(folder / "checkpoint.npz", lambda tmp: np.savez(
+            tmp, model=np.frombuffer(blob.getvalue(), np.uint8), state=json.dumps(state), **buffer))
+    bar.close()
+    if state["medium"] is None:  # (the expert always exists by the cap)
+        raise DatasetError(f"SAC on {gym_id} reached at best {state['best']['return']:.0f} in {cfg.max_steps} env steps, "
+                           f"below the medium threshold {cfg.medium_fraction * ref_max:.0f}: delete {folder} and "
+                           f"rebuild with another seed")
+    return state
+
+
+def _replay(robot: str, steps: int) -> dict:
+    """The replay buffer's first ``steps`` transitions (time order: one env), as flat arrays."""
+    with np.load(sac_dir(robot) / "checkpoint.npz") as z:
+        b = {k: z[k][:steps] for k in BUFFER}
+    # all three envs act in [-1, 1], where SB3's scaled actions are the env's own
+    return {"obs": b["observations"], "next_obs": b["next_observations"], "actions": b["actions"],
+            "rewards": b["rewards"], "terminals": b["dones"] * (1 - b["timeouts"]), "timeouts": b["timeouts"]}
+
+
+def _collect(robot: str, which: str, cfg: SACBuild, state: dict, progress: bool) -> dict:
+    """cfg.collect_steps env steps of the medium or expert policy with sampled actions, as flat arrays in
+    episode order (cached beside the run); the episodes still running at the end are truncated."""
+    path, policy = sac_dir(robot) / f"collect_{which}.npz", state[which]
+    if path.exists():
+        with np.load(path) as z:
+            if (int(z["steps"]), int(z["policy_step"])) == (cfg.collect_steps, policy["step"]):
+                return {k: z[k] for k in z.files if k not in ("steps", "policy_step")}
+    import torch
+    from stable_baselines3 import SAC
+    from tqdm import tqdm
+
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed + (1 if which == "medium" else 2))  # the sampled actions
+    model = SAC.load(sac_dir(robot) / f"{which}.zip", device="cpu")
+    envs = [_make(robot, cfg) for _ in range(cfg.collect_envs)]
+    obs = np.stack([env.reset(seed=cfg.seed * 1000 + (100 if which == "expert" else 0) + i)[0]
+                    for i, env in enumerate(envs)])
+    live = [{"obs": [], "next_obs": [], "actions": [], "rewards": [], "terminals": [], "timeouts": []} for _ in envs]
+    out, steps = {k: [] for k in live[0]}, 0
+
+    def finish(i):  # an episode ended (or the collection did): its arrays go out
+        for key in out:
+            out[key].append(np.asarray(live[i][key]))
+            live[i][key] = []
+
+    bar = tqdm(total=cfg.collect_steps, desc=f"collecting {which} {LOCOMOTION_ENVS[robot][0]}", unit="step",
+               disable=not progress, mininterval=1.0)
+    while steps < cfg.collect_steps:
+        k = min(len(envs), cfg.collect_steps - steps)  # the last round steps only the envs still needed
+        actions, _ = model.predict(obs[:k], deterministic=False)
+        for i in range(k):
+            nxt, r, terminated, truncated, _ = envs[i].step(actions[i])
+            for key, v in zip(live[i], (obs[i].copy(), nxt, actions[i], r, terminated, truncated and not terminated)):
+                live[i][key].append(v)
+            obs[i] = envs[i].reset()[0] if terminated or truncated else nxt
+            if terminated or truncated:
+                finish(i)
+        steps += k
+        bar.update(k)
+    bar.close()
+    for i in range(len(envs)):
+        if live[i]["rewards"]:  # still running when the collection ended: cut, a truncation
+            live[i]["timeouts"][-1] = True
+            finish(i)
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    write_atomic(path, lambda tmp: np.savez(tmp, steps=cfg.collect_steps, policy_step=policy["step"], **arrays))
+    return arrays
+
+
+def generate_locomotion_dataset(env: str, cfg: SACBuild | None = None, progress: bool = True):
+    """Build (or find) the local rebuild of a locomotion name, training and collecting only what it needs
+    (medium-replay: SAC to the medium point; medium: + the medium collection; medium-expert: SAC to the
+    expert and both collections). Returns the MinariDataset."""
+    import minari
+
+    cfg, (robot, level), dataset_id, t0 = cfg or SACBuild(), LOCOMOTION[env], locomotion_ids(env)[1], time.process_time()
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id)
+    gym_id, ref_min, ref_max = LOCOMOTION_ENVS[robot]
+    state = train_sac(robot, cfg, "expert" if level == "medium-expert" else "medium", progress)
+    if level == "medium-replay":
+        policies, arrays = ["medium"], _replay(robot, state["medium"]["step"])
+        what = (f"the replay buffer up to the medium policy: all {state['medium']['step']} env steps of training, the "
+                f"first {cfg.learning_starts} with uniform random actions")
+    else:
+        policies = ["medium", "expert"] if level == "medium-expert" else ["medium"]
+        parts = [_collect(robot, which, cfg, state, progress) for which in policies]
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        what = (f"{cfg.collect_steps} env steps of the {' and the '.join(policies)} policy with sampled actions"
+                + (", episodes of both" if len(parts) == 2 else ""))
+    buffers = episode_buffers(**arrays)
+    score = lambda ret: 100.0 * (ret - ref_min) / (ref_max - ref_min)  # noqa: E731  (D4RL's normalized score)
+    taken = "; ".join(f"{w} policy at env step {state[w]['step']}{' (the best by the cap)' * state[w].get('capped', False)}"
+                      f", {cfg.eval_episodes}-episode return {state[w]['return']:.1f} (score {score(state[w]['return']):.1f})"
+                      for w in policies)
+    sac = f"SAC (stable-baselines3 {state['sb3']}, seed {cfg.seed})"
+    warnings.filterwarnings("ignore", message=".*author_email.*")  # a local rebuild has no contact address
+    spec = _make(robot, cfg).spec
+    dataset = minari.create_dataset_from_buffers(
+        dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=spec, algorithm_name=f"{sac}: {what}",
+        author="DyDiff reference implementation (local rebuild)", code_permalink="rebuild.py",
+        ref_min_score=ref_min, ref_max_score=ref_max,
+        description=f"Local rebuild of D4RL's {env}-v2 recipe on {gym_id} (D4RL used the mujoco-py env): {sac}, "
+                    f"256x256 networks, lr 3e-4, batch 256, one update per env step, {cfg.episode_steps}-step "
+                    f"episodes; {what}. {taken}. Refs: D4RL's random and expert returns.")
+    n, returns = len(arrays["rewards"]), [float(np.sum(b.rewards)) for b in buffers]
+    numbers = {"transitions": n, "episodes": len(buffers), "terminations": int(arrays["terminals"].sum()),
+               "cpu_time_s": time.process_time() - t0, "sac_cpu_time_s": state["cpu_time_s"],
+               "data_return_mean": float(np.mean(returns)),
+               "policies": {w: {**state[w], "score": score(state[w]["return"])} for w in policies}}
+    report = sac_dir(robot) / "build.json"
+    everything = json.loads(report.read_text()) if report.exists() else {}
+    everything[dataset_id] = numbers
+    write_atomic(report, lambda tmp: tmp.write_text(json.dumps(everything, indent=2)))
+    print(f"built {dataset_id}: {n} transitions, {len(buffers)} episodes; {taken}; CPU time {numbers['cpu_time_s']:.0f} s "
+          f"for this build (SAC's {state['cpu_time_s']:.0f} s in all); numbers in {report}")
     return dataset
 
 

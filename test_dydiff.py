@@ -29,11 +29,12 @@ import torch.nn as nn
 import diffusion
 import dydiff
 import dynamics
-from data import CheckpointError, DatasetError, MAZE2D, TransitionBuffer, load_dataset, normalized_score, resolve_env
+from data import (LOCOMOTION, LOCOMOTION_ENVS, CheckpointError, DatasetError, MAZE2D, TransitionBuffer, import_d4rl,
+                  load_dataset, normalized_score, open_minari, resolve_env)
 from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
-from rebuild import WaypointController, draw_maze, maze_eval_env
+from rebuild import SACBuild, WaypointController, draw_maze, generate_locomotion_dataset, maze_eval_env, read_sac_state, sac_dir
 from td3bc import TD3BC, TwinCritic
 from train import evaluate, main, parse_args, sample_batch
 
@@ -242,11 +243,169 @@ def test_unknown_env_name_fails_with_the_list_of_valid_names():
 
 
 def test_locomotion_offline_says_how_to_get_the_data(minari_root):
-    """Data: a locomotion dataset offline gives an error that says how to get it."""
+    """Data: a locomotion name that is not here, with building off, fails with one line naming both ways to get
+    it (D4RL's file, or the rebuild); an explicit Minari id (Minari's own mujoco sets) says how
+    to download it; neither is ever built instead."""
+    with pytest.raises(DatasetError) as err:
+        load_dataset("hopper-medium", build=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "dydiff/d4rl/hopper/medium-v2 and dydiff/mujoco/hopper/medium-v0" in msg
+    assert "`python data.py --import-d4rl hopper-medium-v2.hdf5`" in msg and "`python data.py --env hopper-medium`" in msg
     with pytest.raises(DatasetError, match=r"minari download mujoco/hopper/medium-v0"):
-        load_dataset("hopper-medium")
+        load_dataset(dataset_id="mujoco/hopper/medium-v0")
     with pytest.raises(DatasetError, match=r"minari download nobody/maze-v0"):  # never a maze rebuilt instead
         load_dataset("maze2d-umaze", dataset_id="nobody/maze-v0")
+
+
+def test_locomotion_names_resolve_to_the_d4rl_import_then_the_rebuild(minari_root, monkeypatch):
+    """Data: each of the 9 locomotion names loads D4RL's imported file first, then our rebuild (never Minari's
+    mujoco/*-v0, another recipe), with D4RL's reference returns and the v5 env; a missing one is built."""
+    assert LOCOMOTION_ENVS == {"hopper": ("Hopper-v5", -20.272305, 3234.3), "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+                               "walker2d": ("Walker2d-v5", 1.629008, 4592.3)}
+    names = [f"{robot}-{level}" for robot in ("hopper", "halfcheetah", "walker2d")
+             for level in ("medium", "medium-replay", "medium-expert")]
+    assert sorted(LOCOMOTION) == sorted(names)
+    for name in names:
+        robot, level = name.split("-", 1)
+        assert resolve_env(name) == [f"dydiff/d4rl/{robot}/{level}-v2", f"dydiff/mujoco/{robot}/{level}-v0"]
+    import rebuild
+
+    calls = []
+    monkeypatch.setattr(rebuild, "generate_locomotion_dataset", lambda env: calls.append(env) or "the rebuild")
+    assert open_minari("walker2d-medium-replay") == ("the rebuild", "built locally") and calls == ["walker2d-medium-replay"]
+
+
+def write_d4rl_file(path, obs_dim=11, next_observations=True):
+    """An hdf5 file in D4RL's layout: 5 steps ending in a termination, 4 ending in a timeout, then 3 steps of an
+    episode still running at the end of the file. Episode e's states are 100 e + t in every dimension."""
+    import h5py
+
+    obs, term, tout = [], [], []
+    for e, (length, end) in enumerate(((5, "terminal"), (4, "timeout"), (3, None))):
+        obs.append(100.0 * e + np.arange(length + 1))
+        term += [False] * (length - 1) + [end == "terminal"]
+        tout += [False] * (length - 1) + [end == "timeout"]
+    with h5py.File(path, "w") as f:
+        f["observations"] = np.concatenate([o[:-1] for o in obs])[:, None].repeat(obs_dim, 1).astype(np.float32)
+        if next_observations:
+            f["next_observations"] = np.concatenate([o[1:] for o in obs])[:, None].repeat(obs_dim, 1).astype(np.float32)
+        f["actions"] = np.random.default_rng(0).uniform(-1, 1, (12, 3)).astype(np.float32)
+        f["rewards"], f["terminals"], f["timeouts"] = np.arange(12, dtype=np.float32), np.array(term), np.array(tout)
+    return path
+
+
+def test_d4rl_import_keeps_episodes_terminations_and_truncations(tmp_path, monkeypatch):
+    """Data: D4RL's hdf5 file is stored under our own id with its episodes (ended by a termination or a timeout;
+    the trailing one truncated), D4RL's refs and the v5 env; the name then loads it. Without next_observations
+    each episode's last transition is dropped; a file of the wrong env is refused in one line; the CLI imports."""
+    import h5py
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    path = write_d4rl_file(tmp_path / "hopper_medium_replay-v2.hdf5")  # D4RL's own file name
+    assert import_d4rl(path) == "dydiff/d4rl/hopper/medium-replay-v2"
+    ds = minari.load_dataset("dydiff/d4rl/hopper/medium-replay-v2")
+    eps = list(ds.iterate_episodes())
+    assert [len(e.rewards) for e in eps] == [5, 4, 3] and ds.total_steps == 12
+    assert [e.terminations.tolist().index(True) if e.terminations.any() else None for e in eps] == [4, None, None]
+    assert [e.truncations.nonzero()[0].tolist() for e in eps] == [[], [3], [2]]
+    meta = ds.storage.metadata
+    assert (meta["ref_min_score"], meta["ref_max_score"], ds.spec.env_spec.id) == (-20.272305, 3234.3, "Hopper-v5")
+    assert "hopper_medium_replay-v2.hdf5" in meta["description"] and "mujoco-py" in meta["description"]
+    d = load_dataset("hopper-medium-replay", build=False, verbose=False)  # the name now loads the import
+    with h5py.File(path) as f:
+        assert d.dataset_id == "dydiff/d4rl/hopper/medium-replay-v2" and d.terminals.tolist() == f["terminals"][()].tolist()
+        np.testing.assert_array_equal(d.obs, f["observations"][()])
+        np.testing.assert_array_equal(d.next_obs, f["next_observations"][()])  # each episode's last next obs kept
+        np.testing.assert_array_equal(d.rewards, f["rewards"][()])
+    old = write_d4rl_file(tmp_path / "walker2d-medium-v1.hdf5", obs_dim=17, next_observations=False)
+    ds = minari.load_dataset(import_d4rl(old))
+    eps = list(ds.iterate_episodes())
+    assert ds.spec.dataset_id == "dydiff/d4rl/walker2d/medium-v2" and [len(e.rewards) for e in eps] == [4, 3, 2]
+    assert not any(e.terminations.any() for e in eps) and all(e.truncations[-1] for e in eps)
+    np.testing.assert_array_equal(eps[1].observations[:, 0], [100, 101, 102, 103])  # obs and next obs still line up
+    assert "No next_observations: each episode's last transition dropped" in ds.storage.metadata["description"]
+    with pytest.raises(DatasetError, match=r"^x.hdf5 has 17-wide observations, Hopper-v5 has 11: not a hopper-medium file"):
+        import_d4rl(write_d4rl_file(tmp_path / "x.hdf5", obs_dim=17), env="hopper-medium")
+    cli = write_d4rl_file(tmp_path / "halfcheetah-medium-expert-v2.hdf5", obs_dim=17)
+    out = subprocess.run([sys.executable, "data.py", "--import-d4rl", str(cli)], cwd=HERE, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")})
+    assert out.returncode == 0, out.stderr
+    assert "imported halfcheetah-medium-expert-v2.hdf5 as dydiff/d4rl/halfcheetah/medium-expert-v2: 12 transitions, 3 episodes" in out.stdout
+
+
+# A tiny SAC rebuild: medium at the first evaluation (any return reaches -1 x D4RL's expert return), the expert
+# threshold (1 x) never, so the step cap picks the best evaluated policy as the expert.
+TINY_SAC = SACBuild(max_steps=600, eval_every=200, eval_episodes=2, learning_starts=100, medium_fraction=-1.0,
+                    expert_fraction=1.0, collect_steps=300, collect_envs=3, episode_steps=200)
+
+
+def test_sac_rebuild_at_a_tiny_size_builds_each_level_from_one_resumable_run(tmp_path, monkeypatch):
+    """Data: the locomotion rebuild, D4RL's recipe at a tiny size. medium-replay trains only to the medium
+    point and is the replay buffer up to it; medium-expert resumes that run (again after an interruption) to
+    the cap and stitches the two collections; medium then reuses the cached policy and collection, no training."""
+    import rebuild
+    from stable_baselines3 import SAC
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    folder = sac_dir("hopper")
+    replay = generate_locomotion_dataset("hopper-medium-replay", TINY_SAC, progress=False)
+    state = read_sac_state("hopper")
+    assert (state["step"], state["medium"]["step"], state["expert"]) == (200, 200, None)
+    assert not (folder / "expert.zip").exists() and not list(folder.glob("collect_*"))
+    with np.load(folder / "checkpoint.npz") as z:
+        dones, timeouts = z["dones"], z["timeouts"]
+    eps = list(replay.iterate_episodes())
+    assert replay.spec.dataset_id == "dydiff/mujoco/hopper/medium-replay-v0" and replay.total_steps == 200
+    assert len(eps) == dones.sum() + (not dones[-1])  # split at the buffer's dones; the last one unfinished
+    assert sum(e.terminations.sum() for e in eps) == (dones * (1 - timeouts)).sum() > 0  # hopper falls
+
+    calls, evaluate = [], rebuild._evaluate
+
+    def killed_once(model, envs):  # the process dies in its evaluation at step 400, before that checkpoint
+        calls.append(model.num_timesteps)
+        if len(calls) == 1:
+            raise RuntimeError("killed")
+        return evaluate(model, envs)
+
+    monkeypatch.setattr(rebuild, "_evaluate", killed_once)
+    with pytest.raises(RuntimeError, match="killed"):
+        generate_locomotion_dataset("hopper-medium-expert", TINY_SAC, progress=False)
+    assert read_sac_state("hopper")["step"] == 200
+    both = generate_locomotion_dataset("hopper-medium-expert", TINY_SAC, progress=False)
+    state = read_sac_state("hopper")
+    # the rerun resumed at the checkpoint of step 200 (its first evaluation at 400, not 200); the killed run
+    # never checkpointed, so the state records one resume
+    assert calls == [400, 400, 600] and state["resumes"] == [200]
+    assert [s for s, _ in state["evals"]] == [200, 400, 600] and state["medium"]["step"] == 200
+    best = max(state["evals"], key=lambda e: e[1])
+    assert state["expert"] == {"step": best[0], "return": best[1], "capped": True}
+    counts = {}
+    for which in ("medium", "expert"):
+        with np.load(folder / f"collect_{which}.npz") as z:
+            counts[which] = (len(z["rewards"]), int(z["terminals"].sum() + z["timeouts"].sum()))
+            assert np.abs(z["actions"]).max() <= 1 and not (z["terminals"] * z["timeouts"]).any()
+    assert counts["medium"][0] == counts["expert"][0] == 300
+    assert (both.total_steps, both.total_episodes) == (600, counts["medium"][1] + counts["expert"][1])
+
+    monkeypatch.setattr(rebuild, "_evaluate", evaluate)
+    monkeypatch.setattr(SAC, "learn", lambda *a, **kw: pytest.fail("the medium policy was trained again"))
+    medium = generate_locomotion_dataset("hopper-medium", TINY_SAC, progress=False)
+    assert read_sac_state("hopper")["step"] == 600 and (medium.total_steps, medium.total_episodes) == (300, counts["medium"][1])
+    for ep, stitched in zip(medium.iterate_episodes(), both.iterate_episodes()):  # medium-expert: medium's episodes first
+        np.testing.assert_array_equal(ep.observations, stitched.observations)
+    for ds in (replay, both, medium):
+        meta = ds.storage.metadata
+        assert (meta["ref_min_score"], meta["ref_max_score"], ds.spec.env_spec.id) == (-20.272305, 3234.3, "Hopper-v5")
+        assert "SAC (stable-baselines3 2.9.2, seed 0)" in meta["algorithm_name"] and "medium policy at env step 200" in meta["description"]
+    assert f"expert policy at env step {best[0]} (the best by the cap)" in both.storage.metadata["description"]
+    report = json.loads((folder / "build.json").read_text())
+    assert {k: (v["transitions"], v["episodes"]) for k, v in report.items()} == {
+        "dydiff/mujoco/hopper/medium-replay-v0": (200, len(eps)), "dydiff/mujoco/hopper/medium-expert-v0": (600, both.total_episodes),
+        "dydiff/mujoco/hopper/medium-v0": (300, medium.total_episodes)}
+    d = load_dataset("hopper-medium", build=False, verbose=False)  # no import here: the name loads the rebuild
+    inside = np.setdiff1d(np.arange(len(d.obs) - 1), d.episode_ends - 1)
+    assert d.dataset_id == "dydiff/mujoco/hopper/medium-v0"
+    np.testing.assert_array_equal(d.next_obs[inside], d.obs[inside + 1])
 
 
 # ------------------------------------------------------------------------------------- learners
