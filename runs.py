@@ -25,8 +25,9 @@ from data import CheckpointError, load_checkpoint, write_atomic
 
 CHECKPOINT_FORMAT = "dydiff-train-v1"
 NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
-# Flags that may differ when a run is resumed: they change where and how fast it runs, not what it learns.
-FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard"}
+# Flags that may differ when a run is resumed: they change where and how fast it runs, not what it learns
+# (build_data only decides whether a missing dataset may be built; the dataset itself is checked by its fingerprint).
+FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard", "build_data"}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 

@@ -242,15 +242,20 @@ def test_unknown_env_name_fails_with_the_list_of_valid_names():
     assert "Traceback" not in out.stderr
 
 
-def test_locomotion_offline_says_how_to_get_the_data(minari_root):
+def test_locomotion_offline_says_how_to_get_the_data(minari_root, tmp_path, capsys):
     """Data: a locomotion name that is not here, with building off, fails with one line naming both ways to get
-    it (D4RL's file, or the rebuild); an explicit Minari id (Minari's own mujoco sets) says how
+    it (D4RL's file, or the rebuild), in train.py too; an explicit Minari id (Minari's own mujoco sets) says how
     to download it; neither is ever built instead."""
     with pytest.raises(DatasetError) as err:
         load_dataset("hopper-medium", build=False)
     msg = str(err.value)
     assert "\n" not in msg and "dydiff/d4rl/hopper/medium-v2 and dydiff/mujoco/hopper/medium-v0" in msg
     assert "`python data.py --import-d4rl hopper-medium-v2.hdf5`" in msg and "`python data.py --env hopper-medium`" in msg
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--env", "walker2d-medium-expert", "--no-build-data", "--run-dir", str(tmp_path)])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err_lines) == 1 and err_lines[0].startswith(
+        "error: dataset walker2d-medium-expert is not on this machine") and "--import-d4rl walker2d-medium-expert-v2.hdf5" in err_lines[0]
     with pytest.raises(DatasetError, match=r"minari download mujoco/hopper/medium-v0"):
         load_dataset(dataset_id="mujoco/hopper/medium-v0")
     with pytest.raises(DatasetError, match=r"minari download nobody/maze-v0"):  # never a maze rebuilt instead
@@ -1113,6 +1118,13 @@ def test_paper_preset_changes_defaults_but_flags_given_win():
     assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.sampler_solver,
             paper.rollout_interval, paper.total_steps) == (100, 128, (1, 4, 8), 34, "heun", 500, 1_000_000)
     assert parse_args(["--rollout-batch", "64", "--preset=paper"]).horizon == 100  # in any order, either spelling
+
+
+def test_evaluation_episodes_follow_the_env_and_a_flag_wins():
+    """Args: 10 evaluation episodes on the locomotion names, 100 on maze2d (CORL), unless --eval-episodes is given."""
+    assert [parse_args(a).eval_episodes for a in ([], ["--env", "maze2d-large"], ["--env", "hopper-medium"],
+                                                   ["--env=walker2d-medium-expert", "--algo", "iql"],
+                                                   ["--env", "hopper-medium", "--eval-episodes", "7"])] == [100, 100, 10, 10, 7]
 
 
 def test_corl_iql_settings_per_dataset_are_the_defaults_and_flags_win():

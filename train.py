@@ -29,7 +29,7 @@ import torch
 import diffusion
 import dydiff
 import dynamics
-from data import CheckpointError, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
+from data import LOCOMOTION, CheckpointError, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
 from iql import IQL
 from runs import ConfigError, Run, read_run_checkpoint
 from td3bc import TD3BC
@@ -45,6 +45,8 @@ class Args:
     """any local Minari dataset id; overrides the dataset chosen by --env (the name still picks env-specific settings)"""
     dataset_steps: int | None = None
     """maze2d only: size of the local rebuild when no dataset is found (default as D4RL: 1M/2M/4M steps)"""
+    build_data: bool = True
+    """build a dataset of --env that is not on this machine (maze2d: minutes; a locomotion build is SAC for about an hour per env on a CPU core); --no-build-data: fail, saying how to get it"""
     algo: Literal["td3bc", "iql"] = "td3bc"
     """the offline learner"""
     seed: int = 0
@@ -60,7 +62,7 @@ class Args:
     eval_interval: int = 5_000
     """evaluate and checkpoint every this many steps"""
     eval_episodes: int = 100
-    """episodes per evaluation, run in lockstep (CORL: 100 on maze2d, 10 on locomotion); fixed seeds per --seed"""
+    """episodes per evaluation, run in lockstep; fixed seeds per --seed. Default as CORL: 100 on maze2d, 10 on the locomotion names"""
     alpha: float = 2.5
     """TD3+BC: weight of the RL term, lambda = alpha / mean|Q|"""
     expectile: float = 0.7
@@ -182,8 +184,8 @@ def fit_config(args: Args) -> dynamics.FitConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """tyro's CLI over Args. The defaults (and --help) follow --preset paper, and for IQL the dataset's
-    CORL settings (IQL_DATASETS); a flag given always wins."""
+    """tyro's CLI over Args. The defaults (and --help) follow --preset paper, the dataset's evaluation episodes
+    (CORL: 10 on locomotion) and for IQL its CORL settings (IQL_DATASETS); a flag given always wins."""
     argv = sys.argv[1:] if argv is None else argv
 
     def given(flag: str, default: str) -> str:  # the value of --flag X or --flag=X in argv
@@ -197,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     default = Args()
     if given("--preset", "cpu") == "paper":
         default = replace(default, preset="paper", **PAPER)
+    if given("--env", default.env) in LOCOMOTION:
+        default = replace(default, eval_episodes=10)
     if given("--algo", "td3bc") == "iql":
         default = replace(default, **IQL_DATASETS.get(given("--env", default.env), {}))
     import tyro  # here, not at the top: bench/gpu_check.py imports this file on machines with torch alone
@@ -317,7 +321,7 @@ def train(args: Args) -> dict:
     run = Run(args, device)  # checks the run folder before any work (runs.py: the plumbing)
 
     # 1. The dataset D (observations z-scored), on the device, and the learner.
-    data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
+    data = load_dataset(args.env, args.dataset_id, args.dataset_steps, build=args.build_data)
     real = real_buffer(data, device, reward_scale(args, data))
     learner = make_learner(args, data.obs_dim, data.act_dim, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # batch sampling
