@@ -28,6 +28,9 @@ NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
 # Flags that may differ when a run is resumed: they change where and how fast it runs, not what it learns
 # (build_data only decides whether a missing dataset may be built; the dataset itself is checked by its fingerprint).
 FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard", "build_data"}
+# A flag newer than a checkpoint counts as the behaviour the code had before the flag: its default then, where
+# the default has changed since (--sdedit-sigma: the DM sampled from noise before the flag; 0.2 now).
+BEFORE_FLAG = {"sdedit_sigma": 0.0}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -72,7 +75,7 @@ class Run:
             if state["fingerprint"] != data.fingerprint:
                 raise ConfigError(f"{self.ckpt} was made for another dataset ({state['args']['env']}); use another --run-name")
             now, then, default = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"], asdict(type(args)())))
-            # a flag newer than the checkpoint counts as its default: the run was made with that behaviour
+            default.update({k: v for k, v in BEFORE_FLAG.items() if k in default})  # the run was made with that behaviour
             changed = [k for k in now if k not in FREE_FLAGS and then.get(k, default[k]) != now[k]]
             if changed:
                 was = ", ".join(f"--{k.replace('_', '-')}={then.get(k, default[k])}" for k in changed)

@@ -897,7 +897,7 @@ def test_state_averaging_with_previous_states(models, w):
     """Step 3: states = clip(w * DM states + (1 - w) * previous states); w = 1/2 is the official code's."""
     s0, bundle = starts(8), models.bundle()
     states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, H, torch.Generator().manual_seed(0))
-    cfg = dydiff.RolloutConfig(rollout_length=H, iterations=1, sampler_steps=4, update_weight=w)
+    cfg = dydiff.RolloutConfig(rollout_length=H, iterations=1, sampler_steps=4, update_weight=w, sdedit_sigma=0)
     out = dydiff.refine(models.act_fn, bundle, states, actions, cfg, torch.Generator().manual_seed(5))
     dm_raw = models.dm.generate(s0 * STD + MEAN, actions, 4, torch.Generator().manual_seed(5))
     expect = (w * (dm_raw - MEAN) / STD + (1 - w) * states).clamp(-BOX, BOX)
@@ -908,7 +908,7 @@ def test_refine_chains_dm_windows_for_rollouts_longer_than_H(models):
     """Step 3 with T > H: the DM's windows are chained, and the whole T-row trajectory is refined."""
     T, bundle, s0 = 20, models.bundle(), starts(6)
     states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, T, torch.Generator().manual_seed(0))
-    cfg = dydiff.RolloutConfig(rollout_length=T, iterations=1, sampler_steps=3)
+    cfg = dydiff.RolloutConfig(rollout_length=T, iterations=1, sampler_steps=3, sdedit_sigma=0)  # from noise
     out = dydiff.refine(models.act_fn, bundle, states, actions, cfg, torch.Generator().manual_seed(5))
     dm_raw = dydiff.generate_chained(models.dm, s0 * STD + MEAN, actions, 3, torch.Generator().manual_seed(5))  # 3 windows of 8
     assert dm_raw.shape == (6, T, OBS)
@@ -1408,6 +1408,21 @@ def test_checkpoint_older_than_a_flag_resumes_with_its_default(tiny_data, tmp_pa
         run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume", "--update-weight", "0.7")
     assert "was made with other settings (--update-weight=0.5)" in capsys.readouterr().err
     assert run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume")["steps"] == 100
+
+
+def test_checkpoint_older_than_sdedit_resumes_as_sampling_from_noise(tiny_data, tmp_path, capsys):
+    """Resume: the cpu default of --sdedit-sigma is 0.2, the paper's 0; a checkpoint made before the flag sampled
+    from noise, so it resumes only with --sdedit-sigma 0, never with today's default."""
+    assert (parse_args([]).sdedit_sigma, parse_args(["--preset", "paper"]).sdedit_sigma) == (0.2, 0.0)
+    run_train(tmp_path, "--total-steps", "50", "--run-name", "old", "--sdedit-sigma", "0")
+    ckpt = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["args"]["sdedit_sigma"]  # as written by the code before --sdedit-sigma
+    torch.save(state, ckpt)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume")
+    assert "was made with other settings (--sdedit-sigma=0.0)" in capsys.readouterr().err
+    assert run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume", "--sdedit-sigma", "0")["steps"] == 100
 
 
 def test_foreign_checkpoint_is_refused_with_a_clear_error(tiny_data, tmp_path, capsys):

@@ -152,7 +152,7 @@ PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_len
              sampler_steps=34, sampler_solver="heun", sampler_churn=60.0, synthetic_capacity=2_000_000, dm_dim=128,
              dm_mults=(1, 4, 8), dm_act="mish",
              dm_train_steps=375_000, dm_batch_size=8, dm_lr=1e-3, dm_warmup_steps=1_250_000, dm_lr_schedule="constant",
-             dm_grad_clip=0.0)
+             dm_grad_clip=0.0, sdedit_sigma=0.0)
 PAPER_FIT = dict(lr=1e-4, reward_lr=1e-4, steps_per_epoch=0, max_epochs=0, reward_max_epochs=0, improvement=0.0)
 
 # CORL's per-dataset IQL settings (configs/offline/iql/<env>/<dataset>.yaml) that differ from the defaults
