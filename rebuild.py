@@ -30,7 +30,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from data import LOCOMOTION, LOCOMOTION_ENVS, MAZE2D, DatasetError, local_maze_id, locomotion_ids, write_atomic
+from data import (LOCOMOTION, LOCOMOTION_ENVS, MAZE2D, DatasetError, local_maze_id, locomotion_ids, normalized_score,
+                  write_atomic)
 
 GYM_IDS = {"U_MAZE": "PointMaze_UMaze-v3", "MEDIUM_MAZE": "PointMaze_Medium-v3", "LARGE_MAZE": "PointMaze_Large-v3"}
 
@@ -404,7 +405,7 @@ def generate_locomotion_dataset(env: str, cfg: SACBuild | None = None, progress:
         what = (f"{cfg.collect_steps} env steps of the {' and the '.join(policies)} policy with sampled actions"
                 + (", episodes of both" if len(parts) == 2 else ""))
     buffers = episode_buffers(**arrays)
-    score = lambda ret: 100.0 * (ret - ref_min) / (ref_max - ref_min)  # noqa: E731  (D4RL's normalized score)
+    score = lambda ret: float(normalized_score(ret, ref_min, ref_max))  # noqa: E731
     taken = "; ".join(f"{w} policy at env step {state[w]['step']}{' (the best by the cap)' * state[w].get('capped', False)}"
                       f", {cfg.eval_episodes}-episode return {state[w]['return']:.1f} (score {score(state[w]['return']):.1f})"
                       for w in policies)
