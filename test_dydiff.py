@@ -40,7 +40,8 @@ from train import evaluate, main, parse_args, sample_batch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "bench"))
-from fidelity import crossings, dm_predict, ensemble_predict, in_episode_rollout_error, rollout_error, simulate  # noqa: E402
+from fidelity import (crossings, dm_predict, ensemble_predict, in_episode_rollout_error, rollout_error,  # noqa: E402
+                      simulate, simulate_policy)
 import pretrain  # noqa: E402
 
 torch.set_num_threads(1)
@@ -1481,6 +1482,29 @@ def test_rollout_error_against_the_simulator(tiny_data):
     np.testing.assert_allclose(traj[:, 0], s0, atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         rollout_error(lambda s0, act: s0, data, horizon=5, n_starts=4)
+
+
+def test_hopper_simulator_restarts_from_dataset_states(tiny_hopper):
+    """Benchmark tools on locomotion: MuJoCo restarted from a Hopper observation (x = 0) gives the recorded next
+    observation; closed loop keeps the simulator's state; terminal shares count the falls on each side."""
+    import rollout_error
+
+    data = load_dataset(dataset_id=tiny_hopper, verbose=False)
+    ok = (np.abs(data.obs[:, 5:]) < 10).all(1)  # the observation clips velocities at 10: those restart clipped
+    t = np.flatnonzero(ok)[:40]
+    nxt = simulate(data, data.obs[t], data.actions[t][:, None])[:, 1]
+    np.testing.assert_allclose(nxt, data.next_obs[t], atol=1e-5)
+    zero = lambda raw: np.zeros((len(raw), 3))  # noqa: E731
+    s0 = data.obs[t[:4]]
+    states, actions = simulate_policy(data, s0, zero, 6)
+    assert states.shape == (4, 7, 11) and actions.shape == (4, 6, 3)
+    np.testing.assert_allclose(states, simulate(data, s0, actions), atol=1e-4)  # (the solver warm-starts differ)
+    standing, fallen = np.zeros((1, 3, 11)), np.zeros((1, 3, 11))
+    standing[..., 0] = fallen[..., 0] = 1.2
+    fallen[0, 2, 0] = 0.5  # the torso drops below 0.7 at the second step
+    share = rollout_error.terminal_share(np.concatenate([standing, fallen]), np.concatenate([fallen, fallen]), "hopper")
+    assert share == {"model": 0.5, "simulator": 1.0, "both": 0.5, "model_only": 0.0, "simulator_only": 0.5,
+                     "median_step_model": 2.0, "median_step_simulator": 2.0}
 
 
 def test_fidelity_helpers(tiny_data):

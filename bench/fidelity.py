@@ -33,22 +33,56 @@ from dynamics import Ensemble  # noqa: E402
 
 
 # -- Ground truth and the error of any model -------------------------------------------------------
-def simulate(data, s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """Ground truth (B, H+1, obs_dim): the PointMaze physics from each raw state s0 = [qpos, qvel,
-    goal] under the given actions; the goal dims are held fixed."""
+def _simulator(data):
+    """(env, the MuJoCo env to set and step, offset): PointMaze's observation is [qpos, qvel, goal];
+    MuJoCo locomotion's (Hopper, Walker2d, HalfCheetah) leaves out the x position (offset 1), which never
+    enters the dynamics, so a dataset state restarts at x = 0."""
     env = data.make_eval_env()
-    if not hasattr(env.unwrapped, "point_env"):
-        raise ValueError(f"rollout_error needs a PointMaze dataset, got {data.dataset_id}")
     env.reset(seed=0)
-    point = env.unwrapped.point_env
-    nq, nv = point.model.nq, point.model.nv
+    u = env.unwrapped
+    if hasattr(u, "point_env"):
+        return env, u.point_env, 0
+    if getattr(u, "_exclude_current_positions_from_observation", False) and hasattr(u, "set_state"):
+        return env, u, 1
+    raise ValueError(f"rollout_error needs a PointMaze or MuJoCo locomotion dataset, got {data.dataset_id}")
+
+
+def simulate(data, s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """Ground truth (B, H+1, obs_dim): the simulator restarted from each raw dataset state s0 (see
+    _simulator; a velocity the observation clipped, Hopper's at +-10, restarts clipped) and stepped under
+    the given actions. Dims past the simulator's state (PointMaze's goal) are held fixed."""
+    env, sim, offset = _simulator(data)
+    nq, nv = sim.model.nq, sim.model.nv
     traj = np.repeat(s0[:, None].astype(np.float64), actions.shape[1] + 1, axis=1)
     for b in range(len(s0)):
-        point.set_state(s0[b, :nq].astype(np.float64), s0[b, nq:nq + nv].astype(np.float64))
+        sim.set_state(np.concatenate([np.zeros(offset), s0[b, :nq - offset]]), s0[b, nq - offset:nq - offset + nv])
         for h in range(actions.shape[1]):
-            traj[b, h + 1, :nq + nv] = point.step(actions[b, h].astype(np.float64))[0]
+            # the unwrapped env keeps stepping after a terminal, as the models' rollouts do
+            traj[b, h + 1, :nq - offset + nv] = sim.step(actions[b, h].astype(np.float64))[0]
     env.close()
     return traj
+
+
+def simulate_policy(data, s0: np.ndarray, act, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """A policy in the simulator, closed loop from raw states s0: raw states (B, T+1, obs_dim) and its actions
+    (B, T); act maps raw (B, obs_dim) states to (B, act_dim) numpy actions. The simulator's own state carries
+    from step to step (x position and unclipped velocities included), as in an evaluation episode."""
+    env, sim, offset = _simulator(data)
+    nq, nv = sim.model.nq, sim.model.nv
+    n = nq - offset + nv
+    states = np.repeat(s0[:, None].astype(np.float64), T + 1, axis=1)
+    qpos = np.concatenate([np.zeros((len(s0), offset)), s0[:, :nq - offset]], 1)
+    qvel = s0[:, nq - offset:n].astype(np.float64)
+    actions = []
+    for t in range(T):
+        a = np.asarray(act(states[:, t]), dtype=np.float64)
+        for b in range(len(s0)):
+            sim.set_state(qpos[b], qvel[b])
+            states[b, t + 1, :n] = sim.step(a[b])[0]
+            qpos[b], qvel[b] = sim.data.qpos, sim.data.qvel
+        actions.append(a)
+    env.close()
+    return states, np.stack(actions, 1)
 
 
 def rollout_error(predict, data, horizon: int = 100, n_starts: int = 256, seed: int = 0) -> dict:

@@ -2,25 +2,31 @@
 
     python bench/rollout_error.py --env maze2d-umaze --policy runs/compare/maze2d-umaze_td3bc_s0/checkpoint.pt
 
+    python bench/rollout_error.py --env hopper-medium-replay --policy runs/compare/hopper-medium-replay_td3bc_s0/checkpoint.pt
+
 From 256 dataset start states, per horizon h = 1..T-1 (T = train.py's --rollout-length, which may chain
 several DM windows; pass --train-flags="--rollout-length 63" for longer), the mean squared error against
-the PointMaze simulator of
+the simulator (PointMaze, or MuJoCo for hopper/walker2d/halfcheetah: see fidelity.simulate) of
   ensemble      the single-step ensemble, replaying the actions the policy took in the simulator;
   dm            the plain DM given s_0 and those same actions (one sample);
   dydiff_m0..3  DyDiff's own trajectory after 0, 1, 2, 3 iterations (m0 = the policy in the ensemble);
                 each is compared with the simulator replaying *its* actions from s_0, open loop.
 The first two measure the models on a trajectory the policy really produces; the DyDiff curves measure
 what the learner is actually fed. Each curve is given as the mean and as the median over trajectories
-(a few catastrophic rollouts can drive the mean), and for each model the share of physically impossible
-rollouts (a position inside a wall cell, or a step its own velocity does not explain; see `impossible`),
-among those a round's hardmax filter keeps and those it rejects: the simulator never makes one.
+(a few catastrophic rollouts can drive the mean). Mazes: the error of the (x, y) position, and for each model
+the share of physically impossible rollouts (a position inside a wall cell, or a step its own velocity does
+not explain; see `impossible`), among those a round's hardmax filter keeps and those it rejects: the
+simulator never makes one. Locomotion: the error of the whole state in units of the data's std, and for
+each model the share of rollouts that end by the terminal function (hopper falls), in the model and in the
+simulator replaying the same actions (`terminal_share`).
 Models come from the dataset's cache (trained there when missing, as train.py does); --train-flags
 chooses them and DyDiff's settings (e.g. "--rollout-length 96 --update-weight 1 --sdedit-sigma 1").
 Several --policy checkpoints are measured one after the other; without one, a TD3+BC policy is fitted
 for --policy-steps on the data first.
 
 Writes bench/results/<name>.json ({"env", "horizons", "by_policy": {label: {"curves", "curves_position",
-"curves_position_median", "impossible_share"}}}) and <name>.png.
+"curves_position_median", "impossible_share"}}}; locomotion: "curves_normalized", "curves_normalized_median",
+"terminal_share") and <name>.png.
 """
 from __future__ import annotations
 
@@ -39,13 +45,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
 
-from fidelity import dm_predict, ensemble_predict, simulate  # noqa: E402
+from fidelity import dm_predict, ensemble_predict, simulate, simulate_policy  # noqa: E402
 
 
 @dataclass
 class Args:
     env: str = "maze2d-umaze"
-    """a maze2d env (the simulator must be able to start from any dataset state)"""
+    """a maze2d, hopper, walker2d or halfcheetah env (its simulator restarts from any dataset state)"""
     policy: tuple[str, ...] = ()
     """train.py checkpoints whose learners provide the actions, each measured in turn (default: fit TD3+BC for
     --policy-steps)"""
@@ -90,12 +96,8 @@ def load_policy(path: str | None, args: Args, data, obs_dim: int, act_dim: int):
 
 def closed_loop(data, act, s0_raw: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
     """The policy in the simulator: raw states (B, T+1, obs) and its actions (B, T)."""
-    states, actions = [s0_raw], []
-    for _ in range(T):
-        a = act(torch.as_tensor(data.normalize_obs(states[-1]), dtype=torch.float32)).numpy()
-        actions.append(a)
-        states.append(simulate(data, states[-1], a[:, None])[:, 1])
-    return np.stack(states, 1), np.stack(actions, 1)
+    return simulate_policy(data, s0_raw, lambda raw: act(torch.as_tensor(data.normalize_obs(raw),
+                                                                          dtype=torch.float32)).numpy(), T)
 
 
 def mse(pred: np.ndarray, true: np.ndarray) -> tuple[list, list]:
@@ -106,6 +108,32 @@ def mse(pred: np.ndarray, true: np.ndarray) -> tuple[list, list]:
 def position_median(pred: np.ndarray, true: np.ndarray) -> list:
     """Per horizon, the median over trajectories of the squared position error (mean over x, y)."""
     return np.median(((pred[:, 1:, :2] - true[:, 1:, :2]) ** 2).mean(-1), axis=0).tolist()
+
+
+def normalized(pred: np.ndarray, true: np.ndarray, std: np.ndarray) -> tuple[list, list]:
+    """Per horizon, the mean and the median over trajectories of the squared error in units of the dataset's
+    per-dim std (mean over dims): locomotion states mix angles and velocities of very different scales."""
+    err = (((pred[:, 1:] - true[:, 1:]) / std) ** 2).mean(-1)
+    return err.mean(0).tolist(), np.median(err, 0).tolist()
+
+
+def terminal_share(pred: np.ndarray, ref: np.ndarray, env: str) -> dict:
+    """The share of rollouts that reach a terminal state (dynamics.terminal_fn, gym's healthy check) within the
+    horizon in the model's trajectory and in the simulator's, and where the two disagree; a model whose
+    hopper falls where the simulator's does not feeds the learner false terminals, and the reverse false
+    futures."""
+    import dynamics
+
+    def ends(traj):
+        x = torch.as_tensor(traj[:, 1:].reshape(-1, traj.shape[-1]))
+        d = dynamics.terminal_fn(env)(x, None, x).reshape(len(traj), -1).numpy()
+        return d.any(1), np.where(d.any(1), d.argmax(1) + 1, 0)
+
+    (m, hm), (s, hs) = ends(pred), ends(ref)
+    med = lambda h, k: float(np.median(h[k])) if k.any() else None  # noqa: E731
+    return {"model": float(m.mean()), "simulator": float(s.mean()), "both": float((m & s).mean()),
+            "model_only": float((m & ~s).mean()), "simulator_only": float((~m & s).mean()),
+            "median_step_model": med(hm, m), "median_step_simulator": med(hs, s)}
 
 
 def impossible(traj: np.ndarray, maze, max_step: float, dt: float) -> dict[str, np.ndarray]:
@@ -151,31 +179,43 @@ def main(args: Args) -> None:
     from train import dm_config, parse_args, pretrain, rollout_config
 
     torch.set_num_threads(args.threads)
-    if not args.env.startswith("maze2d"):
-        raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d env")
+    maze_env = args.env.startswith("maze2d")
+    if not maze_env and args.env.split("-")[0] not in ("hopper", "walker2d", "halfcheetah"):
+        raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d or "
+                         "hopper/walker2d/halfcheetah env")
     t0 = time.time()
-    p = parse_args(["--preset", args.preset, *shlex.split(args.train_flags)])
+    p = parse_args(["--env", args.env, "--preset", args.preset, *shlex.split(args.train_flags)])
     data = load_dataset(args.env)
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
     ens, dm = models.ensemble, models.dm
-    maze = maze_eval_env(args.env).unwrapped.maze
-    step, v_next = data.next_obs[:, :2] - data.obs[:, :2], data.next_obs[:, 2:4]
-    max_step = float(np.linalg.norm(step, axis=1).max())
-    dt = float((step * v_next).sum() / (v_next * v_next).sum())  # x_{t+1} = x_t + dt v_{t+1} in the data
     T, N = p.rollout_length, p.sampler_steps
     rng = np.random.default_rng(args.seed)
     s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
     out = {"env": args.env, "dataset_id": data.dataset_id, "n_starts": args.n_starts, "H": p.horizon, "T": T,
            "sampler_steps": N, "sampler_solver": p.sampler_solver, "sampler_churn": p.sampler_churn,
            "update_weight": p.update_weight, "sdedit_sigma": p.sdedit_sigma, "dm": asdict(dm_config(p)),
-           "train_flags": args.train_flags, "horizons": list(range(1, T)), "max_data_step": max_step, "dt": dt,
-           "by_policy": {}}
+           "train_flags": args.train_flags, "horizons": list(range(1, T)), "by_policy": {}}
+    if maze_env:
+        maze = maze_eval_env(args.env).unwrapped.maze
+        step, v_next = data.next_obs[:, :2] - data.obs[:, :2], data.next_obs[:, 2:4]
+        max_step = float(np.linalg.norm(step, axis=1).max())
+        dt = float((step * v_next).sum() / (v_next * v_next).sum())  # x_{t+1} = x_t + dt v_{t+1} in the data
+        out.update(max_data_step=max_step, dt=dt)
+        keys = ("curves_position", "curves_position_median")
+        validity = lambda pred, ref: impossible_share(pred, maze, max_step, dt, p.keep_fraction, args.env)  # noqa: E731
+    else:  # locomotion: errors in units of the data's std, and terminals instead of walls
+        keys = ("curves_normalized", "curves_normalized_median")
+        validity = lambda pred, ref: terminal_share(pred, ref, args.env)  # noqa: E731
+    check = "impossible_share" if maze_env else "terminal_share"
     for path in args.policy or [None]:
         learner, policy_info, label = load_policy(path, args, data, data.obs_dim, data.act_dim)
+        if label in out["by_policy"]:  # two runs' checkpoints at the same step: name them by their run too
+            label = f"{Path(path).parent.name} {label}"
         # models on the trajectory the policy really takes
         true, actions = closed_loop(data, learner.act, s0, T - 1)
-        res = {"policy": policy_info, "curves": {}, "curves_position": {}, "curves_position_median": {},
-               "impossible_share": {"simulator": impossible_share(true, maze, max_step, dt, p.keep_fraction, args.env)}}
+        res = {"policy": policy_info, "curves": {}, **{k: {} for k in keys}, check: {}}
+        if maze_env:
+            res[check]["simulator"] = validity(true, true)
         dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
         preds = {"ensemble": (ensemble_predict(ens, args.seed)(s0, actions), true),
                  "dm": (dm_pred(s0, actions), true)}
@@ -188,30 +228,39 @@ def main(args: Args) -> None:
                                      simulate(data, s0, acts[:, : T - 1].numpy()))
         for name, (pred, ref) in preds.items():
             pred = np.asarray(pred, dtype=np.float64)
-            res["curves"][name], res["curves_position"][name] = mse(pred, ref)
-            res["curves_position_median"][name] = position_median(pred, ref)
-            res["impossible_share"][name] = impossible_share(pred, maze, max_step, dt, p.keep_fraction, args.env)
+            res["curves"][name], position = mse(pred, ref)
+            if maze_env:
+                res[keys[0]][name], res[keys[1]][name] = position, position_median(pred, ref)
+            else:
+                res[keys[0]][name], res[keys[1]][name] = normalized(pred, ref, data.obs_std)
+            res[check][name] = validity(pred, ref)
         out["by_policy"][label] = res  # the checkpoint is read once, by load_policy
     out["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
-    plot(out, RESULTS / f"{args.name}.png")
+    plot(out, RESULTS / f"{args.name}.png", keys)
     show = sorted({h for h in (1, 4, 8, 16, 31, 47, 63, 95, T - 1) if h < T})
+    what = "position" if maze_env else "state in data std units"
     for label, res in out["by_policy"].items():
-        for key, what in (("curves_position", "position, mean"), ("curves_position_median", "position, median")):
-            print(f"\n| {label}: MSE vs simulator, {what} | " + " | ".join(f"h={h}" for h in show) + " |")
+        for key, stat in zip(keys, ("mean", "median")):
+            print(f"\n| {label}: MSE vs simulator, {what}, {stat} | " + " | ".join(f"h={h}" for h in show) + " |")
             print("|---" * (len(show) + 1) + "|")
             for name, c in res[key].items():
                 print(f"| {name} | " + " | ".join(f"{c[h - 1]:.2e}" for h in show) + " |")
-        print(f"\n| {label}: impossible rollouts | all | kept | rejected | wall | inconsistent | (jump) |\n"
-              + "|---" * 7 + "|")
-        for name, sh in res["impossible_share"].items():
-            print(f"| {name} | " + " | ".join("-" if sh[k] is None else f"{sh[k]:.3f}"
-                                             for k in ("all", "kept", "rejected", "wall", "inconsistent", "jump")) + " |")
+        cols = (("all", "kept", "rejected", "wall", "inconsistent", "jump") if maze_env else
+                ("model", "simulator", "both", "model_only", "simulator_only", "median_step_model",
+                 "median_step_simulator"))
+        print(f"\n| {label}: {check.replace('_', ' ')} | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
+        for name, sh in res[check].items():
+            print(f"| {name} | " + " | ".join("-" if sh[k] is None else f"{sh[k]:.3g}" for k in cols) + " |")
     print(f"wrote {RESULTS / args.name}.json and .png ({out['seconds']:.0f} s)")
 
 
-def plot(out: dict, path: Path) -> None:
+def key_title(key: str) -> str:
+    return ("position" if "position" in key else "state / data std") + (", median" if "median" in key else ", mean")
+
+
+def plot(out: dict, path: Path, keys: tuple[str, str] = ("curves_position", "curves_position_median")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,8 +269,7 @@ def plot(out: dict, path: Path) -> None:
     rows = list(out["by_policy"].items())
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.8 * len(rows)), squeeze=False)
     for (label, res), row in zip(rows, axes):
-        for ax, key, title in ((row[0], "curves_position", "position, mean"),
-                               (row[1], "curves_position_median", "position, median")):
+        for ax, key, title in ((row[0], keys[0], key_title(keys[0])), (row[1], keys[1], key_title(keys[1]))):
             for name, c in res[key].items():
                 ax.plot(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
             ax.set(xlabel="horizon h", ylabel="squared error vs simulator", yscale="log",
