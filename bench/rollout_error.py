@@ -272,8 +272,8 @@ def plot(out: dict, path: Path, keys: tuple[str, str] = ("curves_position", "cur
         for ax, key, title in ((row[0], keys[0], key_title(keys[0])), (row[1], keys[1], key_title(keys[1]))):
             for name, c in res[key].items():
                 ax.plot(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
-            ax.set(xlabel="horizon h", ylabel="squared error vs simulator", yscale="log",
-                   title=f"{out['env']}, policy {label}: {title}")
+            ax.set(xlabel="horizon h", ylabel="squared error vs simulator", yscale="log")
+            ax.set_title(f"{out['env']}, policy {label}:\n{title}", fontsize=9)
             ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=8)
     fig.tight_layout()
