@@ -47,6 +47,13 @@ def _simulator(data):
     raise ValueError(f"rollout_error needs a PointMaze or MuJoCo locomotion dataset, got {data.dataset_id}")
 
 
+def _restart_state(s0: np.ndarray, sim, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """(qpos (B, nq), qvel (B, nv)) of raw dataset states s0, the left-out x position (offset) set to 0."""
+    nq, nv = sim.model.nq, sim.model.nv
+    qpos = np.concatenate([np.zeros((len(s0), offset)), s0[:, :nq - offset]], 1).astype(np.float64)
+    return qpos, s0[:, nq - offset:nq - offset + nv].astype(np.float64)
+
+
 def simulate(data, s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
     """Ground truth (B, H+1, obs_dim): the simulator restarted from each raw dataset state s0 (see
     _simulator; a velocity the observation clipped, Hopper's at +-10, restarts clipped) and stepped under
@@ -54,8 +61,9 @@ def simulate(data, s0: np.ndarray, actions: np.ndarray) -> np.ndarray:
     env, sim, offset = _simulator(data)
     nq, nv = sim.model.nq, sim.model.nv
     traj = np.repeat(s0[:, None].astype(np.float64), actions.shape[1] + 1, axis=1)
+    qpos, qvel = _restart_state(s0, sim, offset)
     for b in range(len(s0)):
-        sim.set_state(np.concatenate([np.zeros(offset), s0[b, :nq - offset]]), s0[b, nq - offset:nq - offset + nv])
+        sim.set_state(qpos[b], qvel[b])
         for h in range(actions.shape[1]):
             # the unwrapped env keeps stepping after a terminal, as the models' rollouts do
             traj[b, h + 1, :nq - offset + nv] = sim.step(actions[b, h].astype(np.float64))[0]
@@ -71,8 +79,7 @@ def simulate_policy(data, s0: np.ndarray, act, T: int) -> tuple[np.ndarray, np.n
     nq, nv = sim.model.nq, sim.model.nv
     n = nq - offset + nv
     states = np.repeat(s0[:, None].astype(np.float64), T + 1, axis=1)
-    qpos = np.concatenate([np.zeros((len(s0), offset)), s0[:, :nq - offset]], 1)
-    qvel = s0[:, nq - offset:n].astype(np.float64)
+    qpos, qvel = _restart_state(s0, sim, offset)
     actions = []
     for t in range(T):
         a = np.asarray(act(states[:, t]), dtype=np.float64)
