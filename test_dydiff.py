@@ -1507,6 +1507,31 @@ def test_hopper_simulator_restarts_from_dataset_states(tiny_hopper):
                      "median_step_model": 2.0, "median_step_simulator": 2.0}
 
 
+def test_transition_error_is_zero_on_physics_and_stops_at_a_terminal(tiny_data, tiny_hopper):
+    """bench/rollout_error.py: a transition's one-step error is 0 where it is the simulator's own step, not where
+    a state was moved, and on hopper only the transitions up to a rollout's first fall are counted."""
+    import rollout_error
+
+    ok = tiny_data.obs[None, :40].astype(np.float64)
+    acts = tiny_data.actions[None, :39].astype(np.float64)
+    exact = rollout_error.transition_error(tiny_data, ok, acts, "maze2d-umaze", True)
+    assert exact["mean"] < 1e-12 and exact["n"] == 39
+    moved = ok.copy()
+    moved[0, 20, 0] += 0.3  # s_20 is off: 19 -> 20 lands 0.3 away from it, 20 -> 21 starts from a wrong place
+    err = rollout_error.transition_error(tiny_data, moved, acts, "maze2d-umaze", True)
+    assert err["median"] < 1e-12 and err["mean"] >= 0.3 ** 2 / 2 / 39 * 0.99
+
+    data = load_dataset(dataset_id=tiny_hopper, verbose=False)
+    upright = (np.abs(data.obs[:, 5:]) < 10).all(1) & (data.obs[:, 0] > 1.2) & (np.abs(data.obs[:, 1]) < 0.05)
+    s0 = data.obs[np.flatnonzero(upright)[:4]]
+    states, actions = simulate_policy(data, s0, lambda raw: np.zeros((len(raw), 3)), 6)
+    base = rollout_error.transition_error(data, states, actions, "hopper", False)
+    assert base["mean"] < 1e-6 and base["n"] == 4 * 6  # upright, 6 steps of zero torque: no fall
+    states[0, 3, 0] = 0.5  # trajectory 0 falls at its third transition: the three after it are not counted
+    fell = rollout_error.transition_error(data, states, actions, "hopper", False)
+    assert fell["n"] == 4 * 6 - 3 and fell["mean"] > 1e-3
+
+
 def test_fidelity_helpers(tiny_data):
     """Benchmark tools: in-episode windows line up; crossings of two error curves."""
     perfect = lambda s0, actions: simulate(tiny_data, s0, actions)

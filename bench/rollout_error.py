@@ -18,14 +18,16 @@ the share of physically impossible rollouts (a position inside a wall cell, or a
 not explain; see `impossible`), among those a round's hardmax filter keeps and those it rejects: the
 simulator never makes one. Locomotion: the error of the whole state in units of the data's std, and for
 each model the share of rollouts that end by the terminal function (hopper falls), in the model and in the
-simulator replaying the same actions (`terminal_share`).
+simulator replaying the same actions (`terminal_share`). For every model, and the simulator's own rollout as
+a check, the one-step error of each transition the rollout holds (`transition_error`: restart the simulator at
+s_t, step a_t, compare with s_{t+1}), the unit a TD learner consumes.
 Models come from the dataset's cache (trained there when missing, as train.py does); --train-flags
 chooses them and DyDiff's settings (e.g. "--rollout-length 96 --update-weight 1 --sdedit-sigma 1").
 Several --policy checkpoints are measured one after the other; without one, a TD3+BC policy is fitted
 for --policy-steps on the data first.
 
 Writes bench/results/<name>.json ({"env", "horizons", "by_policy": {label: {"curves", "curves_position",
-"curves_position_median", "impossible_share"}}}; locomotion: "curves_normalized", "curves_normalized_median",
+"curves_position_median", "impossible_share", "transition_error"}}}; locomotion: "curves_normalized", "curves_normalized_median",
 "terminal_share") and <name>.png.
 """
 from __future__ import annotations
@@ -136,6 +138,29 @@ def terminal_share(pred: np.ndarray, ref: np.ndarray, env: str) -> dict:
             "median_step_model": med(hm, m), "median_step_simulator": med(hs, s)}
 
 
+def transition_error(data, traj: np.ndarray, actions: np.ndarray, env: str, maze_env: bool) -> dict:
+    """The one-step error of each transition (s_t, a_t, s_{t+1}) of rollouts (raw (B, T, obs), actions (B, >= T-1,
+    act)): the simulator restarted from s_t and stepped once with a_t, against s_{t+1}. The horizon curves ask
+    how far a trajectory drifts from s_0; a TD learner uses transitions one at a time, and this asks whether
+    each one is physics. Mazes: squared position error; locomotion: squared error in data-std units, only the
+    transitions a round keeps (up to its first terminal, as dydiff.to_transitions). Mean, median and p90."""
+    import dynamics
+
+    B, T, d = traj.shape
+    s, nxt = traj[:, :-1].reshape(-1, d), traj[:, 1:].reshape(-1, d)
+    one = simulate(data, s, actions[:, :T - 1].reshape(B * (T - 1), 1, -1))[:, 1]
+    if maze_env:
+        err, keep = ((one[:, :2] - nxt[:, :2]) ** 2).mean(-1), np.ones(len(s), dtype=bool)
+    else:
+        err = (((one - nxt) / data.obs_std) ** 2).mean(-1)
+        x = torch.as_tensor(nxt)
+        done = dynamics.terminal_fn(env)(x, None, x).reshape(B, T - 1).numpy().astype(bool)
+        keep = ((np.cumsum(done, 1) - done) == 0).reshape(-1)  # no terminal strictly before t
+    err = err[keep]
+    return {"mean": float(err.mean()), "median": float(np.median(err)), "p90": float(np.quantile(err, 0.9)),
+            "n": int(keep.sum())}
+
+
 def impossible(traj: np.ndarray, maze, max_step: float, dt: float) -> dict[str, np.ndarray]:
     """(B,) bool per test of a rollout (raw states; PointMaze obs = x, y, vx, vy, goal):
       wall          a position inside a wall cell or off the map: impossible;
@@ -213,12 +238,14 @@ def main(args: Args) -> None:
             label = f"{Path(path).parent.name} {label}"
         # models on the trajectory the policy really takes
         true, actions = closed_loop(data, learner.act, s0, T - 1)
-        res = {"policy": policy_info, "curves": {}, **{k: {} for k in keys}, check: {}}
+        res = {"policy": policy_info, "curves": {}, **{k: {} for k in keys}, check: {}, "transition_error": {}}
         if maze_env:
             res[check]["simulator"] = validity(true, true)
+        res["transition_error"]["simulator"] = transition_error(data, true, actions, args.env, maze_env)  # ~0: a check
         dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
         preds = {"ensemble": (ensemble_predict(ens, args.seed)(s0, actions), true),
                  "dm": (dm_pred(s0, actions), true)}
+        preds_actions = {"ensemble": actions, "dm": actions}
         # DyDiff's own iterates, each against the simulator replaying its actions
         g = torch.Generator().manual_seed(args.seed)
         s0_z = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
@@ -226,6 +253,7 @@ def main(args: Args) -> None:
         for m, (states_z, acts) in enumerate(iterates):
             preds[f"dydiff_m{m}"] = (states_z.numpy() * data.obs_std + data.obs_mean,
                                      simulate(data, s0, acts[:, : T - 1].numpy()))
+            preds_actions[f"dydiff_m{m}"] = acts.numpy().astype(np.float64)
         for name, (pred, ref) in preds.items():
             pred = np.asarray(pred, dtype=np.float64)
             res["curves"][name], position = mse(pred, ref)
@@ -234,6 +262,7 @@ def main(args: Args) -> None:
             else:
                 res[keys[0]][name], res[keys[1]][name] = normalized(pred, ref, data.obs_std)
             res[check][name] = validity(pred, ref)
+            res["transition_error"][name] = transition_error(data, pred, preds_actions[name], args.env, maze_env)
         out["by_policy"][label] = res  # the checkpoint is read once, by load_policy
     out["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
@@ -253,6 +282,10 @@ def main(args: Args) -> None:
         print(f"\n| {label}: {check.replace('_', ' ')} | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
         for name, sh in res[check].items():
             print(f"| {name} | " + " | ".join("-" if sh[k] is None else f"{sh[k]:.3g}" for k in cols) + " |")
+        print(f"\n| {label}: one-step error of each transition, {what} | mean | median | p90 | transitions |\n"
+              "|---|---|---|---|---|")
+        for name, e in res["transition_error"].items():
+            print(f"| {name} | {e['mean']:.2e} | {e['median']:.2e} | {e['p90']:.2e} | {e['n']} |")
     print(f"wrote {RESULTS / args.name}.json and .png ({out['seconds']:.0f} s)")
 
 
