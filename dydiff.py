@@ -12,17 +12,19 @@ The steps, each a function below:
                         windows of its H rows, chained when T > H); states = (DM states + previous
                         states) / 2; every action relabelled a_t = pi(s_t). With M = 0 the round is
                         ensemble-only: the initial trajectory goes on to step 4 as it is.
-  4. transition_rewards r_t of each of the T-1 transitions t -> t+1: the reward model r(s_t, a_t) (the
-                        paper), or the task's own reward of (s_t, a_t, s_{t+1}) where it has one
-                        (train.py --reward). A trajectory's score is the sum of these T-1 rewards,
-                        the rewards its transitions carry into the buffer. (The official code also adds
-                        the reward model's r(s_{T-1}, a_{T-1}) of the last row, which never becomes a
-                        transition, and the task's reward has no value there.)
+  4. next_states,       s'_t of each of the T-1 transitions t -> t+1: the trajectory's next row s_{t+1}
+     transition_rewards (the paper), or with next_state='ensemble' (and M > 0) the ensemble's one-step
+                        f(s_t, a_t) from the trajectory's state. r_t of each transition: the reward
+                        model r(s_t, a_t) (the paper), or the task's own reward of (s_t, a_t, s'_t) where
+                        it has one (train.py --reward). A trajectory's score is the sum of these T-1
+                        rewards, the rewards its transitions carry into the buffer. (The official code
+                        also adds the reward model's r(s_{T-1}, a_{T-1}) of the last row, which never
+                        becomes a transition, and the task's reward has no value there.)
   5. select             hardmax_filter keeps every trajectory scoring at least the (1 - keep_fraction)
                         quantile; softmax_filter samples that share with p = softmax(z-scored score /
                         temperature).
   6. transition_dones,  the terminal flag of every transition, then the kept trajectories cut into
-     to_transitions     (s_t, a_t, r_t, s_{t+1}, done_t), t < T-1, each stopped at its first terminal.
+     to_transitions     (s_t, a_t, r_t, s'_t, done_t), t < T-1, each stopped at its first terminal.
 rollout runs steps 2-3 and rollout_round steps 2-6, for given start states. Everything is batched over
 the B trajectories; the only Python loops run over time steps (the ensemble is autoregressive) and the
 M iterations.
@@ -67,6 +69,8 @@ class RolloutConfig:
     update_weight: float = 0.5  # w of step 3: states = w * DM states + (1 - w) * previous states (official 1/2)
     sdedit_sigma: float = 0.2  # > 0: the DM starts from the previous states noised to this sigma (SDEdit), so it
     # corrects them rather than replaces them; 0: from pure noise, the paper. 0.2 won over 0 on two mazes (README)
+    next_state: str = "trajectory"  # s' of each transition: 'trajectory' = the next row (the paper); 'ensemble' =
+    # the ensemble's one-step f(s_t, a_t) at the trajectory's state s_t: the DM chooses where, the ensemble the step
 
     def __post_init__(self):
         for name in ("rollout_batch", "rollout_length", "sampler_steps", "temperature"):
@@ -82,6 +86,8 @@ class RolloutConfig:
             raise ValueError(f"keep_fraction must be in (0, 1] (got {self.keep_fraction})")
         if self.filter not in ("hardmax", "softmax"):
             raise ValueError(f"filter must be 'hardmax' or 'softmax' (got {self.filter!r})")
+        if self.next_state not in ("trajectory", "ensemble"):
+            raise ValueError(f"next_state must be 'trajectory' or 'ensemble' (got {self.next_state!r})")
         if self.sampler_solver not in ("euler", "heun"):
             raise ValueError(f"sampler_solver must be 'euler' or 'heun' (got {self.sampler_solver!r})")
 
@@ -220,18 +226,37 @@ def rollout(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: Rollou
     return iterates, {"time_ensemble_s": t1 - t0, "time_dm_s": time.time() - t1}
 
 
-# -- Steps 4-5: rewards, scores and filters --------------------------------------------------------
+# -- Steps 4-5: next states, rewards, scores and filters --------------------------------------------
 @torch.no_grad()
-def transition_rewards(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+def next_states(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor, cfg: RolloutConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Step 4: s'_t of every transition t -> t+1, (B, T-1, obs_dim), z-scored: the trajectory's next rows, or
+    with next_state='ensemble' the ensemble's one-step f(s_t, a_t) in the box. Each DM row is a plausible
+    state, but two consecutive rows are not one physical step: against the simulator, the transitions of
+    DyDiff's trajectory are off by tens of times the ensemble's one-step error from the same states
+    (bench/README.md). With M = 0 the trajectory is the ensemble's own, so it is kept as it is."""
+    if cfg.next_state == "trajectory" or cfg.iterations == 0:
+        return states_z[:, 1:]
+    B, T, obs_dim = states_z.shape
+    n = B * (T - 1)
+    s_next = models.ensemble.step(states_z[:, :-1].reshape(n, obs_dim), actions[:, :-1].reshape(n, -1), generator)
+    return models.in_box(s_next.reshape(B, T - 1, obs_dim), states_z[:, 0])
+
+
+@torch.no_grad()
+def transition_rewards(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor,
+                       next_z: torch.Tensor | None = None) -> torch.Tensor:
     """Step 4: r_t of every transition t -> t+1, (B, T-1): the reward model's r(s_t, a_t), or the task's own
-    reward of (s_t, a_t, s_{t+1}) on raw states; in the learner's units (times reward_scale)."""
+    reward of (s_t, a_t, s'_t) on raw states (next_z: next_states', default the trajectory's next rows); in
+    the learner's units (times reward_scale)."""
     B, T, obs_dim = states_z.shape
     n = B * (T - 1)
     s, a = states_z[:, :-1].reshape(n, obs_dim), actions[:, :-1].reshape(n, -1)
     if models.reward_fn is None:
         r = models.reward_model(s, a)
     else:
-        r = models.reward_fn(models.raw(s), a, models.raw(states_z[:, 1:].reshape(n, obs_dim)))
+        nxt = states_z[:, 1:] if next_z is None else next_z
+        r = models.reward_fn(models.raw(s), a, models.raw(nxt.reshape(n, obs_dim)))
     return torch.as_tensor(r, dtype=states_z.dtype, device=states_z.device).reshape(B, T - 1) * models.reward_scale
 
 
@@ -271,18 +296,22 @@ def select(scores: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator 
 
 
 # -- Step 6: terminals and transitions -------------------------------------------------------------
-def transition_dones(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Step 6: done of every transition t -> t+1, (B, T-1) bool, from the terminal function on raw states."""
+def transition_dones(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor,
+                     next_z: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 6: done of every transition t -> t+1, (B, T-1) bool, from the terminal function on raw (s_t, a_t, s'_t)
+    (next_z: next_states', default the trajectory's next rows)."""
     B, T, obs_dim = states_z.shape
-    raw, n = models.raw(states_z), B * (T - 1)
-    dones = models.terminal_fn(raw[:, :-1].reshape(n, obs_dim), actions[:, :-1].reshape(n, -1),
-                               raw[:, 1:].reshape(n, obs_dim))
+    nxt = states_z[:, 1:] if next_z is None else next_z
+    n = B * (T - 1)
+    dones = models.terminal_fn(models.raw(states_z[:, :-1]).reshape(n, obs_dim), actions[:, :-1].reshape(n, -1),
+                               models.raw(nxt).reshape(n, obs_dim))
     return torch.as_tensor(dones, device=states_z.device).bool().reshape(B, T - 1)  # 'never' answers on the CPU
 
 
-def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                   dones: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Step 6: (s_t, a_t, r_t, s_{t+1}, done_t) for t < T-1, flattened trajectory by trajectory.
+def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
+                   next_z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Step 6: (s_t, a_t, r_t, s'_t, done_t) for t < T-1, flattened trajectory by trajectory (next_z: next_states',
+    default the trajectory's next rows s_{t+1}).
 
     rewards, dones: (B, T-1), of the transition t -> t+1. A trajectory stops at its first terminal: that
     transition is kept with done = 1, the later ones are dropped (they would continue from a state the
@@ -291,7 +320,7 @@ def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch
     terminals_before = dones.long().cumsum(1) - dones.long()  # terminals strictly before t
     keep = terminals_before == 0
     return {"obs": states_z[:, :-1][keep], "actions": actions[:, :-1][keep], "rewards": rewards[keep],
-            "next_obs": states_z[:, 1:][keep], "dones": dones[keep].to(states_z.dtype)}
+            "next_obs": (states_z[:, 1:] if next_z is None else next_z)[keep], "dones": dones[keep].to(states_z.dtype)}
 
 
 # -- One full round --------------------------------------------------------------------------------
@@ -301,12 +330,15 @@ def rollout_round(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: 
     t0 = time.time()
     iterates, times = rollout(act_fn, models, s0_z, cfg, generator)
     states_z, actions = iterates[-1]
-    rewards = transition_rewards(models, states_z, actions)
+    next_z = next_states(models, states_z, actions, cfg, generator)
+    rewards = transition_rewards(models, states_z, actions, next_z)
     scores = rewards.sum(1)
     kept = select(scores, cfg, generator)
-    dones = transition_dones(models, states_z[kept], actions[kept])
-    transitions = to_transitions(states_z[kept], actions[kept], rewards[kept], dones)
+    dones = transition_dones(models, states_z[kept], actions[kept], next_z[kept])
+    transitions = to_transitions(states_z[kept], actions[kept], rewards[kept], dones, next_z[kept])
     stats = round_stats(iterates, scores, kept, dones, len(transitions["obs"]))
+    if cfg.next_state == "ensemble" and cfg.iterations > 0:  # how far the ensemble's step lands from the next row
+        stats["next_state_gap"] = float(((next_z - states_z[:, 1:]) ** 2).mean())
     return transitions, {**stats, **times, "time_s": time.time() - t0}
 
 

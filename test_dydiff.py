@@ -1007,6 +1007,32 @@ def test_ensemble_only_round_with_m_0(models):
     assert torch.equal(tr["rewards"], scores[kept].reshape(-1))
 
 
+def test_round_with_the_ensemble_s_next_state(models):
+    """Step 4 with next_state='ensemble': each transition keeps its trajectory's s_t and a_t, and its s' is the
+    ensemble's one step from s_t (in the box); rewards and dones are of that s'. With M = 0 nothing changes."""
+    models.ens.n_elites = 1
+    models.ens.set_elites(torch.tensor([0.3, 0.1, 0.2]))  # one elite: the ensemble's step is deterministic
+    bundle, s0 = models.bundle(terminal=lambda s, a, s_next: s_next[:, 3] > 0.2,
+                               reward_fn=lambda s, a, s_next: torch.sigmoid(s_next[:, 3] - MEAN[3])), starts(30)
+    cfg = dydiff.RolloutConfig(rollout_batch=30, rollout_length=H, iterations=1, sampler_steps=3, keep_fraction=0.5,
+                               next_state="ensemble")
+    tr, stats = dydiff.rollout_round(models.act_fn, bundle, s0, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one_step = bundle.in_box(models.ens.step(tr["obs"], tr["actions"]), tr["obs"])  # dim 2 is s_t's = s_0's
+    assert torch.allclose(tr["next_obs"], one_step, atol=1e-6)
+    assert torch.allclose(tr["rewards"], torch.sigmoid(one_step[:, 3] * STD[3]), atol=1e-6)
+    assert torch.equal(tr["dones"].bool(), one_step[:, 3] * STD[3] + MEAN[3] > 0.2)
+    assert stats["next_state_gap"] > 0
+    paper, _ = dydiff.rollout_round(models.act_fn, bundle, s0, replace(cfg, next_state="trajectory"),
+                                    torch.Generator().manual_seed(0))
+    assert not torch.allclose(paper["next_obs"][:10], tr["next_obs"][:10])  # the DM's rows are another s'
+    m0 = [dydiff.rollout_round(models.act_fn, bundle, s0, replace(cfg, iterations=0, next_state=n),
+                               torch.Generator().manual_seed(0))[0] for n in ("trajectory", "ensemble")]
+    assert all(torch.equal(m0[0][k], m0[1][k]) for k in m0[0])
+    with pytest.raises(ValueError, match="next_state must be 'trajectory' or 'ensemble'"):
+        dydiff.RolloutConfig(next_state="dm")
+
+
 def test_round_on_the_device_keeps_every_tensor_there(models):
     """Steps 1-6 on DEVICE: the models, the start states and every transition stay on the learner's device."""
     bundle = models.bundle()

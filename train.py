@@ -122,6 +122,8 @@ class Args:
     """w of the DyDiff update: states = w * DM states + (1 - w) * previous states (paper 1/2; 1 = the DM's alone)"""
     sdedit_sigma: float = ROLLOUT.sdedit_sigma
     """0: the DM samples from pure noise (paper); > 0: it refines the previous trajectory noised to this sigma"""
+    next_state: Literal["trajectory", "ensemble"] = ROLLOUT.next_state
+    """s' of each synthetic transition: the trajectory's next row (paper), or the ensemble's one step from its state"""
     synthetic_capacity: int = 30_000
     """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
     dm_dim: int = DM.dim

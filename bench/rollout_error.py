@@ -138,16 +138,18 @@ def terminal_share(pred: np.ndarray, ref: np.ndarray, env: str) -> dict:
             "median_step_model": med(hm, m), "median_step_simulator": med(hs, s)}
 
 
-def transition_error(data, traj: np.ndarray, actions: np.ndarray, env: str, maze_env: bool) -> dict:
+def transition_error(data, traj: np.ndarray, actions: np.ndarray, env: str, maze_env: bool,
+                     next_raw: np.ndarray | None = None) -> dict:
     """The one-step error of each transition (s_t, a_t, s_{t+1}) of rollouts (raw (B, T, obs), actions (B, >= T-1,
     act)): the simulator restarted from s_t and stepped once with a_t, against s_{t+1}. The horizon curves ask
     how far a trajectory drifts from s_0; a TD learner uses transitions one at a time, and this asks whether
     each one is physics. Mazes: squared position error; locomotion: squared error in data-std units, only the
-    transitions a round keeps (up to its first terminal, as dydiff.to_transitions). Mean, median and p90."""
+    transitions a round keeps (up to its first terminal, as dydiff.to_transitions). next_raw (B, T-1, obs): the
+    transitions' s' where it is not the next row (train.py --next-state ensemble). Mean, median and p90."""
     import dynamics
 
     B, T, d = traj.shape
-    s, nxt = traj[:, :-1].reshape(-1, d), traj[:, 1:].reshape(-1, d)
+    s, nxt = traj[:, :-1].reshape(-1, d), (traj[:, 1:] if next_raw is None else next_raw).reshape(-1, d)
     one = simulate(data, s, actions[:, :T - 1].reshape(B * (T - 1), 1, -1))[:, 1]
     if maze_env:
         err, keep = ((one[:, :2] - nxt[:, :2]) ** 2).mean(-1), np.ones(len(s), dtype=bool)
@@ -250,10 +252,13 @@ def main(args: Args) -> None:
         g = torch.Generator().manual_seed(args.seed)
         s0_z = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
         iterates, _ = dydiff.rollout(learner.act, models, s0_z, rollout_config(p, iterations=args.max_iterations), g)
+        next_raw = {}  # --next-state ensemble: the s' of DyDiff's transitions is the ensemble's step, not the next row
         for m, (states_z, acts) in enumerate(iterates):
             preds[f"dydiff_m{m}"] = (states_z.numpy() * data.obs_std + data.obs_mean,
                                      simulate(data, s0, acts[:, : T - 1].numpy()))
             preds_actions[f"dydiff_m{m}"] = acts.numpy().astype(np.float64)
+            nz = dydiff.next_states(models, states_z, acts, rollout_config(p, iterations=m), g)
+            next_raw[f"dydiff_m{m}"] = nz.numpy().astype(np.float64) * data.obs_std + data.obs_mean
         for name, (pred, ref) in preds.items():
             pred = np.asarray(pred, dtype=np.float64)
             res["curves"][name], position = mse(pred, ref)
@@ -262,7 +267,8 @@ def main(args: Args) -> None:
             else:
                 res[keys[0]][name], res[keys[1]][name] = normalized(pred, ref, data.obs_std)
             res[check][name] = validity(pred, ref)
-            res["transition_error"][name] = transition_error(data, pred, preds_actions[name], args.env, maze_env)
+            res["transition_error"][name] = transition_error(data, pred, preds_actions[name], args.env, maze_env,
+                                                             next_raw.get(name))
         out["by_policy"][label] = res  # the checkpoint is read once, by load_policy
     out["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
