@@ -29,8 +29,8 @@ NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
 # (build_data only decides whether a missing dataset may be built; the dataset itself is checked by its fingerprint).
 FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard", "build_data"}
 # A flag newer than a checkpoint counts as the behaviour the code had before the flag: its default then, where
-# the default has changed since (--sdedit-sigma: the DM sampled from noise before the flag; 0.2 now).
-BEFORE_FLAG = {"sdedit_sigma": 0.0}
+# the default has changed since (--sdedit-sigma: the DM sampled from noise before the flag; 0.2 now), or may.
+BEFORE_FLAG = {"sdedit_sigma": 0.0, "next_state": "trajectory"}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
