@@ -91,6 +91,12 @@ class RolloutConfig:
         if self.sampler_solver not in ("euler", "heun"):
             raise ValueError(f"sampler_solver must be 'euler' or 'heun' (got {self.sampler_solver!r})")
 
+    @property
+    def ensemble_next_state(self) -> bool:
+        """s' is the ensemble's step: asked for, and there are DM states to step from (with M = 0 the
+        trajectory is the ensemble's own already)."""
+        return self.next_state == "ensemble" and self.iterations > 0
+
 
 @dataclass
 class DyDiffModels:
@@ -235,7 +241,7 @@ def next_states(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Ten
     state, but two consecutive rows are not one physical step: against the simulator, the transitions of
     DyDiff's trajectory are off by tens of times the ensemble's one-step error from the same states
     (bench/README.md). With M = 0 the trajectory is the ensemble's own, so it is kept as it is."""
-    if cfg.next_state == "trajectory" or cfg.iterations == 0:
+    if not cfg.ensemble_next_state:
         return states_z[:, 1:]
     B, T, obs_dim = states_z.shape
     n = B * (T - 1)
@@ -337,7 +343,7 @@ def rollout_round(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: 
     dones = transition_dones(models, states_z[kept], actions[kept], next_z[kept])
     transitions = to_transitions(states_z[kept], actions[kept], rewards[kept], dones, next_z[kept])
     stats = round_stats(iterates, scores, kept, dones, len(transitions["obs"]))
-    if cfg.next_state == "ensemble" and cfg.iterations > 0:  # how far the ensemble's step lands from the next row
+    if cfg.ensemble_next_state:  # how far the ensemble's step lands from the trajectory's next row
         stats["next_state_gap"] = float(((next_z - states_z[:, 1:]) ** 2).mean())
     return transitions, {**stats, **times, "time_s": time.time() - t0}
 

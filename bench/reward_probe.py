@@ -103,9 +103,11 @@ def main(args: Args) -> None:
     s0, _ = dydiff.draw_start_states(obs_z, args.n_rollouts, g)
     # steps 2-4 and 6 of a round (dydiff.py) with every trajectory kept: the learned reward of each transition
     B, H = args.n_rollouts, p.rollout_length
-    states, actions = dydiff.rollout(learner.act, models, s0, rollout_config(p), g)[0][-1]
-    tr = dydiff.to_transitions(states, actions, dydiff.transition_rewards(models, states, actions),
-                               torch.zeros(B, H - 1, dtype=torch.bool))
+    cfg = rollout_config(p)
+    states, actions = dydiff.rollout(learner.act, models, s0, cfg, g)[0][-1]
+    next_z = dydiff.next_states(models, states, actions, cfg, g)
+    tr = dydiff.to_transitions(states, actions, dydiff.transition_rewards(models, states, actions, next_z),
+                               torch.zeros(B, H - 1, dtype=torch.bool), next_z)
     raw = lambda x: x.numpy() * data.obs_std + data.obs_mean  # noqa: E731
     reward = dynamics.env_reward_fn("maze2d-umaze")
     true = reward(raw(tr["obs"]), None, raw(tr["next_obs"])).numpy()

@@ -27,8 +27,8 @@ Several --policy checkpoints are measured one after the other; without one, a TD
 for --policy-steps on the data first.
 
 Writes bench/results/<name>.json ({"env", "horizons", "by_policy": {label: {"curves", "curves_position",
-"curves_position_median", "impossible_share", "transition_error"}}}; locomotion: "curves_normalized", "curves_normalized_median",
-"terminal_share") and <name>.png.
+"curves_position_median", "impossible_share", "transition_error"}}}; locomotion: "curves_normalized",
+"curves_normalized_median", "terminal_share") and <name>.png.
 """
 from __future__ import annotations
 
