@@ -71,6 +71,7 @@ class RolloutConfig:
     # corrects them rather than replaces them; 0: from pure noise, the paper. 0.2 won over 0 on two mazes (README)
     next_state: str = "trajectory"  # s' of each transition: 'trajectory' = the next row (the paper); 'ensemble' =
     # the ensemble's one-step f(s_t, a_t) at the trajectory's state s_t: the DM chooses where, the ensemble the step
+    guidance: float = 1.0  # w of classifier-free guidance on the actions (diffusion.guided_denoise); 1: off, the paper
 
     def __post_init__(self):
         for name in ("rollout_batch", "rollout_length", "sampler_steps", "temperature"):
@@ -78,6 +79,8 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
         if not 0 < self.update_weight <= 1:
             raise ValueError(f"update_weight must be in (0, 1] (got {self.update_weight})")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be 0 or more (got {self.guidance}; 1 = off)")
         if self.sdedit_sigma < 0:
             raise ValueError(f"sdedit_sigma must be 0 (off) or positive (got {self.sdedit_sigma})")
         if self.iterations < 0:
@@ -209,7 +212,8 @@ def refine(act_fn: ActFn, models: DyDiffModels, states_z: torch.Tensor, actions:
     for _ in range(cfg.iterations):
         start = models.raw(torch.nan_to_num(states_z)) if sdedit else None  # the trajectory the DM corrects
         dm_z = models.zscore(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator, start,
-                                              solver=cfg.sampler_solver, S_churn=cfg.sampler_churn, **sdedit).to(states_z))
+                                              solver=cfg.sampler_solver, S_churn=cfg.sampler_churn, guidance=cfg.guidance,
+                                              **sdedit).to(states_z))
         # The official code averages with the previous states (the paper does not say so, w = 1/2): a
         # cheap ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.

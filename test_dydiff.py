@@ -712,6 +712,40 @@ def test_sdedit_refines_the_given_states_instead_of_noise(models):
     assert seen[0][1] == 0.5 and torch.allclose(seen[0][0], states * STD + MEAN)
 
 
+def test_classifier_free_guidance_on_the_actions():
+    """CFG: a segment trained with its actions dropped learns nothing from them; sampling with w is
+    D_null + w (D_cond - D_null), w = 1 is the plain sampler, w = 0 ignores the actions."""
+    model = tiny_model()
+    x, mask, rows = torch.rand(4, 8, 5) * 2 - 1, model.cond_mask(), torch.ones(4, 8, dtype=torch.bool)
+    other = x.clone()
+    other[..., 3:] = torch.rand(4, 8, 2) * 2 - 1  # the same states, other actions
+    loss = lambda seg, drop: model.loss(seg, mask, rows, torch.Generator().manual_seed(0), drop=drop)  # noqa: E731
+    all_dropped = torch.ones(4, dtype=torch.bool)
+    assert torch.equal(loss(x, all_dropped), loss(other, all_dropped))
+    assert not torch.allclose(loss(x, None), loss(other, None))
+    assert torch.equal(loss(x, torch.zeros(4, dtype=torch.bool)), loss(x, None))
+    null = model.drop_actions(x, torch.tensor([True, False, False, True]))
+    assert (null[[0, 3], :, 3:] == diffusion.NULL_ACTION).all() and torch.equal(null[[1, 2]], x[[1, 2]])
+    assert torch.equal(null[..., :3], x[..., :3])
+    # the guided denoiser against its definition
+    xt, sigma = torch.randn(4, 8, 5), torch.full((4,), 0.7)
+    d_cond = model.denoise(xt, sigma, x, mask, model.ema)
+    d_null = model.denoise(xt, sigma, model.drop_actions(x), mask, model.ema)
+    torch.testing.assert_close(model.guided_denoise(xt, sigma, x, mask, 1.0), d_cond)
+    guided = model.guided_denoise(xt, sigma, x, mask, 2.5)
+    torch.testing.assert_close(guided[:, ~mask], (d_null + 2.5 * (d_cond - d_null))[:, ~mask])
+    assert torch.equal(guided[:, mask], x[:, mask])  # the conditions stay inpainted
+    # sampling: w = 0 gives the same states whatever the actions, w = 1 and 3 do not
+    sample = lambda cond, w: model.sample(cond, mask, 4, torch.Generator().manual_seed(1), guidance=w)[..., :3]  # noqa: E731
+    assert torch.allclose(sample(x, 0.0), sample(other, 0.0), atol=1e-6)
+    assert torch.equal(sample(x, 1.0), model.sample(x, mask, 4, torch.Generator().manual_seed(1))[..., :3])
+    assert not torch.allclose(sample(x, 1.0), sample(other, 1.0)) and not torch.allclose(sample(x, 3.0), sample(x, 1.0))
+    # the cache key: without dropout as before the option existed, with it part of the key
+    assert "action_dropout" not in diffusion.cache_settings(SimpleNamespace(obs_dim=3, act_dim=2), diffusion.DMConfig())
+    assert diffusion.cache_settings(SimpleNamespace(obs_dim=3, act_dim=2),
+                                    diffusion.DMConfig(action_dropout=0.1))["action_dropout"] == 0.1
+
+
 def test_sampler_is_deterministic_for_a_seed():
     """Sampler: the same generator seed gives the same samples."""
     model = tiny_model()
@@ -1210,14 +1244,16 @@ def test_flags_fill_each_component_config_by_name():
     flags = ["--rollout-batch", "7", "--horizon", "16", "--rollout-length", "40", "--iterations", "3",
              "--sampler-steps", "5", "--sampler-solver", "heun", "--sampler-churn", "2.5", "--filter", "softmax",
              "--keep-fraction", "0.3", "--temperature", "0.2", "--update-weight", "0.7", "--sdedit-sigma", "1.5",
-             "--dm-dim", "24", "--dm-mults", "1", "2",
+             "--next-state", "ensemble", "--guidance", "1.8", "--dm-dim", "24", "--dm-mults", "1", "2",
              "--dm-act", "mish", "--dm-train-steps", "11", "--dm-batch-size", "13", "--dm-lr", "0.01",
-             "--dm-warmup-steps", "3", "--dm-lr-schedule", "constant", "--dm-grad-clip", "0.5", "--model-seed", "4"]
+             "--dm-warmup-steps", "3", "--dm-lr-schedule", "constant", "--dm-grad-clip", "0.5",
+             "--dm-action-dropout", "0.2", "--model-seed", "4"]
     args = parse_args(flags)
-    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2, 0.7, 1.5)
+    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2, 0.7, 1.5,
+                                                              "ensemble", 1.8)
     assert train.dm_config(args) == diffusion.DMConfig(horizon=16, dim=24, dim_mults=(1, 2), act="mish", train_steps=11,
                                                        batch_size=13, lr=0.01, warmup_steps=3, lr_schedule="constant",
-                                                       grad_clip=0.5, seed=4)
+                                                       grad_clip=0.5, action_dropout=0.2, seed=4)
     assert train.fit_config(args).seed == 4
     # the cpu preset's defaults are the configs' own
     defaults = parse_args([])
@@ -1401,6 +1437,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     (["--temperature", "-1"], "--temperature must be positive (got -1.0)"),
     (["--update-weight", "0"], "--update-weight must be in (0, 1] (got 0.0)"),
     (["--sdedit-sigma", "-1"], "--sdedit-sigma must be 0 (off) or positive (got -1.0)"),
+    (["--guidance", "2"], "--guidance 2.0 needs a DM that also learned without the actions: add --dm-action-dropout"),
+    (["--guidance", "-1", "--dm-action-dropout", "0.1"], "--guidance must be 0 or more (got -1.0; 1 = off)"),
+    (["--dm-action-dropout", "1"], "--dm-action-dropout must be in [0, 1) (got 1.0)"),
     (["--rollout-batch", "0"], "--rollout-batch must be positive"),
     (["--rollout-length", "16"], "--rollout-length 16 must be at least --horizon 32"),
     (["--iterations", "-1"], "--iterations must be 0 or more"),

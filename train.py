@@ -124,6 +124,9 @@ class Args:
     """0: the DM samples from pure noise (paper); > 0: it refines the previous trajectory noised to this sigma"""
     next_state: Literal["trajectory", "ensemble"] = ROLLOUT.next_state
     """s' of each synthetic transition: the trajectory's next row (paper), or the ensemble's one step from its state"""
+    guidance: float = ROLLOUT.guidance
+    """w of classifier-free guidance on the actions: D_null + w (D_cond - D_null); 1 = off (paper); needs
+    --dm-action-dropout > 0"""
     synthetic_capacity: int = 30_000
     """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
     dm_dim: int = DM.dim
@@ -144,6 +147,8 @@ class Args:
     """DM learning rate after the warm-up: cosine decay to 0 at the last step, or constant (paper)"""
     dm_grad_clip: float = DM.grad_clip
     """gradient-norm clipping of the DM (0: none; paper none)"""
+    dm_action_dropout: float = DM.action_dropout
+    """share of DM training segments without their actions, for --guidance (0: off, paper)"""
     model_seed: int = 0
     """seed of the pretrained models; shared by all learner seeds, so they are trained once and cached"""
 
@@ -169,7 +174,7 @@ IQL_DATASETS = {
 DM_FLAGS = {"horizon": "horizon", "dim": "dm_dim", "dim_mults": "dm_mults", "act": "dm_act",
             "train_steps": "dm_train_steps", "batch_size": "dm_batch_size", "lr": "dm_lr",
             "warmup_steps": "dm_warmup_steps", "lr_schedule": "dm_lr_schedule", "grad_clip": "dm_grad_clip",
-            "seed": "model_seed"}
+            "action_dropout": "dm_action_dropout", "seed": "model_seed"}
 
 
 def rollout_config(args: Args, **override) -> dydiff.RolloutConfig:
@@ -225,6 +230,9 @@ def resolve(args: Args) -> Args:
     if args.rollout_length < args.horizon:
         raise ConfigError(f"--rollout-length {args.rollout_length} must be at least --horizon {args.horizon}: "
                           f"a rollout is made of DM windows of H rows")
+    if args.guidance != 1.0 and not args.dm_action_dropout:
+        raise ConfigError(f"--guidance {args.guidance} needs a DM that also learned without the actions: "
+                          f"add --dm-action-dropout 0.1 (or use --guidance 1)")
     if not 0.0 <= args.real_ratio <= 1.0:
         raise ConfigError(f"--real-ratio must be in [0, 1] (got {args.real_ratio})")
     known_reward = args.env.split("-")[0] in dynamics.ENV_REWARDS

@@ -126,7 +126,7 @@ def ensemble_predict(ens: Ensemble, seed: int = 0):
 
 # -- The DM as a predictor of any horizon ----------------------------------------------------------
 def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, S_churn: float = 0.0,
-               solver: str = "euler"):
+               solver: str = "euler", guidance: float = 1.0):
     """The DM as a ``predict(s0, actions) -> states`` callable on numpy arrays (rollout_error's API): states
     s_0..s_T for T actions, in chained H-windows (dydiff.generate_chained). The DM wants an action on
     every row, so the last action is repeated on the row of s_T (and up to H rows)."""
@@ -137,7 +137,7 @@ def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, 
         T = a.shape[1]
         a = torch.cat([a, a[:, -1:].expand(-1, max(T + 1, model.horizon) - T, -1)], 1)
         states = dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, solver=solver,
-                                         S_churn=S_churn)
+                                         S_churn=S_churn, guidance=guidance)
         return states[:, :T + 1].cpu().numpy()
 
     return predict

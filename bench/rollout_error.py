@@ -220,7 +220,8 @@ def main(args: Args) -> None:
     s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
     out = {"env": args.env, "dataset_id": data.dataset_id, "n_starts": args.n_starts, "H": p.horizon, "T": T,
            "sampler_steps": N, "sampler_solver": p.sampler_solver, "sampler_churn": p.sampler_churn,
-           "update_weight": p.update_weight, "sdedit_sigma": p.sdedit_sigma, "dm": asdict(dm_config(p)),
+           "update_weight": p.update_weight, "sdedit_sigma": p.sdedit_sigma, "guidance": p.guidance,
+           "dm": asdict(dm_config(p)),
            "train_flags": args.train_flags, "horizons": list(range(1, T)), "by_policy": {}}
     if maze_env:
         maze = maze_eval_env(args.env).unwrapped.maze
@@ -244,7 +245,7 @@ def main(args: Args) -> None:
         if maze_env:
             res[check]["simulator"] = validity(true, true)
         res["transition_error"]["simulator"] = transition_error(data, true, actions, args.env, maze_env)  # ~0: a check
-        dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
+        dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver, guidance=p.guidance)
         preds = {"ensemble": (ensemble_predict(ens, args.seed)(s0, actions), true),
                  "dm": (dm_pred(s0, actions), true)}
         preds_actions = {"ensemble": actions, "dm": actions}
