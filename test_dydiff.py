@@ -1685,6 +1685,14 @@ def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rollout_error_checks_its_train_flags_as_train_py_does():
+    """bench/rollout_error.py: --train-flags get train.py's own checks, one line before any work."""
+    import rollout_error
+
+    with pytest.raises(SystemExit, match=r"^error: --train-flags: --guidance 2.0 needs a DM that also learned without"):
+        rollout_error.main(rollout_error.Args(env="maze2d-umaze", train_flags="--guidance 2"))
+
+
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
     """bench/rollout_error.py: a rollout through a wall cell, or whose step its velocity does not explain, is
     impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""

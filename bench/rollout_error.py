@@ -203,7 +203,8 @@ def main(args: Args) -> None:
     import dydiff
     from data import load_dataset
     from rebuild import maze_eval_env
-    from train import dm_config, parse_args, pretrain, rollout_config
+    from runs import ConfigError
+    from train import dm_config, parse_args, pretrain, resolve, rollout_config
 
     torch.set_num_threads(args.threads)
     maze_env = args.env.startswith("maze2d")
@@ -211,7 +212,10 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d or "
                          "hopper/walker2d/halfcheetah env")
     t0 = time.time()
-    p = parse_args(["--env", args.env, "--preset", args.preset, *shlex.split(args.train_flags)])
+    try:  # train.py's own checks of --train-flags (e.g. --guidance needs --dm-action-dropout)
+        p = resolve(parse_args(["--env", args.env, "--preset", args.preset, *shlex.split(args.train_flags)]))
+    except ConfigError as exc:
+        raise SystemExit(f"error: --train-flags: {exc}") from None
     data = load_dataset(args.env)
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
     ens, dm = models.ensemble, models.dm
