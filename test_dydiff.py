@@ -1693,6 +1693,35 @@ def test_rollout_error_checks_its_train_flags_as_train_py_does():
         rollout_error.main(rollout_error.Args(env="maze2d-umaze", train_flags="--guidance 2"))
 
 
+def test_pool_pairs_runs_from_several_results_files(tmp_path):
+    """bench/pool.py: arms taken from two results files pair by seed with bench/compare.py's interval; a seed
+    given twice, an arm a file lacks or a different setting is one line."""
+    import pool
+
+    def results(name, arms, **extra):
+        runs = [{"algo": "td3bc", "arm": arm, "seed": seed, "final": score, "last": score, "best": score + 1,
+                 "cpu_s": 60.0} for arm, scores in arms.items() for seed, score in scores.items()]
+        out = {"env": "maze2d-umaze", "steps": [50000], "preset": "cpu", "flags": "", "dydiff_flags": name,
+               "runs": runs, **extra}
+        (tmp_path / f"{name}.json").write_text(json.dumps(out))
+        return str(tmp_path / f"{name}.json")
+
+    old = results("old", {"plain": {0: 50.0, 1: 60.0, 2: 70.0}, "dydiff": {0: 0.0, 1: 0.0, 2: 0.0}})
+    new = results("new", {"dydiff": {0: 55.0, 1: 70.0, 2: 71.0}})
+    out = pool.pool((f"{old}:plain", new))
+    final = next(p for p in out["paired"] if p["name"] == "dydiff-plain" and p["metric"] == "final_score")
+    assert final["seeds"] == [0, 1, 2] and final["differences"] == [5.0, 10.0, 1.0]
+    assert final["mean"] == pytest.approx(16 / 3) and final["ci_low"] <= final["mean"] <= final["ci_high"]
+    dydiff_runs = [r for r in out["runs"] if r["arm"] == "dydiff"]
+    assert {r["dydiff_flags"] for r in dydiff_runs} == {"new"} and {r["source"] for r in dydiff_runs} == {"new.json"}
+    with pytest.raises(SystemExit, match=r"^error: td3bc dydiff seed 0 is in old.json and in new.json"):
+        pool.pool((old, new))
+    with pytest.raises(SystemExit, match=r"^error: .*old.json has no runs of arm ensemble"):
+        pool.pool((f"{old}:ensemble", new))
+    other = results("other", {"dydiff": {5: 1.0}}, preset="paper")
+    with pytest.raises(SystemExit, match=r"^error: other.json has preset='paper'"):
+        pool.pool((f"{old}:plain", other))
+
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
     """bench/rollout_error.py: a rollout through a wall cell, or whose step its velocity does not explain, is
     impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""

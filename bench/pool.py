@@ -1,0 +1,113 @@
+"""Pool the runs of several A/B results files (bench/compare.py's JSON) into one table: more seeds for an
+interval that straddles zero, or a second set of DyDiff runs paired with arms that were run earlier.
+
+    python bench/pool.py bench/results/ablation_maze2d-umaze_td3bc_sdedit02.json \
+        bench/results/ablation_maze2d-umaze_td3bc_s10.json --name ablation_maze2d-umaze_td3bc_s5-14
+    python bench/pool.py bench/results/ablation_maze2d-medium_td3bc_ms1_dm7200.json:plain,ensemble \
+        bench/results/ablation_maze2d-medium_td3bc_ms1.json:dydiff --name ablation_maze2d-medium_td3bc_ms1_pooled
+
+Each source is a results file, optionally with ":arm,arm" to take only those arms from it. The run
+folders are not needed: this works from the files, so results measured on another machine or in an
+earlier session pool with today's. The sources must agree on env, preset, steps and learner flags, and no
+(learner, arm, seed) may come from two sources. The DyDiff flags of each source are kept beside every run
+it gives, so a reader sees which settings an arm's runs had (e.g. an ensemble-only arm does not depend on
+the DM's flags, a DyDiff arm does). Writes bench/results/<name>.json (runs, groups per arm, the paired
+differences with 95% BCa intervals as bench/compare.py computes them) and <name>.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+from compare import paired, paired_markdown
+from summarize import RESULTS
+
+
+@dataclass
+class Args:
+    sources: tyro.conf.Positional[tuple[str, ...]]
+    """results files of bench/compare.py, each optionally suffixed with :arm[,arm] to take only those arms"""
+    name: str = "pooled"
+    """base name of the output files"""
+    results: str = str(RESULTS)
+    """folder the pooled files are written to"""
+
+
+def read_source(spec: str) -> tuple[dict, list[dict], str]:
+    path, _, arms = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if not Path(path).exists():
+        raise SystemExit(f"error: {path}: no such results file (give bench/compare.py's JSON, optionally :arm,arm)")
+    out = json.loads(Path(path).read_text())
+    if "runs" not in out or "env" not in out:
+        raise SystemExit(f"error: {path} is not a bench/compare.py results file (no 'env' or 'runs')")
+    wanted = set(arms.split(",")) if arms else None
+    runs = [{**r, "source": Path(path).name, "dydiff_flags": out.get("dydiff_flags", "")}
+            for r in out["runs"] if wanted is None or r["arm"] in wanted]
+    if wanted and (missing := wanted - {r["arm"] for r in runs}):
+        raise SystemExit(f"error: {path} has no runs of arm {', '.join(sorted(missing))} (its arms: "
+                         f"{', '.join(sorted({r['arm'] for r in out['runs']}))})")
+    return out, runs, Path(path).name
+
+
+def pool(specs: tuple[str, ...]) -> dict:
+    if len(specs) < 2:
+        raise SystemExit("error: give two or more results files to pool")
+    sources = [read_source(s) for s in specs]
+    first = sources[0][0]
+    for out, _, name in sources[1:]:
+        for key in ("env", "preset", "steps", "flags"):
+            if out.get(key) != first.get(key):
+                raise SystemExit(f"error: {name} has {key}={out.get(key)!r}, {sources[0][2]} has {first.get(key)!r}: "
+                                 f"only runs of one setting pool")
+    runs, seen = [], {}
+    for _, taken, name in sources:
+        for r in taken:
+            key = (r["algo"], r["arm"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"error: {r['algo']} {r['arm']} seed {r['seed']} is in {seen[key]} and in {name}: "
+                                 f"take that arm from one of them (file:arm,arm)")
+            seen[key] = name
+            runs.append(r)
+    # bench/compare.py's paired() reads the summaries' key names
+    scored = [{**r, "final_score": r["final"], "last_score": r["last"], "best_score": r["best"]} for r in runs]
+    groups = []
+    for algo, arm in sorted({(r["algo"], r["arm"]) for r in runs}):
+        rs = sorted((r for r in runs if r["algo"] == algo and r["arm"] == arm), key=lambda r: r["seed"])
+        groups.append({"algo": algo, "arm": arm, "seeds": [r["seed"] for r in rs],
+                       "sources": sorted({r["source"] for r in rs}),
+                       **{f"{m}_mean": float(np.mean([r[m] for r in rs])) for m in ("final", "last", "best")},
+                       **{f"{m}_std": float(np.std([r[m] for r in rs])) for m in ("final", "last", "best")},
+                       "cpu_min_mean": float(np.mean([(r.get("cpu_s") or np.nan) / 60 for r in rs]))})
+    arms = {r["arm"] for r in runs}
+    pairs = [p for algo in sorted({r["algo"] for r in runs}) for other in ("plain", "ensemble")
+             if "dydiff" in arms and other in arms for metric in ("final_score", "last_score", "best_score")
+             if (p := paired(scored, algo, "dydiff", other, metric)) is not None]
+    return {"env": first["env"], "steps": first.get("steps"), "preset": first.get("preset"),
+            "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups, "paired": pairs}
+
+
+def markdown(out: dict) -> str:
+    lines = ["| learner | arm | seeds | final | last | best | CPU min per run | from |", "|---|---|---|---|---|---|---|---|"]
+    for g in out["groups"]:
+        lines.append(f"| {g['algo']} | {g['arm']} | {len(g['seeds'])} | {g['final_mean']:.1f} +- {g['final_std']:.1f} | "
+                     f"{g['last_mean']:.1f} | {g['best_mean']:.1f} | {g['cpu_min_mean']:.1f} | "
+                     f"{', '.join(g['sources'])} |")
+    return "\n".join(lines) + "\n\n" + paired_markdown(out["paired"])
+
+
+def main(args: Args) -> None:
+    out = pool(args.sources)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    (results / f"{args.name}.md").write_text(markdown(out) + "\n")
+    print(markdown(out))
+    print(f"wrote {results / args.name}.json and .md")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
