@@ -72,7 +72,7 @@ def pool(specs: tuple[str, ...]) -> dict:
                                  f"take that arm from one of them (file:arm,arm)")
             seen[key] = name
             runs.append(r)
-    # bench/compare.py's paired() reads the summaries' key names
+    # bench/compare.py's paired() reads the summaries' key names; std over seeds as bench/summarize.py (ddof 0)
     scored = [{**r, "final_score": r["final"], "last_score": r["last"], "best_score": r["best"]} for r in runs]
     groups = []
     for algo, arm in sorted({(r["algo"], r["arm"]) for r in runs}):
