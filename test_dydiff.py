@@ -1722,6 +1722,7 @@ def test_pool_pairs_runs_from_several_results_files(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: other.json has preset='paper'"):
         pool.pool((f"{old}:plain", other))
 
+
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
     """bench/rollout_error.py: a rollout through a wall cell, or whose step its velocity does not explain, is
     impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""

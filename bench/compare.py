@@ -158,6 +158,13 @@ def paired(runs: list[dict], algo: str, arm: str = "dydiff", other: str = "plain
             "dydiff_wins": int((d > 0).sum())}
 
 
+def all_paired(runs: list[dict], algos, arms) -> list[dict]:
+    """dydiff - plain and dydiff - ensemble (for the arms present) per learner, on the final, last and best score."""
+    return [p for algo in algos for other in ("plain", "ensemble") if "dydiff" in arms and other in arms
+            for metric in ("final_score", "last_score", "best_score")
+            if (p := paired(runs, algo, "dydiff", other, metric)) is not None]
+
+
 def paired_markdown(rows: list[dict]) -> str:
     lines = ["| learner | difference | score | seeds | mean | 95% CI | first arm ahead on |", "|---|---|---|---|---|---|---|"]
     for p in rows:
@@ -200,9 +207,7 @@ def main(args: Args) -> None:
     arm_of = {run_name(args, *job): job[1] for job in grid}
     runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([Path(args.run_dir) / name for name in arm_of])]
     rows = aggregate(runs)
-    pairs = [p for algo in args.algos for other in ("plain", "ensemble") if "dydiff" in args.arms and other in args.arms
-             for metric in ("final_score", "last_score", "best_score")
-             if (p := paired(runs, algo, "dydiff", other, metric)) is not None]
+    pairs = all_paired(runs, args.algos, args.arms)
     out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset, "flags": args.flags,
            "dydiff_flags": args.dydiff_flags, "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",

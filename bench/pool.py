@@ -2,9 +2,9 @@
 interval that straddles zero, or a second set of DyDiff runs paired with arms that were run earlier.
 
     python bench/pool.py bench/results/ablation_maze2d-umaze_td3bc_sdedit02.json \
-        bench/results/ablation_maze2d-umaze_td3bc_s10.json --name ablation_maze2d-umaze_td3bc_s5-14
+        bench/results/compare_maze2d-umaze_td3bc_s10-14.json --name ablation_maze2d-umaze_td3bc_s5-14
     python bench/pool.py bench/results/ablation_maze2d-medium_td3bc_ms1_dm7200.json:plain,ensemble \
-        bench/results/ablation_maze2d-medium_td3bc_ms1.json:dydiff --name ablation_maze2d-medium_td3bc_ms1_pooled
+        bench/results/compare_maze2d-medium_td3bc_ms1.json:dydiff --name ablation_maze2d-medium_td3bc_ms1
 
 Each source is a results file, optionally with ":arm,arm" to take only those arms from it. The run
 folders are not needed: this works from the files, so results measured on another machine or in an
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from compare import paired, paired_markdown
+from compare import all_paired, paired_markdown
 from summarize import RESULTS
 
 
@@ -82,10 +82,7 @@ def pool(specs: tuple[str, ...]) -> dict:
                        **{f"{m}_mean": float(np.mean([r[m] for r in rs])) for m in ("final", "last", "best")},
                        **{f"{m}_std": float(np.std([r[m] for r in rs])) for m in ("final", "last", "best")},
                        "cpu_min_mean": float(np.mean([(r.get("cpu_s") or np.nan) / 60 for r in rs]))})
-    arms = {r["arm"] for r in runs}
-    pairs = [p for algo in sorted({r["algo"] for r in runs}) for other in ("plain", "ensemble")
-             if "dydiff" in arms and other in arms for metric in ("final_score", "last_score", "best_score")
-             if (p := paired(scored, algo, "dydiff", other, metric)) is not None]
+    pairs = all_paired(scored, sorted({r["algo"] for r in runs}), {r["arm"] for r in runs})
     return {"env": first["env"], "steps": first.get("steps"), "preset": first.get("preset"),
             "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups, "paired": pairs}
 
