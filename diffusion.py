@@ -360,7 +360,7 @@ class DMConfig:
     dim: int = 32  # U-Net base width
     dim_mults: tuple[int, ...] = (1, 2, 4)  # U-Net width multipliers per level
     act: str = "silu"  # activation: silu or mish
-    train_steps: int = 1800  # gradient steps
+    train_steps: int = 7200  # gradient steps
     batch_size: int = 96  # segments per gradient step
     lr: float = 2.5e-3  # Adam learning rate after the warm-up
     warmup_steps: int = 200  # linear learning-rate warm-up
