@@ -1723,6 +1723,38 @@ def test_pool_pairs_runs_from_several_results_files(tmp_path):
         pool.pool((f"{old}:plain", other))
 
 
+def test_pool_renames_arms_and_pairs_any_two(tmp_path):
+    """bench/pool.py: file:arm=new pools two variants of one arm side by side, --pairs a-b pairs them by seed
+    (and is not repeated where it is a default pair); a name with '-' or an absent arm is one line."""
+    import pool
+
+    def results(name, arms):
+        runs = [{"algo": "td3bc", "arm": arm, "seed": seed, "final": score, "last": score, "best": score,
+                 "cpu_s": 60.0} for arm, scores in arms.items() for seed, score in scores.items()]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"env": "maze2d-umaze", "steps": [50000], "preset": "cpu",
+                                                           "flags": "", "runs": runs}))
+        return str(tmp_path / f"{name}.json")
+
+    old = results("old", {"plain": {0: 50.0, 1: 60.0, 2: 70.0}, "dydiff": {0: 40.0, 1: 65.0, 2: 60.0}})
+    new = results("new", {"dydiff": {0: 55.0, 1: 70.0, 2: 71.0}})
+    out = pool.pool((f"{old}:plain,dydiff=dydiff_old", new), pairs=("dydiff-dydiff_old", "dydiff_old-plain",
+                                                                      "dydiff-plain"))
+    final = {p["name"]: p for p in out["paired"] if p["metric"] == "final_score"}
+    assert sorted(final) == ["dydiff-dydiff_old", "dydiff-plain", "dydiff_old-plain"]
+    assert final["dydiff-dydiff_old"]["differences"] == [15.0, 5.0, 11.0]
+    assert final["dydiff_old-plain"]["differences"] == [-10.0, 5.0, -10.0]
+    assert final["dydiff_old-plain"]["dydiff_wins"] == 1  # the first arm ahead on one seed
+    assert len([p for p in out["paired"] if p["name"] == "dydiff-plain"]) == 3  # final, last, best: once each
+    renamed = [r for r in out["runs"] if r["arm"] == "dydiff_old"]
+    assert len(renamed) == 3 and {r["source_arm"] for r in renamed} == {"dydiff"}
+    assert "source_arm" not in next(r for r in out["runs"] if r["arm"] == "dydiff")
+    with pytest.raises(SystemExit, match=r"^error: --pairs dydiff-ensemble: give first-second, two arm names .*"
+                                         r"\(arms: dydiff, dydiff_old, plain\)"):
+        pool.pool((f"{old}:plain,dydiff=dydiff_old", new), pairs=("dydiff-ensemble",))
+    with pytest.raises(SystemExit, match=r"^error: .*old.json:dydiff=dm-1800: arm name 'dm-1800' must be letters"):
+        pool.pool((f"{old}:dydiff=dm-1800", new))
+
+
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
     """bench/rollout_error.py: a rollout through a wall cell, or whose step its velocity does not explain, is
     impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""

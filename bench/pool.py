@@ -5,8 +5,13 @@ interval that straddles zero, or a second set of DyDiff runs paired with arms th
         bench/results/compare_maze2d-umaze_td3bc_s10-14.json --name ablation_maze2d-umaze_td3bc_s5-14
     python bench/pool.py bench/results/ablation_maze2d-medium_td3bc_ms1_dm7200.json:plain,ensemble \
         bench/results/compare_maze2d-medium_td3bc_ms1.json:dydiff --name ablation_maze2d-medium_td3bc_ms1
+    python bench/pool.py bench/results/ablation_maze2d-umaze_td3bc_dm7200_s5-14.json \
+        bench/results/ablation_maze2d-umaze_td3bc_s5-14.json:dydiff=dydiff1800 \
+        --pairs dydiff-dydiff1800 dydiff1800-ensemble --name ablation_maze2d-umaze_td3bc_dm1800-vs-7200
 
-Each source is a results file, optionally with ":arm,arm" to take only those arms from it. The run
+Each source is a results file, optionally with ":arm,arm" to take only those arms from it; "arm=new"
+renames an arm, so two variants of one arm (DyDiff with two DMs) pool side by side. dydiff - plain and
+dydiff - ensemble are paired whenever those arms are present; --pairs adds any other "a-b". The run
 folders are not needed: this works from the files, so results measured on another machine or in an
 earlier session pool with today's. The sources must agree on env, preset, steps and learner flags, and no
 (learner, arm, seed) may come from two sources. The DyDiff flags of each source are kept beside every run
@@ -17,43 +22,61 @@ differences with 95% BCa intervals as bench/compare.py computes them) and <name>
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tyro
 
-from compare import all_paired, paired_markdown
+from compare import all_paired, paired, paired_markdown
 from summarize import RESULTS
+
+ARM_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 @dataclass
 class Args:
     sources: tyro.conf.Positional[tuple[str, ...]]
-    """results files of bench/compare.py, each optionally suffixed with :arm[,arm] to take only those arms"""
+    """results files of bench/compare.py, each optionally suffixed with :arm[,arm] to take only those arms
+    (arm=new renames one)"""
     name: str = "pooled"
     """base name of the output files"""
     results: str = str(RESULTS)
     """folder the pooled files are written to"""
+    pairs: tuple[str, ...] = ()
+    """more differences to pair by seed, as first-second arm names, e.g. dydiff-dydiff1800 ensemble-plain"""
 
 
 def read_source(spec: str) -> tuple[dict, list[dict], str]:
+    """(results, its runs: all, or those of the arms named after ':', renamed where 'arm=new', the file's name)."""
     path, _, arms = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     if not Path(path).exists():
         raise SystemExit(f"error: {path}: no such results file (give bench/compare.py's JSON, optionally :arm,arm)")
     out = json.loads(Path(path).read_text())
     if "runs" not in out or "env" not in out:
         raise SystemExit(f"error: {path} is not a bench/compare.py results file (no 'env' or 'runs')")
-    wanted = set(arms.split(",")) if arms else None
-    runs = [{**r, "source": Path(path).name, "dydiff_flags": out.get("dydiff_flags", "")}
-            for r in out["runs"] if wanted is None or r["arm"] in wanted]
-    if wanted and (missing := wanted - {r["arm"] for r in runs}):
+    rename = dict((a.partition("=")[0], a.partition("=")[2] or a.partition("=")[0]) for a in arms.split(",") if a)
+    for new in rename.values():
+        if not ARM_NAME.fullmatch(new):
+            raise SystemExit(f"error: {spec}: arm name {new!r} must be letters, digits and _ (a '-' separates "
+                             f"the two arms of a --pairs difference)")
+    runs = []
+    for r in out["runs"]:
+        if rename and r["arm"] not in rename:
+            continue
+        run = {**r, "arm": rename.get(r["arm"], r["arm"]), "source": Path(path).name,
+               "dydiff_flags": out.get("dydiff_flags", "")}
+        if run["arm"] != r["arm"]:
+            run["source_arm"] = r["arm"]  # the arm's name in its own file
+        runs.append(run)
+    if rename and (missing := rename.keys() - {r["arm"] for r in out["runs"]}):
         raise SystemExit(f"error: {path} has no runs of arm {', '.join(sorted(missing))} (its arms: "
                          f"{', '.join(sorted({r['arm'] for r in out['runs']}))})")
     return out, runs, Path(path).name
 
 
-def pool(specs: tuple[str, ...]) -> dict:
+def pool(specs: tuple[str, ...], pairs: tuple[str, ...] = ()) -> dict:
     if len(specs) < 2:
         raise SystemExit("error: give two or more results files to pool")
     sources = [read_source(s) for s in specs]
@@ -82,9 +105,18 @@ def pool(specs: tuple[str, ...]) -> dict:
                        **{f"{m}_mean": float(np.mean([r[m] for r in rs])) for m in ("final", "last", "best")},
                        **{f"{m}_std": float(np.std([r[m] for r in rs])) for m in ("final", "last", "best")},
                        "cpu_min_mean": float(np.mean([(r.get("cpu_s") or np.nan) / 60 for r in rs]))})
-    pairs = all_paired(scored, sorted({r["algo"] for r in runs}), {r["arm"] for r in runs})
+    algos, arms = sorted({r["algo"] for r in runs}), {r["arm"] for r in runs}
+    rows = all_paired(scored, algos, arms)
+    for spec in pairs:
+        a, _, b = spec.partition("-")
+        if a not in arms or b not in arms:
+            raise SystemExit(f"error: --pairs {spec}: give first-second, two arm names of the pooled runs (arms: "
+                             f"{', '.join(sorted(arms))})")
+        rows += [p for algo in algos for metric in ("final_score", "last_score", "best_score")
+                 if f"{a}-{b}" not in {q["name"] for q in rows if q["algo"] == algo and q["metric"] == metric}
+                 and (p := paired(scored, algo, a, b, metric)) is not None]
     return {"env": first["env"], "steps": first.get("steps"), "preset": first.get("preset"),
-            "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups, "paired": pairs}
+            "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups, "paired": rows}
 
 
 def markdown(out: dict) -> str:
@@ -97,7 +129,7 @@ def markdown(out: dict) -> str:
 
 
 def main(args: Args) -> None:
-    out = pool(args.sources)
+    out = pool(args.sources, args.pairs)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{args.name}.json").write_text(json.dumps(out, indent=2))
