@@ -243,10 +243,10 @@ class Args:
 
 def main(args: Args) -> None:
     from data import CheckpointError, DatasetError, load_dataset
-    from train import dm_config, parse_args
+    from train import dm_config, parse_args, resolve
 
     torch.set_num_threads(args.threads)
-    p = parse_args(["--preset", args.preset])
+    p = resolve(parse_args(["--env", args.env, "--preset", args.preset]))  # train.py's settings for this dataset
     try:
         data = load_dataset(args.env)
         model, info = diffusion.load_or_train(data, dm_config(p))
