@@ -158,11 +158,13 @@ def paired(runs: list[dict], algo: str, arm: str = "dydiff", other: str = "plain
             "dydiff_wins": int((d > 0).sum())}
 
 
-def all_paired(runs: list[dict], algos, arms) -> list[dict]:
-    """dydiff - plain and dydiff - ensemble (for the arms present) per learner, on the final, last and best score."""
-    return [p for algo in algos for other in ("plain", "ensemble") if "dydiff" in arms and other in arms
-            for metric in ("final_score", "last_score", "best_score")
-            if (p := paired(runs, algo, "dydiff", other, metric)) is not None]
+def all_paired(runs: list[dict], algos, arms, extra: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+    """dydiff - plain and dydiff - ensemble (for the arms present), then each extra (arm, other) pair not among
+    them, per learner, on the final, last and best score."""
+    default = [("dydiff", other) for other in ("plain", "ensemble") if "dydiff" in arms and other in arms]
+    pairs = default + [pair for pair in dict.fromkeys(extra) if pair not in default]
+    return [p for algo in algos for arm, other in pairs for metric in ("final_score", "last_score", "best_score")
+            if (p := paired(runs, algo, arm, other, metric)) is not None]
 
 
 def paired_markdown(rows: list[dict]) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from compare import all_paired, paired, paired_markdown
+from compare import all_paired, paired_markdown
 from summarize import RESULTS
 
 ARM_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -56,7 +56,10 @@ def read_source(spec: str) -> tuple[dict, list[dict], str]:
     out = json.loads(Path(path).read_text())
     if "runs" not in out or "env" not in out:
         raise SystemExit(f"error: {path} is not a bench/compare.py results file (no 'env' or 'runs')")
-    rename = dict((a.partition("=")[0], a.partition("=")[2] or a.partition("=")[0]) for a in arms.split(",") if a)
+    rename = {}  # arm in the file -> arm in the pool ("dydiff" alone keeps its name)
+    for a in filter(None, arms.split(",")):
+        name, _, new = a.partition("=")
+        rename[name] = new or name
     for new in rename.values():
         if not ARM_NAME.fullmatch(new):
             raise SystemExit(f"error: {spec}: arm name {new!r} must be letters, digits and _ (a '-' separates "
@@ -106,17 +109,14 @@ def pool(specs: tuple[str, ...], pairs: tuple[str, ...] = ()) -> dict:
                        **{f"{m}_std": float(np.std([r[m] for r in rs])) for m in ("final", "last", "best")},
                        "cpu_min_mean": float(np.mean([(r.get("cpu_s") or np.nan) / 60 for r in rs]))})
     algos, arms = sorted({r["algo"] for r in runs}), {r["arm"] for r in runs}
-    rows = all_paired(scored, algos, arms)
-    for spec in pairs:
-        a, _, b = spec.partition("-")
+    extra = tuple(spec.partition("-")[::2] for spec in pairs)
+    for spec, (a, b) in zip(pairs, extra):
         if a not in arms or b not in arms:
             raise SystemExit(f"error: --pairs {spec}: give first-second, two arm names of the pooled runs (arms: "
                              f"{', '.join(sorted(arms))})")
-        rows += [p for algo in algos for metric in ("final_score", "last_score", "best_score")
-                 if f"{a}-{b}" not in {q["name"] for q in rows if q["algo"] == algo and q["metric"] == metric}
-                 and (p := paired(scored, algo, a, b, metric)) is not None]
     return {"env": first["env"], "steps": first.get("steps"), "preset": first.get("preset"),
-            "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups, "paired": rows}
+            "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups,
+            "paired": all_paired(scored, algos, arms, extra)}
 
 
 def markdown(out: dict) -> str:

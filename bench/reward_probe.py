@@ -81,7 +81,8 @@ def main(args: Args) -> None:
 
     torch.set_num_threads(1)
     data = load_dataset("maze2d-umaze")
-    p = resolve(parse_args(["--env", "maze2d-umaze", "--reward", "model"]))  # the cpu preset, with the learned reward model
+    # the cpu preset, with the learned reward model
+    p = resolve(parse_args(["--env", "maze2d-umaze", "--reward", "model"]))
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads
     reward_model = models.reward_model
     out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
