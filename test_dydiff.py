@@ -1755,6 +1755,35 @@ def test_pool_renames_arms_and_pairs_any_two(tmp_path):
         pool.pool((f"{old}:dydiff=dm-1800", new))
 
 
+def test_compare_pairs_any_two_arms_after_the_default_pairs(tmp_path):
+    """bench/compare.py --pairs ensemble-plain: finished runs are reused (none started) and paired by seed after
+    dydiff - plain and dydiff - ensemble; an arm that does not run is one line, before any run starts."""
+    import compare
+
+    args = compare.Args(env="maze2d-umaze", seeds=(0, 1), algos=("td3bc",), arms=("plain", "ensemble", "dydiff"),
+                        pairs=("ensemble-plain",), run_dir=str(tmp_path / "runs"), results=str(tmp_path / "out"),
+                        name="ab")
+    for arm, scores in {"plain": (50.0, 60.0), "ensemble": (70.0, 62.0), "dydiff": (65.0, 70.0)}.items():
+        for seed, score in zip(args.seeds, scores):
+            folder = Path(args.run_dir) / compare.run_name(args, "td3bc", arm, seed)
+            folder.mkdir(parents=True)
+            (folder / "config.json").write_text(json.dumps({"preset": "cpu", "iterations": 0 if arm == "ensemble" else 2}))
+            (folder / "summary.json").write_text(json.dumps({
+                "env": "maze2d-umaze", "algo": "td3bc", "dydiff": arm != "plain", "seed": seed, "steps": 15000,
+                "final_score": score, "last_score": score, "best_score": score + 1, "best_step": 15000,
+                "wall_time_s": 1.0, "cpu_time_s": 1.0, "updates_per_s": 1.0,
+                "evaluations": [{"step": 5000 * i, "score": score} for i in (1, 2, 3)]}))
+    compare.main(args)
+    out = json.loads((tmp_path / "out" / "ab.json").read_text())
+    final = {p["name"]: p["differences"] for p in out["paired"] if p["metric"] == "final_score"}
+    assert list(final) == ["dydiff-plain", "dydiff-ensemble", "ensemble-plain"]
+    assert final["ensemble-plain"] == [20.0, 2.0] and final["dydiff-ensemble"] == [-5.0, 8.0]
+    with pytest.raises(SystemExit, match=r"^error: --pairs ensemble-iql: give first-second, two arm names of the "
+                                         r"runs \(arms: dydiff, ensemble, plain\)$"):
+        compare.main(replace(args, pairs=("ensemble-iql",), run_dir=str(tmp_path / "empty")))
+    assert not (tmp_path / "empty").exists()
+
+
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
     """bench/rollout_error.py: a rollout through a wall cell, or whose step its velocity does not explain, is
     impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""

@@ -15,9 +15,9 @@ seed share the learner's seed and the evaluation episodes, so they are compared 
 
 The score of a run is its final score, the mean of its last 3 evaluations (each of --eval-episodes
 episodes, 100 by default); last and best are reported too. Per arm: mean and std over seeds. Per
-learner: the paired differences dydiff - plain and dydiff - ensemble (for the arms run) with 95% bootstrap
-confidence intervals over seeds (scipy.stats.bootstrap, BCa, 10,000 resamples), for the final, last and
-best scores. Writes, all from the run summaries:
+learner: the paired differences dydiff - plain and dydiff - ensemble (for the arms run; --pairs adds others,
+e.g. ensemble-plain) with 95% bootstrap confidence intervals over seeds (scipy.stats.bootstrap, BCa, 10,000
+resamples), for the final, last and best scores. Writes, all from the run summaries:
   bench/results/<name>.json  {"env", "steps", "runs": [...], "groups": [per arm], "paired": [per learner], ...}
   bench/results/<name>.md    the two markdown tables
   bench/results/<name>.png   learning curves, mean and min-max band over seeds
@@ -76,6 +76,9 @@ class Args:
     share_ensemble: bool = False
     """the ensemble arm reuses the untagged runs: for a tag that only changes the DM's refinement (e.g.
     --sdedit-sigma), which ensemble-only rounds never use"""
+    pairs: tuple[str, ...] = ()
+    """more differences to pair by seed, as first-second arm names, e.g. ensemble-plain (dydiff-plain and
+    dydiff-ensemble are paired wherever those arms run)"""
     jobs: int = 1
     """runs at once (keep 1 where the vCPUs share a core)"""
     run_dir: str = "runs/compare"
@@ -158,6 +161,16 @@ def paired(runs: list[dict], algo: str, arm: str = "dydiff", other: str = "plain
             "dydiff_wins": int((d > 0).sum())}
 
 
+def parse_pairs(specs: tuple[str, ...], arms) -> tuple[tuple[str, str], ...]:
+    """--pairs: each "first-second" as (first, second), both among the arms; else a one-line error."""
+    out = tuple(tuple(spec.partition("-")[::2]) for spec in specs)
+    for spec, (a, b) in zip(specs, out):
+        if a not in arms or b not in arms:
+            raise SystemExit(f"error: --pairs {spec}: give first-second, two arm names of the runs (arms: "
+                             f"{', '.join(sorted(arms))})")
+    return out
+
+
 def all_paired(runs: list[dict], algos, arms, extra: tuple[tuple[str, str], ...] = ()) -> list[dict]:
     """dydiff - plain and dydiff - ensemble (for the arms present), then each extra (arm, other) pair not among
     them, per learner, on the final, last and best score."""
@@ -179,6 +192,7 @@ def paired_markdown(rows: list[dict]) -> str:
 def main(args: Args) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
+    extra = parse_pairs(args.pairs, args.arms)  # checked before any run starts
     grid = [(algo, arm, seed) for algo in args.algos for arm in args.arms for seed in args.seeds]
     if args.dry_run:
         for job in grid:
@@ -209,7 +223,7 @@ def main(args: Args) -> None:
     arm_of = {run_name(args, *job): job[1] for job in grid}
     runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([Path(args.run_dir) / name for name in arm_of])]
     rows = aggregate(runs)
-    pairs = all_paired(runs, args.algos, args.arms)
+    pairs = all_paired(runs, args.algos, args.arms, extra)
     out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset, "flags": args.flags,
            "dydiff_flags": args.dydiff_flags, "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from compare import all_paired, paired_markdown
+from compare import all_paired, paired_markdown, parse_pairs
 from summarize import RESULTS
 
 ARM_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -109,11 +109,7 @@ def pool(specs: tuple[str, ...], pairs: tuple[str, ...] = ()) -> dict:
                        **{f"{m}_std": float(np.std([r[m] for r in rs])) for m in ("final", "last", "best")},
                        "cpu_min_mean": float(np.mean([(r.get("cpu_s") or np.nan) / 60 for r in rs]))})
     algos, arms = sorted({r["algo"] for r in runs}), {r["arm"] for r in runs}
-    extra = tuple(spec.partition("-")[::2] for spec in pairs)
-    for spec, (a, b) in zip(pairs, extra):
-        if a not in arms or b not in arms:
-            raise SystemExit(f"error: --pairs {spec}: give first-second, two arm names of the pooled runs (arms: "
-                             f"{', '.join(sorted(arms))})")
+    extra = parse_pairs(pairs, arms)
     return {"env": first["env"], "steps": first.get("steps"), "preset": first.get("preset"),
             "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups,
             "paired": all_paired(scored, algos, arms, extra)}
