@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -414,19 +415,53 @@ def load_or_train_cached(data: OfflineData, kind: str, settings: dict, train: Ca
 
     Returns (checkpoint dict, its path, whether it came from the cache). A cached file is used only when
     it was made from this dataset with these settings; otherwise `train()` runs and its dict is saved
-    (atomically) with the dataset fingerprint and the settings beside it."""
+    (atomically) with the dataset fingerprint and the settings beside it. Training holds a lock: see
+    training_lock."""
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
     key = hashlib.sha256(json.dumps([kind, data.fingerprint, settings], sort_keys=True).encode()).hexdigest()[:12]
     path = data.cache_dir / f"{kind}_{key}.pt"
-    if path.exists() and not retrain:
+
+    def cached() -> dict:
         ckpt = load_checkpoint(path, "delete it and it will be retrained", device)
         if (ckpt.get("kind"), ckpt.get("fingerprint"), ckpt.get("settings")) != (kind, data.fingerprint, settings):
             raise CheckpointError(f"{path} is not a {kind} model of {data.dataset_id} with these settings; "
                                   f"delete it and it will be retrained")
-        return ckpt, path, True
-    ckpt = {"kind": kind, "fingerprint": data.fingerprint, "settings": settings, **train()}
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        return ckpt
+
+    if path.exists() and not retrain:
+        return cached(), path, True
+    with training_lock(path) as waited:
+        if path.exists() and (waited or not retrain):  # another run trained it while this one waited
+            return cached(), path, True
+        ckpt = {"kind": kind, "fingerprint": data.fingerprint, "settings": settings, **train()}
+        write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
     return ckpt, path, False
+
+
+@contextmanager
+def training_lock(path: Path):
+    """An exclusive lock on <path>.lock while the model of `path` is trained, so that runs started together
+    (the seeds of bench/compare.py, bench/pretrain.py beside a run) train it once: the others wait, then
+    load it. Yields whether it had to wait. flock is released by the OS when its holder dies, so a crash
+    never leaves a stale lock; where there is no fcntl (Windows), there is no lock either."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            print(f"waiting for another process that is training {path.name} (it holds {f.name})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 if __name__ == "__main__":

@@ -602,6 +602,37 @@ def test_dynamics_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
         path.write_bytes(backup)
 
 
+def test_model_cache_lock_makes_a_second_run_wait_and_load_instead_of_training(tmp_path, capsys):
+    """Cache: while one process trains a model (it holds <file>.lock), another one asking for the same
+    model waits, then loads that process's file instead of training its own copy."""
+    fcntl = pytest.importorskip("fcntl")
+    import threading
+    from types import SimpleNamespace
+
+    import data as data_mod
+
+    fake = SimpleNamespace(cache_dir=tmp_path, fingerprint="f" * 16, dataset_id="test/fake-v0")
+    calls, result = [], {}
+    train_fn = lambda: calls.append(1) or {"w": torch.ones(2)}  # noqa: E731
+    _, path, cached = data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, train_fn)
+    assert calls == [1] and not cached
+    path.unlink()  # as if never trained; now another process trains it and holds the lock
+    with open(path.with_suffix(".lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: result.update(
+            zip(("ckpt", "path", "cached"), data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, train_fn))))
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive() and not path.exists()  # waiting, not training
+        ckpt = {"kind": "dynamics", "fingerprint": fake.fingerprint, "settings": {"seed": 0}, "w": torch.full((2,), 7.0)}
+        data_mod.write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        fcntl.flock(held, fcntl.LOCK_UN)
+    t.join(timeout=30)
+    assert not t.is_alive() and calls == [1] and result["cached"] and result["path"] == path
+    torch.testing.assert_close(result["ckpt"]["w"], torch.full((2,), 7.0))  # the other process's model
+    assert "waiting for another process that is training" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------- diffusion.py: EDM + temporal U-Net
 @pytest.mark.parametrize("D,H,mults", [(3, 8, (1, 2)), (8, 32, (1, 2, 4)), (17, 12, (1, 2, 4)), (5, 5, (1,))])
 def test_unet_output_shape_equals_input(D, H, mults):
