@@ -458,10 +458,7 @@ def training_lock(path: Path):
             print(f"waiting for another process that is training {path.name} (it holds {f.name})", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
             waited = True
-        try:
-            yield waited
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield waited  # closing the file releases the lock, on success and on error
 
 
 if __name__ == "__main__":
