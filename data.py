@@ -9,7 +9,8 @@ A D4RL-style name means D4RL's recipe; it loads the first found of these Minari 
     stronger "medium" and no medium-replay or medium-expert: only --dataset-id loads it.)
 If none is here the rebuild is built (rebuild.py: the maze planner in minutes, SAC for about an hour per
 locomotion env), unless build=False: then a one-line DatasetError says how to get it. The dataset is then
-flattened to transition arrays, cached beside it (dydiff_cache/flat.npz), rebuilt when its files change.
+flattened to transition arrays, cached beside it (dydiff_cache/flat.npz), rebuilt when its files or the
+flattening code change.
 
 Also the diffusion model's training windows (segments of H rows inside episodes) and the plumbing every
 other file shares: the transition buffer, atomic file writes, the one
@@ -21,10 +22,13 @@ pretrained models beside the dataset.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import json
 import os
 import socket
+import textwrap
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -231,17 +235,18 @@ def load_dataset(env: str | None = None, dataset_id: str | None = None, steps: i
     cache_dir = root / "dydiff_cache"
     fingerprint = _fingerprint(dataset_id, root)
     cache = cache_dir / "flat.npz"
+    flat_key = f"{fingerprint}:{code_digest(_flatten)}"  # the files and the code that flattens them
     arrays = None
     if cache.exists():
         try:
             with np.load(cache) as z:
-                if str(z["fingerprint"]) == fingerprint:
+                if str(z["fingerprint"]) == flat_key:
                     arrays = {k: z[k] for k in z.files if k != "fingerprint"}
         except Exception:  # a corrupt cache is rebuilt, never trusted
             arrays = None
     if arrays is None:
         arrays = _flatten(ds)
-        write_atomic(cache, lambda tmp: np.savez(tmp, fingerprint=fingerprint, **arrays))
+        write_atomic(cache, lambda tmp: np.savez(tmp, fingerprint=flat_key, **arrays))
     meta = ds.storage.metadata
     data = OfflineData(dataset_id=dataset_id, ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"),
                        fingerprint=fingerprint, cache_dir=cache_dir, minari_dataset=ds, **arrays)
@@ -409,23 +414,57 @@ def load_checkpoint(path: Path, fix: str, device: str | torch.device = "cpu") ->
     return state
 
 
-def load_or_train_cached(data: OfflineData, kind: str, settings: dict, train: Callable[[], dict],
-                         device: str | torch.device = "cpu", retrain: bool = False) -> tuple[dict, Path, bool]:
-    """The cache of pretrained models: <dataset>/dydiff_cache/<kind>_<hash of dataset and settings>.pt.
+def source(obj) -> str:
+    """The source text of a module, class or function (a seam: tests replace it to simulate an edit)."""
+    return inspect.getsource(obj)
 
-    Returns (checkpoint dict, its path, whether it came from the cache). A cached file is used only when
-    it was made from this dataset with these settings; otherwise `train()` runs and its dict is saved
-    (atomically) with the dataset fingerprint and the settings beside it. Training holds a lock: see
-    training_lock."""
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
-    key = hashlib.sha256(json.dumps([kind, data.fingerprint, settings], sort_keys=True).encode()).hexdigest()[:12]
+
+def code_digest(*objs, skip: tuple[str, ...] = ()) -> str:
+    """A digest of what the code of `objs` (modules, classes, functions, or source text) does: sha256 of their parsed source
+    (ast.dump) without docstrings and without the definitions named in `skip` ("Class.method" or "function").
+    Parsed, so comments, docstrings, blank lines and line breaks do not change it and every token that can
+    change behaviour does; a hand-bumped version number forgets edits, a digest of the raw text retrains on
+    a comment."""
+    h = hashlib.sha256()
+    for obj in objs:
+        tree = ast.parse(textwrap.dedent(obj if isinstance(obj, str) else source(obj)))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if not isinstance(body, list):
+                continue
+            scope = getattr(node, "name", "")
+            body[:] = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                                               and isinstance(n.value.value, str))  # a docstring
+                       and not (isinstance(n, (ast.FunctionDef, ast.ClassDef)) and
+                                (n.name in skip or f"{scope}.{n.name}" in skip))] or [ast.Pass()]
+        h.update(ast.dump(tree).encode())
+    return h.hexdigest()[:12]
+
+
+def arrays_digest() -> str:
+    """code_digest of the code that turns a dataset into the arrays and windows the models train on."""
+    return code_digest(_flatten, OfflineData, segment_index, gather_segments)
+
+
+def load_or_train_cached(data: OfflineData, kind: str, settings: dict, code: dict[str, str], train: Callable[[], dict],
+                         device: str | torch.device = "cpu", retrain: bool = False) -> tuple[dict, Path, bool]:
+    """The cache of pretrained models: <dataset>/dydiff_cache/<kind>_<hash of dataset, settings and code>.pt.
+
+    code: {file: code_digest} of the code that defines and trains the model, so an edit to it retrains the
+    model instead of loading one that code which no longer exists has made. Returns (checkpoint dict, its
+    path, whether it came from the cache); before training it prints one line saying why. A cached file is
+    used only when it was made from this dataset with these settings and this code; otherwise `train()` runs
+    and its dict is saved (atomically) with them beside it. Training holds a lock: see training_lock."""
+    settings, code = json.loads(json.dumps(settings)), dict(code)  # tuples -> lists, as they come back from the file
+    key = hashlib.sha256(json.dumps([kind, data.fingerprint, settings, code], sort_keys=True).encode()).hexdigest()[:12]
     path = data.cache_dir / f"{kind}_{key}.pt"
+    header = {"kind": kind, "fingerprint": data.fingerprint, "settings": settings, "code": code}
 
     def cached() -> dict:
         ckpt = load_checkpoint(path, "delete it and it will be retrained", device)
-        if (ckpt.get("kind"), ckpt.get("fingerprint"), ckpt.get("settings")) != (kind, data.fingerprint, settings):
-            raise CheckpointError(f"{path} is not a {kind} model of {data.dataset_id} with these settings; "
-                                  f"delete it and it will be retrained")
+        if {k: ckpt.get(k) for k in header} != header:
+            raise CheckpointError(f"{path} is not a {kind} model of {data.dataset_id} with these settings and this "
+                                  f"code; delete it and it will be retrained")
         return ckpt
 
     if path.exists() and not retrain:
@@ -433,9 +472,35 @@ def load_or_train_cached(data: OfflineData, kind: str, settings: dict, train: Ca
     with training_lock(path) as waited:
         if path.exists() and (waited or not retrain):  # another run trained it while this one waited
             return cached(), path, True
-        ckpt = {"kind": kind, "fingerprint": data.fingerprint, "settings": settings, **train()}
+        print(f"{kind}: not loaded from the cache, training it ({'--retrain' if retrain else why_not_cached(data.cache_dir, header)})",
+              flush=True)
+        ckpt = {**header, **train()}
         write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        write_atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(header, indent=1)))
     return ckpt, path, False
+
+
+def why_not_cached(cache_dir: Path, header: dict) -> str:
+    """Why no cached model fits, from the headers (<kind>_<key>.json) of the others of this kind and dataset:
+    the nearest one's other code (which files) or other settings (which, then -> now)."""
+    near = []
+    for f in sorted(cache_dir.glob(f"{header['kind']}_*.json")):
+        try:
+            other = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("fingerprint") == header["fingerprint"]:
+            settings = sorted(k for k in header["settings"] | other.get("settings", {})
+                              if other.get("settings", {}).get(k) != header["settings"].get(k))
+            files = sorted(k for k in header["code"] | other.get("code", {}) if other.get("code", {}).get(k) != header["code"].get(k))
+            near.append((len(settings), len(files), settings, files, other))
+    if not near:
+        return "no cached model of this dataset"
+    _, _, settings, files, other = min(near, key=lambda n: n[:2])
+    if settings:
+        return "other settings than the cached one (" + ", ".join(
+            f"{k} {other['settings'].get(k)} -> {header['settings'].get(k)}" for k in settings[:4]) + ")"
+    return f"other code than the cached one ({', '.join(files)} changed)"
 
 
 @contextmanager

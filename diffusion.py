@@ -20,12 +20,6 @@ extra, *unscaled* input channels (each row's action, and s_0 repeated on every r
 alone they reach the network multiplied by c_in ~ 1/sigma, so at high noise it barely sees them and
 must learn to follow them from many more training steps (the official code trains ~375k).
 
-Optional, not in the paper: classifier-free guidance on the actions (Ho & Salimans, 2022). Trained with
-DMConfig.action_dropout > 0, a share of the segments have their actions replaced by NULL_ACTION (in the
-inpainted entries and in the condition channels), so the one network also learns D_null(x; sigma | s_0),
-the states the *data's* actions would lead to from s_0. Sampling with guidance w uses
-D_null + w (D_cond - D_null): w > 1 moves the states further in the direction the given actions push them.
-
 ``python bench/pretrain.py --env maze2d-umaze`` trains (or loads) the DM and prints its validation loss;
 ``python bench/fidelity.py`` compares its rollouts with the ensemble's against the simulator (Figure 3).
 """
@@ -42,14 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import gather_segments, load_or_train_cached, segment_index
+from data import arrays_digest, code_digest, gather_segments, load_or_train_cached, segment_index
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln(sigma) ~ N(P_MEAN, P_STD^2)
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002  # the paper's churn window; gamma = min(S_churn/N, sqrt(2)-1)
-MODEL_VERSION = 3  # part of the cache key: bump whenever the network's inputs, layout or box change
-NULL_ACTION = -2.0  # the dropped actions' value: outside the box [-1, 1], so never a real action
 
 
 # -- Temporal U-Net (Diffuser-style, 1-D convolutions over time) -----------------------------------
@@ -229,12 +221,6 @@ class DynamicsDiffusion(nn.Module):
         mask[:, self.obs_dim:] = True
         return mask
 
-    def drop_actions(self, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """cond with the actions of the segments where drop (B,) is True (all, when None) set to NULL_ACTION."""
-        is_action = torch.arange(cond.shape[-1], device=cond.device) >= self.obs_dim
-        where = is_action if drop is None else drop[:, None, None] & is_action
-        return torch.where(where, NULL_ACTION, cond)
-
     # ---- EDM preconditioning ----
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
                 net: nn.Module | None = None) -> torch.Tensor:
@@ -255,11 +241,9 @@ class DynamicsDiffusion(nn.Module):
         return torch.where(cond_mask, cond, c_skip * x + c_out * F_x)
 
     def loss(self, x: torch.Tensor, cond_mask: torch.Tensor, loss_mask: torch.Tensor,
-             generator: torch.Generator | None = None, net: nn.Module | None = None,
-             drop: torch.Tensor | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, net: nn.Module | None = None) -> torch.Tensor:
         """EDM loss on the generated entries of valid rows. x: (B, H, D) clean segments in [-1, 1];
-        cond_mask: (H, D) or (B, H, D); loss_mask: (B, H), True on real rows (a prefix of each segment);
-        drop: (B,) bool, segments trained without their actions (classifier-free guidance), or None.
+        cond_mask: (H, D) or (B, H, D); loss_mask: (B, H), True on real rows (a prefix of each segment).
 
         Padded rows are overwritten with the last real row before anything else, so neither their loss
         nor their content (which the convolutions would otherwise see) depends on what the caller put there."""
@@ -270,8 +254,7 @@ class DynamicsDiffusion(nn.Module):
         sigma = (P_MEAN + P_STD * torch.randn(B, device=x.device, generator=generator)).exp()
         noise = torch.randn(x.shape, device=x.device, generator=generator) * sigma[:, None, None]
         weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
-        cond = x if drop is None else self.drop_actions(x, drop)
-        err = weight[:, None, None] * (self.denoise(x + noise, sigma, cond, cond_mask, net) - x) ** 2
+        err = weight[:, None, None] * (self.denoise(x + noise, sigma, x, cond_mask, net) - x) ** 2
         keep = (~cond_mask & loss_mask[..., None]).float()
         return (err * keep).sum() / keep.sum().clamp(min=1)
 
@@ -283,27 +266,15 @@ class DynamicsDiffusion(nn.Module):
         torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - beta)
 
     # ---- sampling ----
-    def guided_denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
-                       guidance: float = 1.0) -> torch.Tensor:
-        """The EMA denoiser with classifier-free guidance w on the actions: D_null + w (D_cond - D_null), both
-        in one batch; w = 1 is D_cond alone (one network call), w = 0 ignores the actions."""
-        if guidance == 1.0:
-            return self.denoise(x, sigma, cond, cond_mask, self.ema)
-        both = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, self.drop_actions(cond)]),
-                            cond_mask, self.ema)
-        d_cond, d_null = both.chunk(2)
-        return torch.where(cond_mask, cond, d_null + guidance * (d_cond - d_null))
-
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, sampler_steps: int = 8,
                generator: torch.Generator | None = None, solver: str = "euler", S_churn: float = 0.0,
                S_min: float = S_MIN, S_max: float = S_MAX, S_noise: float = S_NOISE, x_start: torch.Tensor | None = None,
-               sigma_start: float = SIGMA_MAX, guidance: float = 1.0) -> torch.Tensor:
+               sigma_start: float = SIGMA_MAX) -> torch.Tensor:
         """EDM's sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when S_churn = 0) with the EMA weights.
         cond: (B, H, D) values in [-1, 1] at the cond_mask entries; returns (B, H, D) in [-1, 1] space.
         'heun': 2 N - 1 network calls (no correction on the last step, to sigma = 0); 'euler': N (DDIM's).
-        x_start: start from it noised to sigma_start instead of from pure noise (SDEdit, Meng et al. 2022).
-        guidance: w of classifier-free guidance on the actions (guided_denoise; a DM trained with action_dropout)."""
+        x_start: start from it noised to sigma_start instead of from pure noise (SDEdit, Meng et al. 2022)."""
         if solver not in ("euler", "heun"):
             raise ValueError(f"unknown sampler solver {solver!r}: use 'euler' or 'heun'")
         i = torch.arange(sampler_steps, dtype=torch.float64)
@@ -318,11 +289,11 @@ class DynamicsDiffusion(nn.Module):
             if gamma > 0:
                 eps = torch.randn(x.shape, device=x.device, generator=generator) * S_noise
                 x = torch.where(cond_mask, cond, x + math.sqrt(t_hat**2 - t_cur**2) * eps)
-            d = (x - self.guided_denoise(x, torch.full((B,), t_hat, device=x.device), cond, cond_mask, guidance)) / t_hat
+            d = (x - self.denoise(x, torch.full((B,), t_hat, device=x.device), cond, cond_mask, self.ema)) / t_hat
             x_next = x + (t_next - t_hat) * d
             if solver == "heun" and t_next > 0:  # Heun's 2nd-order correction
-                d2 = (x_next - self.guided_denoise(x_next, torch.full((B,), t_next, device=x.device), cond, cond_mask,
-                                                   guidance)) / t_next
+                d2 = (x_next - self.denoise(x_next, torch.full((B,), t_next, device=x.device), cond, cond_mask,
+                                            self.ema)) / t_next
                 x_next = x + (t_next - t_hat) * (d + d2) / 2
             x = torch.where(cond_mask, cond, x_next)
         return x
@@ -368,15 +339,12 @@ class DMConfig:
     grad_clip: float = 1.0  # gradient-norm clipping (0: none)
     ema_halflife: float = 500_000  # EMA half-life in training samples (EDM's default)
     ema_rampup: float = 0.05  # early on the half-life is at most this share of the samples seen (EDM's default)
-    action_dropout: float = 0.0  # share of training segments without their actions (classifier-free guidance; 0: off)
     seed: int = 0  # seed of the initialisation, the batches and the training noise
 
     def __post_init__(self):
         for name in ("dim", "train_steps", "batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
-        if not 0.0 <= self.action_dropout < 1.0:
-            raise ValueError(f"action_dropout must be in [0, 1) (got {self.action_dropout})")
         check_horizon(self.horizon, self.dim_mults)
 
 
@@ -414,9 +382,7 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
     for step in bar:
         pick = torch.randint(len(starts_t), (cfg.batch_size,), generator=gen, device=dev)
         x, mask = gather_segments(X, starts_t[pick], lengths_t[pick], model.horizon)
-        # drawn only when on, so that a DM without guidance is trained on the same random stream as before
-        drop = torch.rand(cfg.batch_size, generator=gen, device=dev) < cfg.action_dropout if cfg.action_dropout else None
-        loss = model.loss(x, cond_mask, mask, generator=gen, drop=drop)
+        loss = model.loss(x, cond_mask, mask, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -437,20 +403,22 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
 
 
 # -- Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached) ---------
-def cache_settings(data, cfg: DMConfig) -> dict:
-    """The settings that key the cache. action_dropout is left out when off, as it was before the option
-    existed, so the DMs cached then are still found."""
-    settings = {"version": MODEL_VERSION, "obs_dim": data.obs_dim, "act_dim": data.act_dim, **asdict(cfg)}
-    if not cfg.action_dropout:
-        del settings["action_dropout"]
-    return settings
+def code_digests() -> dict[str, str]:
+    """The code that defines and trains the DM, as the cache key's digests: this file without the sampler
+    (sample and generate use the trained weights, they do not change them) and data.py's flattening and
+    training windows. An edit there retrains the cached DM; an edit to a comment or a docstring does not."""
+    import sys
+
+    return {"diffusion.py": code_digest(sys.modules[__name__], skip=("DynamicsDiffusion.sample",
+                                                                     "DynamicsDiffusion.generate")),
+            "data.py": arrays_digest()}
 
 
 def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrain: bool = False,
                   progress: bool = True) -> tuple[DynamicsDiffusion, dict]:
     """The DM for ``data`` (an OfflineData): from the cache beside the dataset, else trained now."""
     cfg = cfg or DMConfig()
-    settings = cache_settings(data, cfg)
+    settings = {"obs_dim": data.obs_dim, "act_dim": data.act_dim, **asdict(cfg)}
     raw = np.concatenate([data.obs, data.actions], axis=1)
     # The box of the states spans the next states too: terminal states appear only there, and a box
     # without them would keep every generated state healthy (hopper's terminal could never fire).
@@ -468,11 +436,11 @@ def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrai
         info = train(model, X, starts, lengths, cfg, progress=progress)
         return {"state_dict": model.state_dict(), "info": {**info, "n_params": n_params, "n_segments": len(starts)}}
 
-    ckpt, path, cached = load_or_train_cached(data, "diffusion", settings, train_now, device, retrain)
+    ckpt, path, cached = load_or_train_cached(data, "diffusion", settings, code_digests(), train_now, device, retrain)
     model = DynamicsDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.dim, cfg.dim_mults, act=cfg.act).to(device)
     model.load_state_dict(ckpt["state_dict"])
     info = {**ckpt["info"], "settings": ckpt["settings"], "path": str(path), "cached": cached}
-    print(f"diffusion model: {'loaded' if cached else 'saved'} {path} ({info['train_steps']} steps, "
+    print(f"diffusion model: {'loaded' if cached else 'trained and saved'} {path} ({info['train_steps']} steps, "
           f"{info['train_seconds']:.0f} s, validation loss {info['val_loss']:.4f})")
     return model, info
 

@@ -12,16 +12,15 @@ The steps, each a function below:
                         windows of its H rows, chained when T > H); states = (DM states + previous
                         states) / 2; every action relabelled a_t = pi(s_t). With M = 0 the round is
                         ensemble-only: the initial trajectory goes on to step 4 as it is.
-  4. next_states,       s'_t of each of the T-1 transitions t -> t+1: the trajectory's next row s_{t+1}
-     transition_rewards (the paper), or with next_state='ensemble' (and M > 0) the ensemble's one-step
-                        f(s_t, a_t) from the trajectory's state. r_t of each transition: the reward
-                        model r(s_t, a_t) (the paper), or the task's own reward of (s_t, a_t, s'_t) where
-                        it has one (train.py --reward). A trajectory's score is the sum of these T-1
-                        rewards, the rewards its transitions carry into the buffer. (The official code
-                        also adds the reward model's r(s_{T-1}, a_{T-1}) of the last row, which never
-                        becomes a transition, and the task's reward has no value there.)
-  5. select             hardmax_filter keeps every trajectory scoring at least the (1 - keep_fraction)
-                        quantile; softmax_filter samples that share with p = softmax(z-scored score /
+  4. transition_rewards r_t of each of the T-1 transitions t -> t+1 (s'_t is the trajectory's next row
+                        s_{t+1}): the reward model r(s_t, a_t) (the paper), or the task's own reward of
+                        (s_t, a_t, s_{t+1}) where it has one (train.py --reward). A trajectory's return R
+                        is the sum of these T-1 rewards, the rewards its transitions carry into the
+                        buffer. (The official code also adds the reward model's r(s_{T-1}, a_{T-1}) of
+                        the last row, which never becomes a transition, and the task's reward has no
+                        value there.)
+  5. select             hardmax_filter keeps every trajectory whose return reaches the (1 - keep_fraction)
+                        quantile; softmax_filter samples that share with p = softmax(z-scored return /
                         temperature).
   6. transition_dones,  the terminal flag of every transition, then the kept trajectories cut into
      to_transitions     (s_t, a_t, r_t, s'_t, done_t), t < T-1, each stopped at its first terminal.
@@ -65,13 +64,10 @@ class RolloutConfig:
     sampler_churn: float = 0.0  # S_churn of the sampler; 0 = deterministic
     filter: str = "hardmax"  # step 5: 'hardmax' or 'softmax'
     keep_fraction: float = 0.6  # share of the B trajectories kept
-    temperature: float = 0.05  # softmax filter: temperature on z-scored trajectory scores
+    temperature: float = 0.05  # softmax filter: temperature on z-scored trajectory returns
     update_weight: float = 0.5  # w of step 3: states = w * DM states + (1 - w) * previous states (official 1/2)
     sdedit_sigma: float = 0.2  # > 0: the DM starts from the previous states noised to this sigma (SDEdit), so it
-    # corrects them rather than replaces them; 0: from pure noise, the paper. 0.2 won over 0 on two mazes (README)
-    next_state: str = "trajectory"  # s' of each transition: 'trajectory' = the next row (the paper); 'ensemble' =
-    # the ensemble's one-step f(s_t, a_t) at the trajectory's state s_t: the DM chooses where, the ensemble the step
-    guidance: float = 1.0  # w of classifier-free guidance on the actions (diffusion.guided_denoise); 1: off, the paper
+    # corrects the policy's trajectory rather than replacing it with one drawn from the data; 0: from pure noise, the paper
 
     def __post_init__(self):
         for name in ("rollout_batch", "rollout_length", "sampler_steps", "temperature"):
@@ -79,8 +75,6 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
         if not 0 < self.update_weight <= 1:
             raise ValueError(f"update_weight must be in (0, 1] (got {self.update_weight})")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be 0 or more (got {self.guidance}; 1 = off)")
         if self.sdedit_sigma < 0:
             raise ValueError(f"sdedit_sigma must be 0 (off) or positive (got {self.sdedit_sigma})")
         if self.iterations < 0:
@@ -89,16 +83,8 @@ class RolloutConfig:
             raise ValueError(f"keep_fraction must be in (0, 1] (got {self.keep_fraction})")
         if self.filter not in ("hardmax", "softmax"):
             raise ValueError(f"filter must be 'hardmax' or 'softmax' (got {self.filter!r})")
-        if self.next_state not in ("trajectory", "ensemble"):
-            raise ValueError(f"next_state must be 'trajectory' or 'ensemble' (got {self.next_state!r})")
         if self.sampler_solver not in ("euler", "heun"):
             raise ValueError(f"sampler_solver must be 'euler' or 'heun' (got {self.sampler_solver!r})")
-
-    @property
-    def ensemble_next_state(self) -> bool:
-        """s' is the ensemble's step: asked for, and there are DM states to step from (with M = 0 the
-        trajectory is the ensemble's own already)."""
-        return self.next_state == "ensemble" and self.iterations > 0
 
 
 @dataclass
@@ -212,8 +198,7 @@ def refine(act_fn: ActFn, models: DyDiffModels, states_z: torch.Tensor, actions:
     for _ in range(cfg.iterations):
         start = models.raw(torch.nan_to_num(states_z)) if sdedit else None  # the trajectory the DM corrects
         dm_z = models.zscore(generate_chained(models.dm, models.raw(s_0), actions, cfg.sampler_steps, generator, start,
-                                              solver=cfg.sampler_solver, S_churn=cfg.sampler_churn, guidance=cfg.guidance,
-                                              **sdedit).to(states_z))
+                                              solver=cfg.sampler_solver, S_churn=cfg.sampler_churn, **sdedit).to(states_z))
         # The official code averages with the previous states (the paper does not say so, w = 1/2): a
         # cheap ensemble of the two models, the DM's sample and the previous trajectory.
         # A diverged ensemble state (inf/NaN) would poison the mean; the DM state alone replaces it there.
@@ -236,37 +221,18 @@ def rollout(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: Rollou
     return iterates, {"time_ensemble_s": t1 - t0, "time_dm_s": time.time() - t1}
 
 
-# -- Steps 4-5: next states, rewards, scores and filters --------------------------------------------
+# -- Steps 4-5: rewards, returns and filters --------------------------------------------
 @torch.no_grad()
-def next_states(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor, cfg: RolloutConfig,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Step 4: s'_t of every transition t -> t+1, (B, T-1, obs_dim), z-scored: the trajectory's next rows, or
-    with next_state='ensemble' the ensemble's one-step f(s_t, a_t) in the box. Each DM row is a plausible
-    state, but two consecutive rows are not one physical step: against the simulator, the transitions of
-    DyDiff's trajectory are off by tens of times the ensemble's one-step error from the same states
-    (bench/README.md). With M = 0 the trajectory is the ensemble's own, so it is kept as it is."""
-    if not cfg.ensemble_next_state:
-        return states_z[:, 1:]
-    B, T, obs_dim = states_z.shape
-    n = B * (T - 1)
-    s_next = models.ensemble.step(states_z[:, :-1].reshape(n, obs_dim), actions[:, :-1].reshape(n, -1), generator)
-    return models.in_box(s_next.reshape(B, T - 1, obs_dim), states_z[:, 0])
-
-
-@torch.no_grad()
-def transition_rewards(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor,
-                       next_z: torch.Tensor | None = None) -> torch.Tensor:
+def transition_rewards(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Step 4: r_t of every transition t -> t+1, (B, T-1): the reward model's r(s_t, a_t), or the task's own
-    reward of (s_t, a_t, s'_t) on raw states (next_z: next_states', default the trajectory's next rows); in
-    the learner's units (times reward_scale)."""
+    reward of (s_t, a_t, s_{t+1}) on raw states; in the learner's units (times reward_scale)."""
     B, T, obs_dim = states_z.shape
     n = B * (T - 1)
     s, a = states_z[:, :-1].reshape(n, obs_dim), actions[:, :-1].reshape(n, -1)
     if models.reward_fn is None:
         r = models.reward_model(s, a)
     else:
-        nxt = states_z[:, 1:] if next_z is None else next_z
-        r = models.reward_fn(models.raw(s), a, models.raw(nxt.reshape(n, obs_dim)))
+        r = models.reward_fn(models.raw(s), a, models.raw(states_z[:, 1:].reshape(n, obs_dim)))
     return torch.as_tensor(r, dtype=states_z.dtype, device=states_z.device).reshape(B, T - 1) * models.reward_scale
 
 
@@ -275,53 +241,51 @@ def n_keep(B: int, keep_fraction: float) -> int:  # the softmax filter's count
     return min(B, max(1, math.floor(keep_fraction * B + 1e-6)))
 
 
-def hardmax_filter(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
-    """Step 5: indices (best first) of every trajectory whose score reaches the (1 - keep_fraction)
-    quantile, as the official rule: ties at the threshold are all kept, which matters with a sparse
-    reward, where many trajectories score the same (often 0)."""
-    s = scores.double()
-    threshold = torch.quantile(s, 1.0 - keep_fraction) if keep_fraction < 1 else s.min()
-    kept = torch.nonzero(s >= threshold).squeeze(1)
-    return kept[torch.argsort(s[kept], descending=True, stable=True)]
+def hardmax_filter(returns: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Step 5: indices (best first) of every trajectory whose return reaches the (1 - keep_fraction)
+    quantile, as the official rule: ties at the threshold are all kept. With a sparse reward many
+    trajectories tie (often at 0): when at least 1 - keep_fraction of them never earn a reward, the
+    quantile is 0 and every trajectory is kept, so the filter filters nothing."""
+    R = returns.double()
+    threshold = torch.quantile(R, 1.0 - keep_fraction) if keep_fraction < 1 else R.min()
+    kept = torch.nonzero(R >= threshold).squeeze(1)
+    return kept[torch.argsort(R[kept], descending=True, stable=True)]
 
 
-def softmax_filter(scores: torch.Tensor, keep_fraction: float, temperature: float,
+def softmax_filter(returns: torch.Tensor, keep_fraction: float, temperature: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Step 5: n_keep(B, keep_fraction) distinct indices drawn without replacement, p = softmax(z-scored
-    score / temperature) mixed with a uniform floor. Z-scoring makes the temperature independent of the
+    return / temperature) mixed with a uniform floor. Z-scoring makes the temperature independent of the
     reward scale; the floor keeps every probability positive once exp() underflows, so the draws after the
     favourites stay uniformly random (with p = 0, torch 2.x picks zero-probability indices in a fixed order)."""
-    B = len(scores)
-    s = scores.double()  # float32 exp() underflows already at a score gap of ~5 std for temperature 0.05
-    z = (s - s.mean()) / (s.std(correction=0) + 1e-8)  # equal scores give z = 0: a uniform draw
+    B = len(returns)
+    R = returns.double()  # float32 exp() underflows already at a gap of ~5 std for temperature 0.05
+    z = (R - R.mean()) / (R.std(correction=0) + 1e-8)  # equal returns give z = 0: a uniform draw
     p = (1 - UNIFORM_FLOOR) * torch.softmax(z / temperature, 0) + UNIFORM_FLOOR / B
     return torch.multinomial(p, n_keep(B, keep_fraction), replacement=False, generator=generator)
 
 
-def select(scores: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def select(returns: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Step 5: the indices of the kept trajectories, by cfg.filter."""
     if cfg.filter == "hardmax":
-        return hardmax_filter(scores, cfg.keep_fraction)
-    return softmax_filter(scores, cfg.keep_fraction, cfg.temperature, generator)
+        return hardmax_filter(returns, cfg.keep_fraction)
+    return softmax_filter(returns, cfg.keep_fraction, cfg.temperature, generator)
 
 
 # -- Step 6: terminals and transitions -------------------------------------------------------------
-def transition_dones(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor,
-                     next_z: torch.Tensor | None = None) -> torch.Tensor:
-    """Step 6: done of every transition t -> t+1, (B, T-1) bool, from the terminal function on raw (s_t, a_t, s'_t)
-    (next_z: next_states', default the trajectory's next rows)."""
+def transition_dones(models: DyDiffModels, states_z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Step 6: done of every transition t -> t+1, (B, T-1) bool, from the terminal function on raw
+    (s_t, a_t, s_{t+1})."""
     B, T, obs_dim = states_z.shape
-    nxt = states_z[:, 1:] if next_z is None else next_z
     n = B * (T - 1)
     dones = models.terminal_fn(models.raw(states_z[:, :-1]).reshape(n, obs_dim), actions[:, :-1].reshape(n, -1),
-                               models.raw(nxt).reshape(n, obs_dim))
+                               models.raw(states_z[:, 1:]).reshape(n, obs_dim))
     return torch.as_tensor(dones, device=states_z.device).bool().reshape(B, T - 1)  # 'never' answers on the CPU
 
 
-def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
-                   next_z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Step 6: (s_t, a_t, r_t, s'_t, done_t) for t < T-1, flattened trajectory by trajectory (next_z: next_states',
-    default the trajectory's next rows s_{t+1}).
+def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                   dones: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Step 6: (s_t, a_t, r_t, s_{t+1}, done_t) for t < T-1, flattened trajectory by trajectory.
 
     rewards, dones: (B, T-1), of the transition t -> t+1. A trajectory stops at its first terminal: that
     transition is kept with done = 1, the later ones are dropped (they would continue from a state the
@@ -330,7 +294,7 @@ def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch
     terminals_before = dones.long().cumsum(1) - dones.long()  # terminals strictly before t
     keep = terminals_before == 0
     return {"obs": states_z[:, :-1][keep], "actions": actions[:, :-1][keep], "rewards": rewards[keep],
-            "next_obs": (states_z[:, 1:] if next_z is None else next_z)[keep], "dones": dones[keep].to(states_z.dtype)}
+            "next_obs": states_z[:, 1:][keep], "dones": dones[keep].to(states_z.dtype)}
 
 
 # -- One full round --------------------------------------------------------------------------------
@@ -340,30 +304,27 @@ def rollout_round(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: 
     t0 = time.time()
     iterates, times = rollout(act_fn, models, s0_z, cfg, generator)
     states_z, actions = iterates[-1]
-    next_z = next_states(models, states_z, actions, cfg, generator)
-    rewards = transition_rewards(models, states_z, actions, next_z)
-    scores = rewards.sum(1)
-    kept = select(scores, cfg, generator)
-    dones = transition_dones(models, states_z[kept], actions[kept], next_z[kept])
-    transitions = to_transitions(states_z[kept], actions[kept], rewards[kept], dones, next_z[kept])
-    stats = round_stats(iterates, scores, kept, dones, len(transitions["obs"]))
-    if cfg.ensemble_next_state:  # how far the ensemble's step lands from the trajectory's next row
-        stats["next_state_gap"] = float(((next_z - states_z[:, 1:]) ** 2).mean())
+    rewards = transition_rewards(models, states_z, actions)
+    returns = rewards.sum(1)
+    kept = select(returns, cfg, generator)
+    dones = transition_dones(models, states_z[kept], actions[kept])
+    transitions = to_transitions(states_z[kept], actions[kept], rewards[kept], dones)
+    stats = round_stats(iterates, returns, kept, dones, len(transitions["obs"]))
     return transitions, {**stats, **times, "time_s": time.time() - t0}
 
 
-def round_stats(iterates: list, scores: torch.Tensor, kept: torch.Tensor, dones: torch.Tensor,
+def round_stats(iterates: list, returns: torch.Tensor, kept: torch.Tensor, dones: torch.Tensor,
                 n_transitions: int) -> dict:
-    """What a round logs: counts, the scores kept and rejected, and how far each iteration moved the states
-    (large values mean the DM and the ensemble disagree)."""
-    rejected = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
+    """What a round logs: counts, the share kept, the returns kept and rejected, and how far each iteration
+    moved the states (large values mean the DM and the ensemble disagree)."""
+    rejected = torch.ones(len(returns), dtype=torch.bool, device=returns.device)
     rejected[kept] = False
     shifts = {f"state_shift_m{m}": float(((iterates[m][0] - iterates[m - 1][0]) ** 2).mean())
               for m in range(1, len(iterates))}
-    return {"n_rollouts": len(scores), "n_kept": len(kept), "n_transitions": n_transitions,
-            "score_kept_mean": float(scores[kept].mean()),
-            "score_rejected_mean": float(scores[rejected].mean()) if rejected.any() else float("nan"),
-            "score_mean": float(scores.mean()), "terminated_fraction": float(dones.any(1).float().mean()),
+    return {"n_rollouts": len(returns), "n_kept": len(kept), "kept_share": len(kept) / len(returns),
+            "n_transitions": n_transitions, "return_kept_mean": float(returns[kept].mean()),
+            "return_rejected_mean": float(returns[rejected].mean()) if rejected.any() else float("nan"),
+            "return_mean": float(returns.mean()), "terminated_fraction": float(dones.any(1).float().mean()),
             **shifts}
 
 

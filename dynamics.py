@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import load_or_train_cached
+from data import arrays_digest, code_digest, load_or_train_cached
 
 
 # -- Batched ensemble layers: every member is computed in one bmm, no Python loop over members -----
@@ -251,7 +252,15 @@ def train_models(data, cfg: FitConfig, device="cpu", progress: bool = True):
     return ens, rew, info
 
 
-# -- Cache: trained once per dataset and settings, then loaded (data.load_or_train_cached) ---------
+# -- Cache: trained once per dataset, settings and code, then loaded (data.load_or_train_cached) ---
+def code_digests() -> dict[str, str]:
+    """The code that defines and trains the ensemble and the reward model, as the cache key's digests: this
+    file without what only the rollouts use (the ensemble's step, the terminal and reward functions) and
+    data.py's flattening. An edit there retrains them; an edit to a comment or a docstring does not."""
+    skip = ("Ensemble.step", "terminal_fn", "_maze2d_reward", "env_reward_fn")
+    return {"dynamics.py": code_digest(sys.modules[__name__], skip=skip), "data.py": arrays_digest()}
+
+
 def load_or_train(data, cfg: FitConfig | None = None, device="cpu", retrain: bool = False,
                   progress: bool = True) -> tuple[Ensemble, RewardModel, dict]:
     """(ensemble, reward model, info) for `data`: from the cache beside the dataset, else trained now."""
@@ -261,11 +270,14 @@ def load_or_train(data, cfg: FitConfig | None = None, device="cpu", retrain: boo
         ens, rew, info = train_models(data, cfg, device, progress)
         return {"info": info, "ensemble": ens.state_dict(), "reward": rew.state_dict()}
 
-    ckpt, path, cached = load_or_train_cached(data, "dynamics", asdict(cfg), train, device, retrain)
+    ckpt, path, cached = load_or_train_cached(data, "dynamics", asdict(cfg), code_digests(), train, device, retrain)
     ens = Ensemble(data.obs_dim, data.act_dim, cfg.n_members, cfg.n_elites, cfg.hidden, cfg.n_layers).to(device)
     rew = RewardModel(data.obs_dim, data.act_dim, cfg.reward_hidden, cfg.reward_layers).to(device)
     ens.load_state_dict(ckpt["ensemble"])
     rew.load_state_dict(ckpt["reward"])
+    info = ckpt["info"]
+    print(f"ensemble and reward model: {'loaded' if cached else 'trained and saved'} {path} (holdout MSE "
+          f"{info['ensemble_holdout_mse']:.3g} and {info['reward_holdout_mse']:.3g}, {info['train_time_s']:.0f} s)")
     return ens, rew, {**ckpt["info"], "path": str(path), "cached": cached}
 
 

@@ -10,9 +10,12 @@ SIGKILL loses at most one evaluation interval.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import platform
 import signal
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,16 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import CheckpointError, load_checkpoint, write_atomic
+from data import CheckpointError, code_digest, load_checkpoint, write_atomic
 
-CHECKPOINT_FORMAT = "dydiff-train-v1"
+CHECKPOINT_FORMAT = "dydiff-train-v2"  # v2: every flag in "args" and the code's digests in "provenance"
 NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
 # Flags that may differ when a run is resumed: they change where and how fast it runs, not what it learns
 # (build_data only decides whether a missing dataset may be built; the dataset itself is checked by its fingerprint).
-FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard", "build_data"}
-# A flag newer than a checkpoint counts as the behaviour the code had before the flag: its default then, where
-# the default has changed since (--sdedit-sigma: the DM sampled from noise before the flag; 0.2 now), or may.
-BEFORE_FLAG = {"sdedit_sigma": 0.0, "next_state": "trajectory"}
+FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device", "track_tensorboard", "build_data",
+              "retrain"}
+ROOT = Path(__file__).resolve().parent
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -42,8 +44,42 @@ def read_run_checkpoint(path: Path, fix: str = "delete it to start over") -> dic
     """A train.py checkpoint, or a one-line CheckpointError saying what to do."""
     state = load_checkpoint(path, fix)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a train.py checkpoint; {fix}")
+        made = f"was made by another version of train.py ({state['format']})" if str(state.get("format", "")).startswith(
+            "dydiff-train-") else "is not a train.py checkpoint"
+        raise CheckpointError(f"{path} {made}; {fix}")
     return state
+
+
+def git(*argv: str, root: Path = ROOT) -> str | None:
+    try:
+        out = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def code_digests(root: Path = ROOT) -> dict[str, str]:
+    """{file: code_digest} of every Python file at the top of the project (tests aside): all the code a run executes
+    from here. Comments and docstrings do not change a digest."""
+    return {f.name: code_digest(f.read_text()) for f in sorted(root.glob("*.py")) if not f.name.startswith("test_")}
+
+
+def provenance(root: Path = ROOT) -> dict:
+    """What made a run, so a number can be traced to its code: the git commit, whether the tree had uncommitted
+    changes and a digest of them (the diff against the commit and the untracked files), the code digests and the
+    versions of the numerical libraries."""
+    status = git("status", "--porcelain", "--untracked-files=all", root=root)
+    dirty = bool(status and status.strip())
+    changes = None
+    if dirty:
+        h = hashlib.sha256((git("diff", "HEAD", "--binary", root=root) or "").encode())
+        for line in status.splitlines():
+            if line.startswith("?? ") and (root / line[3:]).is_file():
+                h.update(line[3:].encode() + (root / line[3:]).read_bytes())
+        changes = h.hexdigest()[:12]
+    return {"commit": (git("rev-parse", "HEAD", root=root) or "").strip() or None, "dirty": dirty,
+            "changes_digest": changes, "code": code_digests(root),
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__}}
 
 
 class Run:
@@ -61,6 +97,7 @@ class Run:
         if args.resume and not self.ckpt.exists():
             raise ConfigError(f"nothing to resume: {self.ckpt} does not exist")
         self.wall_before = self.update_time = self.rollout_time = 0.0
+        self.provenance = provenance()
 
     @property
     def stopped(self) -> bool:
@@ -74,13 +111,17 @@ class Run:
             state = read_run_checkpoint(self.ckpt)
             if state["fingerprint"] != data.fingerprint:
                 raise ConfigError(f"{self.ckpt} was made for another dataset ({state['args']['env']}); use another --run-name")
-            now, then, default = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"], asdict(type(args)())))
-            default.update({k: v for k, v in BEFORE_FLAG.items() if k in default})  # the run was made with that behaviour
-            changed = [k for k in now if k not in FREE_FLAGS and then.get(k, default[k]) != now[k]]
+            now, then = (json.loads(json.dumps(a)) for a in (asdict(args), state["args"]))
+            changed = [k for k in now | then if k not in FREE_FLAGS and then.get(k) != now.get(k)]
             if changed:
-                was = ", ".join(f"--{k.replace('_', '-')}={then.get(k, default[k])}" for k in changed)
+                was = ", ".join(f"--{k.replace('_', '-')}={then.get(k)}" for k in changed)
                 raise ConfigError(f"{self.ckpt} was made with other settings ({was}); "
                                   f"resume with the same flags or use another --run-name")
+            other = sorted(f for f in self.provenance["code"] | state["provenance"]["code"]
+                           if self.provenance["code"].get(f) != state["provenance"]["code"].get(f))
+            if other:
+                raise ConfigError(f"{self.ckpt} was made by other code ({', '.join(other)} changed since); "
+                                  f"restore that code to resume it, or start over with another --run-name")
             learner.load_state_dict(state["learner"])
             gen.set_state(state["gen"])
             if synthetic is not None:
@@ -88,12 +129,13 @@ class Run:
             step, self.evals = state["step"], state["evals"]
             self.wall_before, self.update_time, self.rollout_time = (state[k] for k in ("wall_time", "update_time",
                                                                                          "rollout_time"))
-            self.cpu_before = state.get("cpu_time", 0.0)
+            self.cpu_before = state["cpu_time"]
             print(f"resuming {self.path} at step {step}")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.json").write_text(json.dumps({**asdict(args), "device": self.device, "run_name": self.name,
                                                            "dataset_id": data.dataset_id, "ref_min": data.ref_min,
-                                                           "ref_max": data.ref_max}, indent=2))
+                                                           "ref_max": data.ref_max, "provenance": self.provenance},
+                                                          indent=2))
         self.writer = None
         if args.track_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -115,7 +157,7 @@ class Run:
 
     def log_round(self, step: int, stats: dict, buffer_size: int, seconds: float) -> None:
         self.interval_rollout += seconds
-        for k in ("score_kept_mean", "score_rejected_mean", "n_transitions", "time_s"):
+        for k in ("return_kept_mean", "return_rejected_mean", "kept_share", "n_transitions", "time_s"):
             self.scalar(f"dydiff/{k}", stats[k], step)
         self.scalar("dydiff/buffer_size", buffer_size, step)
         self.postfix.update(syn=buffer_size, roll=f"{stats['time_s']:.0f}s")
@@ -155,7 +197,8 @@ class Run:
 
     def save(self, step: int) -> None:
         """The whole state of the run, written atomically (a crash mid-write keeps the last checkpoint)."""
-        state = {"format": CHECKPOINT_FORMAT, "args": asdict(self.args), "fingerprint": self.data.fingerprint,
+        state = {"format": CHECKPOINT_FORMAT, "args": asdict(self.args), "provenance": self.provenance,
+                 "fingerprint": self.data.fingerprint,
                  "step": step, "learner": self.learner.state_dict(), "gen": self.gen.get_state(), "evals": self.evals,
                  "synthetic": self.synthetic.state_dict() if self.synthetic is not None else None,
                  "wall_time": self.wall_time(), "update_time": self.update_time,
@@ -200,7 +243,9 @@ class Run:
                    "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
                    "updates_per_s": step / max(self.update_time, 1e-9), "ref_min": data.ref_min,
                    "ref_max": data.ref_max, "device": self.device,
-                   "threads": args.threads, "evaluations": self.evals}
+                   "threads": args.threads, "evaluations": self.evals,
+                   # what made it: the resolved settings, the commit, uncommitted changes and the code's digests
+                   "settings": json.loads(json.dumps(asdict(args))), "provenance": self.provenance}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curve(self.evals, self.path / "learning_curve.png", f"{NAMES[args.algo]}{' + DyDiff' * args.dydiff}, "
                    f"seed {args.seed}", data.dataset_id)

@@ -29,8 +29,8 @@ import torch.nn as nn
 import diffusion
 import dydiff
 import dynamics
-from data import (LOCOMOTION, LOCOMOTION_ENVS, CheckpointError, DatasetError, MAZE2D, TransitionBuffer, import_d4rl,
-                  load_dataset, normalized_score, open_minari, resolve_env)
+from data import (LOCOMOTION, LOCOMOTION_ENVS, CheckpointError, DatasetError, MAZE2D, TransitionBuffer, code_digest,
+                  import_d4rl, load_dataset, normalized_score, open_minari, resolve_env)
 from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
@@ -169,12 +169,13 @@ def test_episodes_are_cut_at_successes(tiny_data):
 
 
 def test_flat_cache_is_used_and_rebuilt_when_the_dataset_changes(tiny_data, monkeypatch):
-    """Data: the flat arrays are cached and rebuilt when the dataset files change."""
+    """Data: the flat arrays are cached and rebuilt when the dataset files or the flattening code change."""
     import data as data_mod
 
-    calls = []
-    real_flatten = data_mod._flatten
-    monkeypatch.setattr(data_mod, "_flatten", lambda ds: calls.append(1) or real_flatten(ds))
+    calls, real_flatten, real_source = [], data_mod._flatten, data_mod.source
+    counting = lambda ds: calls.append(1) or real_flatten(ds)  # noqa: E731
+    monkeypatch.setattr(data_mod, "_flatten", counting)
+    monkeypatch.setattr(data_mod, "source", lambda obj: real_source(real_flatten if obj is counting else obj))
     again = data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
     assert calls == [] and again.fingerprint == tiny_data.fingerprint  # served from dydiff_cache/flat.npz
     data_file = next((tiny_data.cache_dir.parent / "data").glob("*"))
@@ -182,6 +183,10 @@ def test_flat_cache_is_used_and_rebuilt_when_the_dataset_changes(tiny_data, monk
     rebuilt = data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
     assert calls == [1] and rebuilt.fingerprint != tiny_data.fingerprint
     np.testing.assert_array_equal(rebuilt.obs, tiny_data.obs)
+    edited = lambda obj: real_source(real_flatten).replace("def _flatten(ds)", "def _flatten(ds, edited=1)")  # noqa
+    monkeypatch.setattr(data_mod, "source", lambda obj: edited(obj) if obj is counting else real_source(obj))
+    data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    assert calls == [1, 1]  # the code that flattens changed: the arrays are made again
 
 
 def test_corrupt_flat_cache_is_rebuilt(tiny_data):
@@ -191,7 +196,7 @@ def test_corrupt_flat_cache_is_rebuilt(tiny_data):
     again = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
     np.testing.assert_array_equal(again.obs, tiny_data.obs)
     with np.load(cache) as z:  # and the cache on disk is whole again
-        assert str(z["fingerprint"]) == again.fingerprint
+        assert str(z["fingerprint"]).split(":")[0] == again.fingerprint
 
 
 def test_normalized_score_formula(tiny_data):
@@ -614,17 +619,19 @@ def test_model_cache_lock_makes_a_second_run_wait_and_load_instead_of_training(t
     fake = SimpleNamespace(cache_dir=tmp_path, fingerprint="f" * 16, dataset_id="test/fake-v0")
     calls, result = [], {}
     train_fn = lambda: calls.append(1) or {"w": torch.ones(2)}  # noqa: E731
-    _, path, cached = data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, train_fn)
+    _, path, cached = data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, {"x.py": "c"}, train_fn)
     assert calls == [1] and not cached
     path.unlink()  # as if never trained; now another process trains it and holds the lock
     with open(path.with_suffix(".lock"), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         t = threading.Thread(target=lambda: result.update(
-            zip(("ckpt", "path", "cached"), data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, train_fn))))
+            zip(("ckpt", "path", "cached"),
+                data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, {"x.py": "c"}, train_fn))))
         t.start()
         t.join(timeout=1.0)
         assert t.is_alive() and not path.exists()  # waiting, not training
-        ckpt = {"kind": "dynamics", "fingerprint": fake.fingerprint, "settings": {"seed": 0}, "w": torch.full((2,), 7.0)}
+        ckpt = {"kind": "dynamics", "fingerprint": fake.fingerprint, "settings": {"seed": 0}, "code": {"x.py": "c"},
+                "w": torch.full((2,), 7.0)}
         data_mod.write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
         fcntl.flock(held, fcntl.LOCK_UN)
     t.join(timeout=30)
@@ -743,40 +750,6 @@ def test_sdedit_refines_the_given_states_instead_of_noise(models):
     assert seen[0][1] == 0.5 and torch.allclose(seen[0][0], states * STD + MEAN)
 
 
-def test_classifier_free_guidance_on_the_actions():
-    """CFG: a segment trained with its actions dropped learns nothing from them; sampling with w is
-    D_null + w (D_cond - D_null), w = 1 is the plain sampler, w = 0 ignores the actions."""
-    model = tiny_model()
-    x, mask, rows = torch.rand(4, 8, 5) * 2 - 1, model.cond_mask(), torch.ones(4, 8, dtype=torch.bool)
-    other = x.clone()
-    other[..., 3:] = torch.rand(4, 8, 2) * 2 - 1  # the same states, other actions
-    loss = lambda seg, drop: model.loss(seg, mask, rows, torch.Generator().manual_seed(0), drop=drop)  # noqa: E731
-    all_dropped = torch.ones(4, dtype=torch.bool)
-    assert torch.equal(loss(x, all_dropped), loss(other, all_dropped))
-    assert not torch.allclose(loss(x, None), loss(other, None))
-    assert torch.equal(loss(x, torch.zeros(4, dtype=torch.bool)), loss(x, None))
-    null = model.drop_actions(x, torch.tensor([True, False, False, True]))
-    assert (null[[0, 3], :, 3:] == diffusion.NULL_ACTION).all() and torch.equal(null[[1, 2]], x[[1, 2]])
-    assert torch.equal(null[..., :3], x[..., :3])
-    # the guided denoiser against its definition
-    xt, sigma = torch.randn(4, 8, 5), torch.full((4,), 0.7)
-    d_cond = model.denoise(xt, sigma, x, mask, model.ema)
-    d_null = model.denoise(xt, sigma, model.drop_actions(x), mask, model.ema)
-    torch.testing.assert_close(model.guided_denoise(xt, sigma, x, mask, 1.0), d_cond)
-    guided = model.guided_denoise(xt, sigma, x, mask, 2.5)
-    torch.testing.assert_close(guided[:, ~mask], (d_null + 2.5 * (d_cond - d_null))[:, ~mask])
-    assert torch.equal(guided[:, mask], x[:, mask])  # the conditions stay inpainted
-    # sampling: w = 0 gives the same states whatever the actions, w = 1 and 3 do not
-    sample = lambda cond, w: model.sample(cond, mask, 4, torch.Generator().manual_seed(1), guidance=w)[..., :3]  # noqa: E731
-    assert torch.allclose(sample(x, 0.0), sample(other, 0.0), atol=1e-6)
-    assert torch.equal(sample(x, 1.0), model.sample(x, mask, 4, torch.Generator().manual_seed(1))[..., :3])
-    assert not torch.allclose(sample(x, 1.0), sample(other, 1.0)) and not torch.allclose(sample(x, 3.0), sample(x, 1.0))
-    # the cache key: without dropout as before the option existed, with it part of the key
-    assert "action_dropout" not in diffusion.cache_settings(SimpleNamespace(obs_dim=3, act_dim=2), diffusion.DMConfig())
-    assert diffusion.cache_settings(SimpleNamespace(obs_dim=3, act_dim=2),
-                                    diffusion.DMConfig(action_dropout=0.1))["action_dropout"] == 0.1
-
-
 def test_sampler_is_deterministic_for_a_seed():
     """Sampler: the same generator seed gives the same samples."""
     model = tiny_model()
@@ -876,10 +849,52 @@ def test_dm_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
     try:
         ckpt = torch.load(path, weights_only=True)
         torch.save({**ckpt, "settings": {**ckpt["settings"], "horizon": 16}}, path)
-        with pytest.raises(CheckpointError, match=r"diffusion_.*\.pt is not a diffusion model of .* with these settings"):
+        with pytest.raises(CheckpointError, match=r"diffusion_.*\.pt is not a diffusion model of .* with these settings and this code"):
             diffusion.load_or_train(tiny_data, **kw)
     finally:
         path.write_bytes(backup)
+
+
+def test_model_caches_follow_the_code_not_its_comments(tiny_data, monkeypatch, capsys):
+    """Cache: an edit to the code that defines or trains a model (here through data.source, as if the file had
+    been edited) gives a new key and retrains it, saying why; an edit to a docstring, or to the DM's sampler,
+    which does not change the weights, loads the cached model; --retrain retrains."""
+    import data
+
+    real = data.source
+
+    def edit(module, old: str, new: str):  # the source of `module` as if the file had this edit
+        assert old in real(module)
+        monkeypatch.setattr(data, "source", lambda obj: real(obj).replace(old, new) if obj is module else real(obj))
+
+    kw = dict(cfg=diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=20, batch_size=8, seed=5),
+              progress=False)
+    path = diffusion.load_or_train(tiny_data, **kw)[1]["path"]
+    edit(diffusion, "EDM denoiser over segments", "An edited docstring: EDM denoiser")
+    assert diffusion.load_or_train(tiny_data, **kw)[1]["path"] == path
+    edit(diffusion, "t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist()",
+         "t = torch.cat([t, torch.zeros(1, dtype=torch.float64)]).tolist() + []")  # the sampler: same weights
+    assert diffusion.load_or_train(tiny_data, **kw)[1]["cached"]
+    capsys.readouterr()
+    edit(diffusion, "SIGMA_DATA = 0.5", "SIGMA_DATA = 0.5 + 0.0")  # the network's preconditioning: another model
+    _, info = diffusion.load_or_train(tiny_data, **kw)
+    assert not info["cached"] and info["path"] != path
+    assert "diffusion: not loaded from the cache, training it (other code than the cached one (diffusion.py " \
+           "changed))" in capsys.readouterr().out
+    assert diffusion.load_or_train(tiny_data, **kw)[1]["cached"]  # now cached for the edited code
+
+    fit = replace(TINY, seed=9)
+    first = dynamics.load_or_train(tiny_data, cfg=fit, progress=False)[2]
+    edit(dynamics, '"""r(s, a) with z-scored s', '"""An edited docstring: r(s, a) with z-scored s')
+    assert dynamics.load_or_train(tiny_data, cfg=fit, progress=False)[2]["path"] == first["path"]
+    edit(dynamics, "self.net = BatchedMLP(1, obs_dim + act_dim, 1, hidden, n_layers)",
+         "self.net = BatchedMLP(1, obs_dim + act_dim, 1, hidden, n_layers + 0)")
+    edited = dynamics.load_or_train(tiny_data, cfg=fit, progress=False)[2]
+    assert not edited["cached"] and edited["path"] != first["path"]
+    capsys.readouterr()
+    assert not dynamics.load_or_train(tiny_data, cfg=fit, progress=False, retrain=True)[2]["cached"]
+    assert "training it (--retrain)" in capsys.readouterr().out
+    assert parse_args(["--retrain"]).retrain and not parse_args([]).retrain
 
 
 # ------------------------------------------------------------------------- dydiff.py: one round
@@ -983,31 +998,31 @@ def test_refine_chains_dm_windows_for_rollouts_longer_than_H(models):
 
 
 def test_hardmax_keeps_every_trajectory_at_or_above_the_quantile():
-    """Step 5 (hardmax): the official rule, score >= the (1 - fraction) quantile; ties are all kept."""
-    scores = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    kept = dydiff.hardmax_filter(scores, 0.6)
-    assert len(kept) == 30 and set(kept.tolist()) == set(torch.argsort(scores, descending=True)[:30].tolist())
-    assert scores[kept].tolist() == sorted(scores[kept].tolist(), reverse=True)  # best first
-    sparse = torch.cat([torch.zeros(70), torch.ones(30)])  # a sparse reward: most trajectories score 0
+    """Step 5 (hardmax): the official rule, return >= the (1 - fraction) quantile; ties are all kept."""
+    returns = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    kept = dydiff.hardmax_filter(returns, 0.6)
+    assert len(kept) == 30 and set(kept.tolist()) == set(torch.argsort(returns, descending=True)[:30].tolist())
+    assert returns[kept].tolist() == sorted(returns[kept].tolist(), reverse=True)  # best first
+    sparse = torch.cat([torch.zeros(70), torch.ones(30)])  # a sparse reward: most trajectories return 0
     assert len(dydiff.hardmax_filter(sparse, 0.6)) == 100  # the 40% quantile is 0: every tie is kept
     assert sorted(dydiff.hardmax_filter(1 - sparse, 0.6).tolist()) == list(range(70))  # the 70 ones, not 60
     assert len(dydiff.hardmax_filter(torch.randn(10), 1.0)) == 10
     assert len(dydiff.hardmax_filter(torch.randn(10), 0.01)) == 1  # never empty
 
 
-def test_softmax_keeps_count_without_repeats_and_prefers_high_scores():
-    """Step 5 (softmax): distinct draws that favour high scores; uniform floor."""
+def test_softmax_keeps_count_without_repeats_and_prefers_high_returns():
+    """Step 5 (softmax): distinct draws that favour high returns; uniform floor."""
     g = torch.Generator().manual_seed(0)
-    scores = torch.arange(100.0)
+    returns = torch.arange(100.0)
     for frac in (0.6, 1.0):
-        kept = dydiff.softmax_filter(scores, frac, 0.05, g)
+        kept = dydiff.softmax_filter(returns, frac, 0.05, g)
         assert len(kept) == int(frac * 100) and len(set(kept.tolist())) == len(kept)
-    kept = dydiff.softmax_filter(scores, 0.3, 0.05, g)
+    kept = dydiff.softmax_filter(returns, 0.3, 0.05, g)
     # T = 0.05 concentrates on the top: the 15 best are always drawn (once the top ~25 are used up, the
     # uniform floor dominates and the rest is drawn nearly uniformly)
     assert set(range(85, 100)) <= set(kept.tolist())
-    kept = dydiff.softmax_filter(scores, 0.3, 1e3, g)
-    assert 25 < scores[kept].mean() < 75  # a huge T is nearly uniform
+    kept = dydiff.softmax_filter(returns, 0.3, 1e3, g)
+    assert 25 < returns[kept].mean() < 75  # a huge T is nearly uniform
     # an outlier at a small T underflows exp() even in float64 (z gap 4.6 / 1e-3): the outlier is drawn
     # first, and thanks to the uniform floor the rest are drawn uniformly (with p = 0 torch 2.x draws
     # zero-probability indices in a fixed order, and older versions raise)
@@ -1040,15 +1055,15 @@ def test_rollout_round_with_the_env_reward(models):
     g = torch.Generator().manual_seed(0)
 
     def reward_fn(s, a, s_next):  # a known function of the raw next state, as dynamics.env_reward_fn
-        return torch.sigmoid(s_next[:, 3] - MEAN[3])  # continuous: no ties in the scores
+        return torch.sigmoid(s_next[:, 3] - MEAN[3])  # continuous: no ties in the returns
 
     tr, stats = dydiff.rollout_round(models.act_fn, models.bundle(terminal_fn("maze2d"), reward_fn), starts(30), cfg, g)
     assert stats["n_kept"] == 15 and len(tr["obs"]) == 15 * (H - 1)  # no terminals on the maze
     raw_next = tr["next_obs"] * STD + MEAN
     assert torch.allclose(tr["rewards"], reward_fn(None, None, raw_next), atol=1e-6)
     assert 0 < tr["rewards"].mean() < 1
-    # a trajectory's score is the sum of the H - 1 rewards its transitions carry
-    assert stats["score_kept_mean"] == pytest.approx(float(tr["rewards"].reshape(15, H - 1).sum(1).mean()), rel=1e-5)
+    # a trajectory's return is the sum of the H - 1 rewards its transitions carry
+    assert stats["return_kept_mean"] == pytest.approx(float(tr["rewards"].reshape(15, H - 1).sum(1).mean()), rel=1e-5)
 
 
 def test_ensemble_only_round_with_m_0(models):
@@ -1063,39 +1078,13 @@ def test_ensemble_only_round_with_m_0(models):
     tr, stats = dydiff.rollout_round(models.act_fn, bundle, s0, cfg, torch.Generator().manual_seed(0))
     states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, H, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        scores = models.reward(states[:, :-1].reshape(-1, OBS), actions[:, :-1].reshape(-1, ACT)).reshape(20, H - 1)
-    kept = dydiff.hardmax_filter(scores.sum(1), 0.5)
+        returns = models.reward(states[:, :-1].reshape(-1, OBS), actions[:, :-1].reshape(-1, ACT)).reshape(20, H - 1)
+    kept = dydiff.hardmax_filter(returns.sum(1), 0.5)
     assert stats["n_kept"] == len(kept) == 10 and not any(k.startswith("state_shift") for k in stats)
     assert torch.equal(tr["obs"], states[kept, :-1].reshape(-1, OBS))
     assert torch.equal(tr["next_obs"], states[kept, 1:].reshape(-1, OBS))
     assert torch.equal(tr["actions"], actions[kept, :-1].reshape(-1, ACT)) and tr["actions"][:, 0].max() <= 0
-    assert torch.equal(tr["rewards"], scores[kept].reshape(-1))
-
-
-def test_round_with_the_ensemble_s_next_state(models):
-    """Step 4 with next_state='ensemble': each transition keeps its trajectory's s_t and a_t, and its s' is the
-    ensemble's one step from s_t (in the box); rewards and dones are of that s'. With M = 0 nothing changes."""
-    models.ens.n_elites = 1
-    models.ens.set_elites(torch.tensor([0.3, 0.1, 0.2]))  # one elite: the ensemble's step is deterministic
-    bundle, s0 = models.bundle(terminal=lambda s, a, s_next: s_next[:, 3] > 0.2,
-                               reward_fn=lambda s, a, s_next: torch.sigmoid(s_next[:, 3] - MEAN[3])), starts(30)
-    cfg = dydiff.RolloutConfig(rollout_batch=30, rollout_length=H, iterations=1, sampler_steps=3, keep_fraction=0.5,
-                               next_state="ensemble")
-    tr, stats = dydiff.rollout_round(models.act_fn, bundle, s0, cfg, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        one_step = bundle.in_box(models.ens.step(tr["obs"], tr["actions"]), tr["obs"])  # dim 2 is s_t's = s_0's
-    assert torch.allclose(tr["next_obs"], one_step, atol=1e-6)
-    assert torch.allclose(tr["rewards"], torch.sigmoid(one_step[:, 3] * STD[3]), atol=1e-6)
-    assert torch.equal(tr["dones"].bool(), one_step[:, 3] * STD[3] + MEAN[3] > 0.2)
-    assert stats["next_state_gap"] > 0
-    paper, _ = dydiff.rollout_round(models.act_fn, bundle, s0, replace(cfg, next_state="trajectory"),
-                                    torch.Generator().manual_seed(0))
-    assert not torch.allclose(paper["next_obs"][:10], tr["next_obs"][:10])  # the DM's rows are another s'
-    m0 = [dydiff.rollout_round(models.act_fn, bundle, s0, replace(cfg, iterations=0, next_state=n),
-                               torch.Generator().manual_seed(0))[0] for n in ("trajectory", "ensemble")]
-    assert all(torch.equal(m0[0][k], m0[1][k]) for k in m0[0])
-    with pytest.raises(ValueError, match="next_state must be 'trajectory' or 'ensemble'"):
-        dydiff.RolloutConfig(next_state="dm")
+    assert torch.equal(tr["rewards"], returns[kept].reshape(-1))
 
 
 def test_round_on_the_device_keeps_every_tensor_there(models):
@@ -1110,7 +1099,7 @@ def test_round_on_the_device_keeps_every_tensor_there(models):
     cfg = dydiff.RolloutConfig(rollout_batch=32, rollout_length=2 * H, iterations=2, sampler_steps=3, filter="softmax")
     tr, stats = dydiff.rollout_round(policy, bundle, s0, cfg, g)
     assert {v.device.type for v in tr.values()} == {torch.device(DEVICE).type} and stats["n_transitions"] > 0
-    assert all(math.isfinite(stats[k]) for k in ("score_kept_mean", "state_shift_m1", "state_shift_m2"))
+    assert all(math.isfinite(stats[k]) for k in ("return_kept_mean", "state_shift_m1", "state_shift_m2"))
 
 
 def test_dm_training_and_sampling_on_the_device():
@@ -1275,16 +1264,15 @@ def test_flags_fill_each_component_config_by_name():
     flags = ["--rollout-batch", "7", "--horizon", "16", "--rollout-length", "40", "--iterations", "3",
              "--sampler-steps", "5", "--sampler-solver", "heun", "--sampler-churn", "2.5", "--filter", "softmax",
              "--keep-fraction", "0.3", "--temperature", "0.2", "--update-weight", "0.7", "--sdedit-sigma", "1.5",
-             "--next-state", "ensemble", "--guidance", "1.8", "--dm-dim", "24", "--dm-mults", "1", "2",
+             "--dm-dim", "24", "--dm-mults", "1", "2",
              "--dm-act", "mish", "--dm-train-steps", "11", "--dm-batch-size", "13", "--dm-lr", "0.01",
              "--dm-warmup-steps", "3", "--dm-lr-schedule", "constant", "--dm-grad-clip", "0.5",
-             "--dm-action-dropout", "0.2", "--model-seed", "4"]
+             "--model-seed", "4"]
     args = parse_args(flags)
-    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2, 0.7, 1.5,
-                                                              "ensemble", 1.8)
+    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2, 0.7, 1.5)
     assert train.dm_config(args) == diffusion.DMConfig(horizon=16, dim=24, dim_mults=(1, 2), act="mish", train_steps=11,
                                                        batch_size=13, lr=0.01, warmup_steps=3, lr_schedule="constant",
-                                                       grad_clip=0.5, action_dropout=0.2, seed=4)
+                                                       grad_clip=0.5, seed=4)
     assert train.fit_config(args).seed == 4
     # the cpu preset's defaults are the configs' own
     defaults = parse_args([])
@@ -1468,9 +1456,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     (["--temperature", "-1"], "--temperature must be positive (got -1.0)"),
     (["--update-weight", "0"], "--update-weight must be in (0, 1] (got 0.0)"),
     (["--sdedit-sigma", "-1"], "--sdedit-sigma must be 0 (off) or positive (got -1.0)"),
-    (["--guidance", "2"], "--guidance 2.0 needs a DM that also learned without the actions: add --dm-action-dropout"),
-    (["--guidance", "-1", "--dm-action-dropout", "0.1"], "--guidance must be 0 or more (got -1.0; 1 = off)"),
-    (["--dm-action-dropout", "1"], "--dm-action-dropout must be in [0, 1) (got 1.0)"),
     (["--rollout-batch", "0"], "--rollout-batch must be positive"),
     (["--rollout-length", "16"], "--rollout-length 16 must be at least --horizon 32"),
     (["--iterations", "-1"], "--iterations must be 0 or more"),
@@ -1494,32 +1479,49 @@ def test_resume_with_other_settings_is_refused(tiny_data, tmp_path, capsys):
     assert "was made with other settings (--alpha=2.5)" in capsys.readouterr().err
 
 
-def test_checkpoint_older_than_a_flag_resumes_with_its_default(tiny_data, tmp_path, capsys):
-    """Resume: a checkpoint made before a flag existed counts as made with the flag's default, and only then."""
+def test_checkpoint_of_older_code_is_refused_in_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    """Resume: a checkpoint of an older train.py, or one made by code that has changed since, is refused with
+    one line saying what to do, never resumed through compatibility guesses."""
     run_train(tmp_path, "--total-steps", "50", "--run-name", "old")
     ckpt = tmp_path / "old" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
-    del state["args"]["update_weight"]  # as written by the code before --update-weight
-    torch.save(state, ckpt)
+    torch.save({**state, "format": "dydiff-train-v1"}, ckpt)
     with pytest.raises(SystemExit):
-        run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume", "--update-weight", "0.7")
-    assert "was made with other settings (--update-weight=0.5)" in capsys.readouterr().err
+        run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume")
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the bar of the first run stands above it
+    assert err.startswith("error: ") and "was made by another version of train.py (dydiff-train-v1)" in err
+
+    torch.save(state, ckpt)
+    import runs
+
+    real = runs.code_digests
+    monkeypatch.setattr(runs, "code_digests", lambda root=runs.ROOT: {**real(root), "dydiff.py": "edited"})
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume")
+    assert "was made by other code (dydiff.py changed since)" in capsys.readouterr().err
+    monkeypatch.setattr(runs, "code_digests", real)
     assert run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume")["steps"] == 100
 
 
-def test_checkpoint_older_than_sdedit_resumes_as_sampling_from_noise(tiny_data, tmp_path, capsys):
-    """Resume: the cpu default of --sdedit-sigma is 0.2, the paper's 0; a checkpoint made before the flag sampled
-    from noise, so it resumes only with --sdedit-sigma 0, never with today's default."""
-    assert (parse_args([]).sdedit_sigma, parse_args(["--preset", "paper"]).sdedit_sigma) == (0.2, 0.0)
-    run_train(tmp_path, "--total-steps", "50", "--run-name", "old", "--sdedit-sigma", "0")
-    ckpt = tmp_path / "old" / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=True)
-    del state["args"]["sdedit_sigma"]  # as written by the code before --sdedit-sigma
-    torch.save(state, ckpt)
-    with pytest.raises(SystemExit):
-        run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume")
-    assert "was made with other settings (--sdedit-sigma=0.0)" in capsys.readouterr().err
-    assert run_train(tmp_path, "--total-steps", "100", "--run-name", "old", "--resume", "--sdedit-sigma", "0")["steps"] == 100
+def test_summary_records_the_commit_the_changes_the_settings_and_the_code(tiny_data, tmp_path):
+    """Provenance: summary.json holds the resolved settings (--reward auto -> env on a maze), the commit, whether
+    the tree had uncommitted changes (with their digest) and the digest of every project file, as the code is."""
+    import runs
+
+    summary = run_train(tmp_path, "--total-steps", "20", "--eval-interval", "20", "--run-name", "p")
+    assert json.loads((tmp_path / "p" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["settings"]["reward"] == "env" and summary["settings"]["total_steps"] == 20
+    prov = summary["provenance"]
+    assert set(prov) == {"commit", "dirty", "changes_digest", "code", "versions"}
+    assert prov["code"] == runs.code_digests() and {"train.py", "dydiff.py", "diffusion.py"} <= set(prov["code"])
+    if prov["commit"] is not None:  # a git checkout (CI's is one)
+        assert prov["commit"] == runs.git("rev-parse", "HEAD").strip()
+        assert prov["dirty"] == bool(runs.git("status", "--porcelain").strip())
+        assert (prov["changes_digest"] is None) == (not prov["dirty"])
+    # a digest follows the code, not its comments or docstrings
+    code = "def f(x):\n    return x + 1\n"
+    assert code_digest(code) == code_digest('def f(x):\n    """doc"""\n    # why\n    return (x +\n            1)\n')
+    assert code_digest(code) != code_digest(code.replace("+ 1", "+ 2"))
 
 
 def test_foreign_checkpoint_is_refused_with_a_clear_error(tiny_data, tmp_path, capsys):

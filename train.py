@@ -122,11 +122,6 @@ class Args:
     """w of the DyDiff update: states = w * DM states + (1 - w) * previous states (paper 1/2; 1 = the DM's alone)"""
     sdedit_sigma: float = ROLLOUT.sdedit_sigma
     """0: the DM samples from pure noise (paper); > 0: it refines the previous trajectory noised to this sigma"""
-    next_state: Literal["trajectory", "ensemble"] = ROLLOUT.next_state
-    """s' of each synthetic transition: the trajectory's next row (paper), or the ensemble's one step from its state"""
-    guidance: float = ROLLOUT.guidance
-    """w of classifier-free guidance on the actions: D_null + w (D_cond - D_null); 1 = off (paper); needs
-    --dm-action-dropout > 0"""
     synthetic_capacity: int = 30_000
     """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
     dm_dim: int = DM.dim
@@ -147,10 +142,11 @@ class Args:
     """DM learning rate after the warm-up: cosine decay to 0 at the last step, or constant (paper)"""
     dm_grad_clip: float = DM.grad_clip
     """gradient-norm clipping of the DM (0: none; paper none)"""
-    dm_action_dropout: float = DM.action_dropout
-    """share of DM training segments without their actions, for --guidance (0: off, paper)"""
     model_seed: int = 0
     """seed of the pretrained models; shared by all learner seeds, so they are trained once and cached"""
+    retrain: bool = False
+    """train the ensemble, the reward model and the DM anew instead of loading them from the cache (which is keyed
+    by the dataset, the settings and the code, so an edit to the models' code retrains them without this flag)"""
 
 
 # --preset paper: the paper's settings (the official code's yaml files and commands) that differ from the cpu
@@ -174,7 +170,7 @@ IQL_DATASETS = {
 DM_FLAGS = {"horizon": "horizon", "dim": "dm_dim", "dim_mults": "dm_mults", "act": "dm_act",
             "train_steps": "dm_train_steps", "batch_size": "dm_batch_size", "lr": "dm_lr",
             "warmup_steps": "dm_warmup_steps", "lr_schedule": "dm_lr_schedule", "grad_clip": "dm_grad_clip",
-            "action_dropout": "dm_action_dropout", "seed": "model_seed"}
+            "seed": "model_seed"}
 
 
 def rollout_config(args: Args, **override) -> dydiff.RolloutConfig:
@@ -230,9 +226,6 @@ def resolve(args: Args) -> Args:
     if args.rollout_length < args.horizon:
         raise ConfigError(f"--rollout-length {args.rollout_length} must be at least --horizon {args.horizon}: "
                           f"a rollout is made of DM windows of H rows")
-    if args.guidance != 1.0 and not args.dm_action_dropout:
-        raise ConfigError(f"--guidance {args.guidance} needs a DM that also learned without the actions: "
-                          f"add --dm-action-dropout 0.1 (or use --guidance 1)")
     if not 0.0 <= args.real_ratio <= 1.0:
         raise ConfigError(f"--real-ratio must be in [0, 1] (got {args.real_ratio})")
     known_reward = args.env.split("-")[0] in dynamics.ENV_REWARDS
@@ -317,7 +310,7 @@ def learner_from_checkpoint(path, obs_dim: int, act_dim: int, device: str = "cpu
     state = read_run_checkpoint(Path(path), "pass a run's checkpoint.pt")
     a = state["args"]  # only the learner's own settings matter
     learner = make_learner(Args(algo=a["algo"], alpha=a["alpha"], expectile=a["expectile"], beta=a["beta"],
-                                iql_deterministic=a.get("iql_deterministic", False), tau=a.get("tau", 0.005),
+                                iql_deterministic=a["iql_deterministic"], tau=a["tau"],
                                 total_steps=a["total_steps"], seed=a["seed"]), obs_dim, act_dim, device)
     learner.load_state_dict(state["learner"])
     return learner, state
@@ -340,7 +333,7 @@ def train(args: Args) -> dict:
     # 2. DyDiff's pretrained models and the synthetic FIFO buffer.
     models = synthetic = None
     if args.dydiff:
-        models, _, _ = pretrain(args, data, device)
+        models, _, _ = pretrain(args, data, device, args.retrain)
         synthetic = TransitionBuffer(args.synthetic_capacity, data.obs_dim, data.act_dim, device)
         rollout_cfg = rollout_config(args)
 
