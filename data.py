@@ -8,7 +8,8 @@ A D4RL-style name means D4RL's recipe; it loads the first found of these Minari 
     dydiff/mujoco/hopper/medium-replay-v0. (Minari's mujoco/<env>/medium-v0 is another recipe, with a far
     stronger "medium" and no medium-replay or medium-expert: only --dataset-id loads it.)
 If none is here the rebuild is built (rebuild.py: the maze planner in minutes, SAC for about an hour per
-locomotion env), unless build=False: then a one-line DatasetError says how to get it. The dataset is then
+locomotion env) when the caller passes that builder (rebuild.build_dataset); without it a one-line
+DatasetError says how to get it. The dataset is then
 flattened to transition arrays, cached beside it (dydiff_cache/flat.npz), rebuilt when its files or the
 flattening code change.
 
@@ -17,8 +18,9 @@ other file shares: the transition buffer, atomic file writes, the one
 checkpoint reader (``torch.load(weights_only=True)`` with a one-line error) and the cache of
 pretrained models beside the dataset.
 
-    python data.py --env maze2d-umaze                          # build/load a dataset, print a summary
-    python data.py --import-d4rl hopper_medium_replay-v2.hdf5  # store D4RL's file (name from the file)
+Commands (rebuild.py, which imports this file and not the other way round):
+    python rebuild.py --env maze2d-umaze                          # build/load a dataset, print a summary
+    python rebuild.py --import-d4rl hopper_medium_replay-v2.hdf5  # store D4RL's file (name from the file)
 """
 from __future__ import annotations
 
@@ -94,9 +96,9 @@ def missing_dataset_message(env: str, steps: int | None = None) -> str:
     """One line: a name's dataset is not here and may not be built; the ways to get it."""
     where = f"dataset {env} is not on this machine (looked for {' and '.join(resolve_env(env, steps))}) and building is off"
     if env in LOCOMOTION:
-        return (f"{where}: import D4RL's file with `python data.py --import-d4rl {env}-v2.hdf5`, or rebuild it "
-                f"with `python data.py --env {env}` (SAC, about an hour per env on a CPU core)")
-    return f"{where}: rebuild it with `python data.py --env {env}{f' --steps {steps}' if steps else ''}` (minutes)"
+        return (f"{where}: import D4RL's file with `python rebuild.py --import-d4rl {env}-v2.hdf5`, or rebuild it "
+                f"with `python rebuild.py --env {env}` (SAC, about an hour per env on a CPU core)")
+    return f"{where}: rebuild it with `python rebuild.py --env {env}{f' --steps {steps}' if steps else ''}` (minutes)"
 
 
 # -- Loading and flattening ------------------------------------------------------------------------
@@ -117,9 +119,10 @@ def _try_download(dataset_id: str) -> bool:
 
 
 def open_minari(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
-                build: bool = True):
-    """Find, download or build the Minari dataset (the order: module docstring). ``build=False``: a dataset
-    that is not here is never built, a one-line DatasetError says how to get it. Returns (MinariDataset, how)."""
+                build: Callable | None = None):
+    """Find, download or build the Minari dataset (the order: module docstring). ``build(env, steps)`` makes a
+    missing one (rebuild.build_dataset); None: a dataset that is not here is never built, a one-line DatasetError
+    says how to get it. Returns (MinariDataset, how)."""
     import minari
 
     candidates = [dataset_id] if dataset_id is not None else resolve_env(env, steps)
@@ -132,11 +135,9 @@ def open_minari(env: str | None = None, dataset_id: str | None = None, steps: in
     if official is not None and _try_download(official):
         return minari.load_dataset(official), "downloaded"
     if dataset_id is None:  # an explicit dataset_id is never swapped for a rebuild
-        if not build:
+        if build is None:
             raise DatasetError(missing_dataset_message(env, steps))
-        from rebuild import generate_locomotion_dataset, generate_maze_dataset
-
-        return (generate_maze_dataset(env, steps) if env in MAZE2D else generate_locomotion_dataset(env)), "built locally"
+        return build(env, steps), "built locally"
     raise DatasetError(f"dataset {official} is not on this machine and cannot be downloaded: on a connected "
                        f"machine run `minari download {official}` and copy ~/.minari/datasets/{official} here "
                        f"(or set MINARI_DATASETS_PATH)")
@@ -225,8 +226,9 @@ def _fingerprint(dataset_id: str, root: Path) -> str:
 
 
 def load_dataset(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
-                 verbose: bool = True, build: bool = True) -> OfflineData:
-    """Open (or obtain; ``build``: open_minari) a dataset and return its flat arrays, from the cache when current."""
+                 verbose: bool = True, build: Callable | None = None) -> OfflineData:
+    """Open (or obtain with ``build``, see open_minari) a dataset and return its flat arrays, from the cache when
+    current."""
     from minari.storage import get_dataset_path
 
     ds, how = open_minari(env, dataset_id, steps, build)
@@ -272,7 +274,33 @@ def _flatten(ds) -> dict[str, np.ndarray]:
             "episode_starts": np.asarray(starts, dtype=np.int64)}
 
 
-# -- D4RL's own files, stored with Minari ----------------------------------------------------------
+# -- Flat transitions -> Minari episodes: D4RL's files here, the SAC rebuild in rebuild.py --------
+def episode_buffers(obs, actions, rewards, terminals, timeouts, next_obs=None) -> list:
+    """Transitions in time order -> Minari EpisodeBuffers. An episode ends at a termination, or at a timeout
+    (a truncation: the episode was cut, not ended by the task); a trailing episode with neither is a truncation.
+    Without ``next_obs`` the next state of an episode's last transition is unknown: that transition is dropped
+    and the episode, ending one step early, counts as truncated."""
+    from minari.data_collector import EpisodeBuffer
+
+    term = np.asarray(terminals, dtype=bool)
+    trunc = np.asarray(timeouts, dtype=bool) & ~term  # a step flagged both ended by the task
+    trunc[-1] |= not term[-1]  # the trailing episode
+    ends = np.flatnonzero(term | trunc) + 1
+    buffers = []
+    for s, e in zip(np.r_[0, ends[:-1]], ends):
+        if next_obs is None:
+            if e - s < 2:
+                continue  # one transition whose next state is unknown: nothing left
+            o, e = obs[s:e], e - 1
+            done = {"terminations": np.zeros(e - s, bool), "truncations": np.arange(s, e) == e - 1}
+        else:
+            o = np.concatenate([obs[s:e], next_obs[e - 1:e]])
+            done = {"terminations": term[s:e], "truncations": trunc[s:e]}
+        buffers.append(EpisodeBuffer(id=len(buffers), observations=np.asarray(o), actions=np.asarray(actions[s:e]),
+                                     rewards=np.asarray(rewards[s:e], dtype=np.float64), **done))
+    return buffers
+
+
 def import_d4rl(path: str | Path, env: str | None = None) -> str:
     """Store D4RL's hdf5 file of a locomotion dataset with Minari under ``dydiff/d4rl/<env>/<level>-v2``, with
     D4RL's reference returns and the v5 env's spec. ``env``: the name (default: from the file name, D4RL's
@@ -280,8 +308,6 @@ def import_d4rl(path: str | Path, env: str | None = None) -> str:
     import gymnasium as gym
     import h5py
     import minari
-
-    from rebuild import episode_buffers
 
     path = Path(path)
     name = env or "-".join(path.name.removesuffix(".hdf5").replace("_", "-").split("-")[:-1])
@@ -524,31 +550,3 @@ def training_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_EX)
             waited = True
         yield waited  # closing the file releases the lock, on success and on error
-
-
-if __name__ == "__main__":
-    import tyro
-
-    @dataclass
-    class Args:
-        env: str | None = None
-        """D4RL-style dataset name (maze2d-umaze/-medium/-large, hopper-medium, ...; default maze2d-umaze)"""
-        dataset_id: str | None = None
-        """any Minari dataset id, instead of --env"""
-        steps: int | None = None
-        """maze2d only: size of a local rebuild (default: as D4RL, 1M/2M/4M steps)"""
-        build: bool = True
-        """build a missing dataset locally (maze2d: minutes; a locomotion build is SAC for about an hour per env on a CPU core)"""
-        import_d4rl: str | None = None
-        """store this D4RL hdf5 file (e.g. hopper_medium_replay-v2.hdf5) with Minari; --env names it if its file name does not"""
-
-    args = tyro.cli(Args)
-    try:
-        if args.import_d4rl is not None:
-            args.dataset_id = import_d4rl(args.import_d4rl, args.env)
-        d = load_dataset(args.env or "maze2d-umaze", args.dataset_id, args.steps, build=args.build)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}")
-    lengths = d.episode_ends - d.episode_starts
-    print(f"episode length mean {lengths.mean():.1f} (min {lengths.min()}, max {lengths.max()}); "
-          f"reward sum {d.rewards.sum():.0f}; refs {d.ref_min}/{d.ref_max}; cache {d.cache_dir}")

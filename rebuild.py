@@ -13,8 +13,12 @@ policy then collects 1M steps with sampled actions: medium, and medium-expert = 
 under ``dydiff/mujoco/<env>/<level>-v0`` with D4RL's reference returns; the run itself (checkpointed at
 every evaluation, so a build resumes) lives beside them in ``dydiff/mujoco/<env>/_sac/``.
 
-data.open_minari calls ``generate_maze_dataset`` / ``generate_locomotion_dataset`` when no dataset of
-the name is here. Also the maze picture (walls, goal, evaluation starts) that train.py's rollout plot draws first.
+``build_dataset`` is the builder that data.load_dataset calls when no dataset of the name is here (train.py
+passes it unless --no-build-data). Also the maze picture (walls, goal, evaluation starts) that train.py's
+rollout plot draws first, and the dataset command:
+
+    python rebuild.py --env maze2d-umaze                          # build (or find) a dataset, print a summary
+    python rebuild.py --import-d4rl hopper_medium_replay-v2.hdf5  # store D4RL's file (name from the file)
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from data import (LOCOMOTION, LOCOMOTION_ENVS, MAZE2D, DatasetError, local_maze_id, locomotion_ids, normalized_score,
-                  write_atomic)
+from data import (LOCOMOTION, LOCOMOTION_ENVS, MAZE2D, DatasetError, episode_buffers, import_d4rl, load_dataset,
+                  local_maze_id, locomotion_ids, normalized_score, write_atomic)
 
 GYM_IDS = {"U_MAZE": "PointMaze_UMaze-v3", "MEDIUM_MAZE": "PointMaze_Medium-v3", "LARGE_MAZE": "PointMaze_Large-v3"}
 
@@ -173,33 +177,6 @@ def generate_maze_dataset(env: str, steps: int | None = None, seed: int = 0, pro
     )
     print(f"built {dataset_id}: {steps} steps, {len(buffers)} episodes, refs {ref_min:.2f}/{ref_max:.2f}")
     return dataset
-
-
-# -- Flat transitions -> Minari episodes: the SAC rebuild below and D4RL's files (data.import_d4rl) ------
-def episode_buffers(obs, actions, rewards, terminals, timeouts, next_obs=None) -> list:
-    """Transitions in time order -> Minari EpisodeBuffers. An episode ends at a termination, or at a timeout
-    (a truncation: the episode was cut, not ended by the task); a trailing episode with neither is a truncation.
-    Without ``next_obs`` the next state of an episode's last transition is unknown: that transition is dropped
-    and the episode, ending one step early, counts as truncated."""
-    from minari.data_collector import EpisodeBuffer
-
-    term = np.asarray(terminals, dtype=bool)
-    trunc = np.asarray(timeouts, dtype=bool) & ~term  # a step flagged both ended by the task
-    trunc[-1] |= not term[-1]  # the trailing episode
-    ends = np.flatnonzero(term | trunc) + 1
-    buffers = []
-    for s, e in zip(np.r_[0, ends[:-1]], ends):
-        if next_obs is None:
-            if e - s < 2:
-                continue  # one transition whose next state is unknown: nothing left
-            o, e = obs[s:e], e - 1
-            done = {"terminations": np.zeros(e - s, bool), "truncations": np.arange(s, e) == e - 1}
-        else:
-            o = np.concatenate([obs[s:e], next_obs[e - 1:e]])
-            done = {"terminations": term[s:e], "truncations": trunc[s:e]}
-        buffers.append(EpisodeBuffer(id=len(buffers), observations=np.asarray(o), actions=np.asarray(actions[s:e]),
-                                     rewards=np.asarray(rewards[s:e], dtype=np.float64), **done))
-    return buffers
 
 
 # -- Locomotion: D4RL's recipe with SAC (stable-baselines3) -----------------------------------------
@@ -433,6 +410,12 @@ def generate_locomotion_dataset(env: str, cfg: SACBuild | None = None, progress:
     return dataset
 
 
+def build_dataset(env: str, steps: int | None = None):
+    """The builder data.load_dataset calls for a D4RL name whose dataset is not here: the maze planner's
+    rebuild (``steps``: its size) or the locomotion SAC rebuild. Returns the MinariDataset."""
+    return generate_maze_dataset(env, steps) if env in MAZE2D else generate_locomotion_dataset(env)
+
+
 # -- Pictures: the maze, its goal and where evaluation episodes start ------------------------------
 def draw_maze(ax, env: str) -> None:
     """Walls of a maze2d eval env in dark grey, the cells where evaluation episodes start in light green,
@@ -456,3 +439,30 @@ def draw_maze(ax, env: str) -> None:
     ax.plot(gx, gy, "*", color="darkgoldenrod", ms=12, zorder=5)
 
 
+if __name__ == "__main__":
+    import tyro
+
+    @dataclass
+    class Args:
+        env: str | None = None
+        """D4RL-style dataset name (maze2d-umaze/-medium/-large, hopper-medium, ...; default maze2d-umaze)"""
+        dataset_id: str | None = None
+        """any Minari dataset id, instead of --env"""
+        steps: int | None = None
+        """maze2d only: size of a local rebuild (default: as D4RL, 1M/2M/4M steps)"""
+        build: bool = True
+        """build a missing dataset locally (maze2d: minutes; a locomotion build is SAC for about an hour per env on a CPU core)"""
+        import_d4rl: str | None = None
+        """store this D4RL hdf5 file (e.g. hopper_medium_replay-v2.hdf5) with Minari; --env names it if its file name does not"""
+
+    args = tyro.cli(Args)
+    try:
+        if args.import_d4rl is not None:
+            args.dataset_id = import_d4rl(args.import_d4rl, args.env)
+        d = load_dataset(args.env or "maze2d-umaze", args.dataset_id, args.steps,
+                         build=build_dataset if args.build else None)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    lengths = d.episode_ends - d.episode_starts
+    print(f"episode length mean {lengths.mean():.1f} (min {lengths.min()}, max {lengths.max()}); "
+          f"reward sum {d.rewards.sum():.0f}; refs {d.ref_min}/{d.ref_max}; cache {d.cache_dir}")

@@ -34,7 +34,7 @@ from data import (LOCOMOTION, LOCOMOTION_ENVS, CheckpointError, DatasetError, MA
 from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
-from rebuild import SACBuild, WaypointController, draw_maze, generate_locomotion_dataset, maze_eval_env, read_sac_state, sac_dir
+from rebuild import SACBuild, WaypointController, build_dataset, draw_maze, generate_locomotion_dataset, maze_eval_env, read_sac_state, sac_dir
 from td3bc import TD3BC, TwinCritic
 from train import evaluate, main, parse_args, sample_batch
 
@@ -72,7 +72,7 @@ def minari_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_data(minari_root):
-    return load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    return load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)
 
 
 @pytest.fixture(scope="session")
@@ -176,16 +176,16 @@ def test_flat_cache_is_used_and_rebuilt_when_the_dataset_changes(tiny_data, monk
     counting = lambda ds: calls.append(1) or real_flatten(ds)  # noqa: E731
     monkeypatch.setattr(data_mod, "_flatten", counting)
     monkeypatch.setattr(data_mod, "source", lambda obj: real_source(real_flatten if obj is counting else obj))
-    again = data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    again = data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)
     assert calls == [] and again.fingerprint == tiny_data.fingerprint  # served from dydiff_cache/flat.npz
     data_file = next((tiny_data.cache_dir.parent / "data").glob("*"))
     os.utime(data_file, ns=(data_file.stat().st_atime_ns, data_file.stat().st_mtime_ns + 10**9))
-    rebuilt = data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    rebuilt = data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)
     assert calls == [1] and rebuilt.fingerprint != tiny_data.fingerprint
     np.testing.assert_array_equal(rebuilt.obs, tiny_data.obs)
     edited = lambda obj: real_source(real_flatten).replace("def _flatten(ds)", "def _flatten(ds, edited=1)")  # noqa
     monkeypatch.setattr(data_mod, "source", lambda obj: edited(obj) if obj is counting else real_source(obj))
-    data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)
     assert calls == [1, 1]  # the code that flattens changed: the arrays are made again
 
 
@@ -193,7 +193,7 @@ def test_corrupt_flat_cache_is_rebuilt(tiny_data):
     """Data: a damaged flat cache is rebuilt, never trusted."""
     cache = tiny_data.cache_dir / "flat.npz"
     cache.write_bytes(b"\x00garbage")
-    again = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)
+    again = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)
     np.testing.assert_array_equal(again.obs, tiny_data.obs)
     with np.load(cache) as z:  # and the cache on disk is whole again
         assert str(z["fingerprint"]).split(":")[0] == again.fingerprint
@@ -227,7 +227,7 @@ def test_planner_controller_reaches_the_goal_in_the_eval_env():
 @pytest.mark.parametrize("env_name", ["maze2d-medium", "maze2d-large"])
 def test_medium_and_large_rebuilds_at_a_small_size(minari_root, env_name):
     """Data: the medium and large mazes rebuild too (here 2000 steps), with their own ids and references."""
-    d = load_dataset(env_name, steps=2000, verbose=False)
+    d = load_dataset(env_name, steps=2000, verbose=False, build=build_dataset)
     assert d.dataset_id == f"dydiff/pointmaze/{env_name.split('-')[1]}-2000-v0" and d.obs.shape == (2000, 6)
     assert d.ref_max > d.ref_min + 50 and len(d.episode_starts) > 3  # the expert reaches its goals; cuts at successes
     assert np.all(d.rewards[d.episode_ends[:-1] - 1] == 1.0) and d.constant_dims.tolist()[4:] == [True, True]
@@ -253,10 +253,10 @@ def test_locomotion_offline_says_how_to_get_the_data(minari_root, tmp_path, caps
     it (D4RL's file, or the rebuild), in train.py too; an explicit Minari id (Minari's own mujoco sets) says how
     to download it; neither is ever built instead."""
     with pytest.raises(DatasetError) as err:
-        load_dataset("hopper-medium", build=False)
+        load_dataset("hopper-medium")
     msg = str(err.value)
     assert "\n" not in msg and "dydiff/d4rl/hopper/medium-v2 and dydiff/mujoco/hopper/medium-v0" in msg
-    assert "`python data.py --import-d4rl hopper-medium-v2.hdf5`" in msg and "`python data.py --env hopper-medium`" in msg
+    assert "`python rebuild.py --import-d4rl hopper-medium-v2.hdf5`" in msg and "`python rebuild.py --env hopper-medium`" in msg
     with pytest.raises(SystemExit) as exit_info:
         main(["--env", "walker2d-medium-expert", "--no-build-data", "--run-dir", str(tmp_path)])
     err_lines = capsys.readouterr().err.strip().splitlines()
@@ -266,6 +266,21 @@ def test_locomotion_offline_says_how_to_get_the_data(minari_root, tmp_path, caps
         load_dataset(dataset_id="mujoco/hopper/medium-v0")
     with pytest.raises(DatasetError, match=r"minari download nobody/maze-v0"):  # never a maze rebuilt instead
         load_dataset("maze2d-umaze", dataset_id="nobody/maze-v0")
+
+
+def test_imports_go_one_way_data_never_imports_rebuild_or_the_models():
+    """Layout: data.py is below everything (rebuild.py, the models and train.py import it, never the reverse),
+    so a reader can take the files bottom-up and no import cycle exists."""
+    import ast
+
+    for name in ("data.py", "runs.py", "rebuild.py", "diffusion.py", "dynamics.py", "dydiff.py"):
+        tree = ast.parse((Path(__file__).parent / name).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        below = {"data.py": set(), "runs.py": {"data"}, "rebuild.py": {"data"}, "diffusion.py": {"data"},
+                 "dynamics.py": {"data"}, "dydiff.py": set()}[name]
+        project = {"data", "runs", "rebuild", "diffusion", "dynamics", "dydiff", "train", "td3bc", "iql"}
+        assert imported & project == below, name
 
 
 def test_locomotion_names_resolve_to_the_d4rl_import_then_the_rebuild(minari_root, monkeypatch):
@@ -283,7 +298,7 @@ def test_locomotion_names_resolve_to_the_d4rl_import_then_the_rebuild(minari_roo
 
     calls = []
     monkeypatch.setattr(rebuild, "generate_locomotion_dataset", lambda env: calls.append(env) or "the rebuild")
-    assert open_minari("walker2d-medium-replay") == ("the rebuild", "built locally") and calls == ["walker2d-medium-replay"]
+    assert open_minari("walker2d-medium-replay", build=rebuild.build_dataset) == ("the rebuild", "built locally") and calls == ["walker2d-medium-replay"]
 
 
 def write_d4rl_file(path, obs_dim=11, next_observations=True):
@@ -322,7 +337,7 @@ def test_d4rl_import_keeps_episodes_terminations_and_truncations(tmp_path, monke
     meta = ds.storage.metadata
     assert (meta["ref_min_score"], meta["ref_max_score"], ds.spec.env_spec.id) == (-20.272305, 3234.3, "Hopper-v5")
     assert "hopper_medium_replay-v2.hdf5" in meta["description"] and "mujoco-py" in meta["description"]
-    d = load_dataset("hopper-medium-replay", build=False, verbose=False)  # the name now loads the import
+    d = load_dataset("hopper-medium-replay", verbose=False)  # the name now loads the import
     with h5py.File(path) as f:
         assert d.dataset_id == "dydiff/d4rl/hopper/medium-replay-v2" and d.terminals.tolist() == f["terminals"][()].tolist()
         np.testing.assert_array_equal(d.obs, f["observations"][()])
@@ -338,7 +353,7 @@ def test_d4rl_import_keeps_episodes_terminations_and_truncations(tmp_path, monke
     with pytest.raises(DatasetError, match=r"^x.hdf5 has 17-wide observations, Hopper-v5 has 11: not a hopper-medium file"):
         import_d4rl(write_d4rl_file(tmp_path / "x.hdf5", obs_dim=17), env="hopper-medium")
     cli = write_d4rl_file(tmp_path / "halfcheetah-medium-expert-v2.hdf5", obs_dim=17)
-    out = subprocess.run([sys.executable, "data.py", "--import-d4rl", str(cli)], cwd=HERE, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "rebuild.py", "--import-d4rl", str(cli)], cwd=HERE, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")})
     assert out.returncode == 0, out.stderr
     assert "imported halfcheetah-medium-expert-v2.hdf5 as dydiff/d4rl/halfcheetah/medium-expert-v2: 12 transitions, 3 episodes" in out.stdout
@@ -413,7 +428,7 @@ def test_sac_rebuild_at_a_tiny_size_builds_each_level_from_one_resumable_run(tmp
     assert {k: (v["transitions"], v["episodes"]) for k, v in report.items()} == {
         "dydiff/mujoco/hopper/medium-replay-v0": (200, len(eps)), "dydiff/mujoco/hopper/medium-expert-v0": (600, both.total_episodes),
         "dydiff/mujoco/hopper/medium-v0": (300, medium.total_episodes)}
-    d = load_dataset("hopper-medium", build=False, verbose=False)  # no import here: the name loads the rebuild
+    d = load_dataset("hopper-medium", verbose=False)  # no import here: the name loads the rebuild
     inside = np.setdiff1d(np.arange(len(d.obs) - 1), d.episode_ends - 1)
     assert d.dataset_id == "dydiff/mujoco/hopper/medium-v0"
     np.testing.assert_array_equal(d.next_obs[inside], d.obs[inside + 1])
@@ -1537,7 +1552,7 @@ def test_foreign_checkpoint_is_refused_with_a_clear_error(tiny_data, tmp_path, c
 
 def test_truncated_cached_model_gives_a_one_line_error(tiny_data, tmp_path, tiny_fit, capsys):
     """Robustness: a damaged cached model gives a one-line error naming the file."""
-    fresh = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)  # an earlier test touched the files
+    fresh = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)  # an earlier test touched the files
     path = Path(dynamics.load_or_train(fresh, progress=False)[2]["path"])  # the file the run will look for
     backup = path.read_bytes()
     path.write_bytes(b"PK\x03\x04 truncated")

@@ -31,6 +31,7 @@ import dydiff
 import dynamics
 from data import LOCOMOTION, CheckpointError, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
 from iql import IQL
+from rebuild import build_dataset, draw_maze
 from runs import ConfigError, Run, read_run_checkpoint
 from td3bc import TD3BC
 
@@ -324,7 +325,7 @@ def train(args: Args) -> dict:
     run = Run(args, device)  # checks the run folder before any work (runs.py: the plumbing)
 
     # 1. The dataset D (observations z-scored), on the device, and the learner.
-    data = load_dataset(args.env, args.dataset_id, args.dataset_steps, build=args.build_data)
+    data = load_dataset(args.env, args.dataset_id, args.dataset_steps, build=build_dataset if args.build_data else None)
     real = real_buffer(data, device, reward_scale(args, data))
     learner = make_learner(args, data.obs_dim, data.act_dim, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # batch sampling
@@ -362,8 +363,6 @@ def train(args: Args) -> dict:
     run.exit_if_stopped(step)  # Ctrl-C: a checkpoint, and the command that resumes the run
 
     if models is not None:  # the final policy's rollouts from a few data states, before and after the M iterations
-        from rebuild import draw_maze
-
         g = round_generator(args.seed, -1, device)
         s0, _ = dydiff.draw_start_states(real.obs, 8, g)
         dydiff.plot_rollouts(run.path / "rollouts.png", args.env, data, learner.act, models, s0,
