@@ -1816,13 +1816,14 @@ def test_compare_pairs_any_two_arms_after_the_default_pairs(tmp_path):
             folder = Path(args.run_dir) / compare.run_name(args, "td3bc", arm, seed)
             folder.mkdir(parents=True)
             (folder / "config.json").write_text(json.dumps({"preset": "cpu", "iterations": 0 if arm == "ensemble" else 2}))
-            (folder / "summary.json").write_text(json.dumps({
+            (folder / "summary.json").write_text(json.dumps({**made_by(compare, args, "td3bc", arm, seed),
                 "env": "maze2d-umaze", "algo": "td3bc", "dydiff": arm != "plain", "seed": seed, "steps": 15000,
                 "final_score": score, "last_score": score, "best_score": score + 1, "best_step": 15000,
                 "wall_time_s": 1.0, "cpu_time_s": 1.0, "updates_per_s": 1.0,
                 "evaluations": [{"step": 5000 * i, "score": score} for i in (1, 2, 3)]}))
     compare.main(args)
     out = json.loads((tmp_path / "out" / "ab.json").read_text())
+    assert all(r["provenance"]["commit"] == "c0ffee" and r["settings"]["env"] == "maze2d-umaze" for r in out["runs"])
     final = {p["name"]: p["differences"] for p in out["paired"] if p["metric"] == "final_score"}
     assert list(final) == ["dydiff-plain", "dydiff-ensemble", "ensemble-plain"]
     assert final["ensemble-plain"] == [20.0, 2.0] and final["dydiff-ensemble"] == [-5.0, 8.0]
@@ -1830,6 +1831,56 @@ def test_compare_pairs_any_two_arms_after_the_default_pairs(tmp_path):
                                          r"runs \(arms: dydiff, ensemble, plain\)$"):
         compare.main(replace(args, pairs=("ensemble-iql",), run_dir=str(tmp_path / "empty")))
     assert not (tmp_path / "empty").exists()
+
+
+def made_by(compare, args, algo, arm, seed, **changes) -> dict:
+    """The settings and provenance a run of this compare.py job records when made by today's code (or with changes)."""
+    want = compare.expected(args, algo, arm, seed)
+    prov = {"commit": "c0ffee", "dirty": False, "changes_digest": None, "code": want["code"], "versions": want["versions"]}
+    return {"settings": {**want["settings"], **changes}, "provenance": prov}
+
+
+def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, monkeypatch):
+    """bench/compare.py: a finished run is reused only when its resolved settings and its code match what the
+    command would run now; another --flags value or an edited file runs it again in a new folder, saying why; an
+    interrupted run that matches is resumed there."""
+    import compare
+    import runs
+
+    args = compare.Args(env="maze2d-umaze", seeds=(0,), algos=("td3bc",), arms=("dydiff",), steps=15000,
+                        run_dir=str(tmp_path / "runs"))
+    folder = Path(args.run_dir) / compare.run_name(args, "td3bc", "dydiff", 0)
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(made_by(compare, args, "td3bc", "dydiff", 0)))
+    assert compare.find_run(args, "td3bc", "dydiff", 0) == (folder, "finished earlier, reused")
+
+    second = folder.with_name(folder.name + "_2")
+    other = replace(args, flags="--keep-fraction 0.5")  # the same run name, other settings
+    assert compare.find_run(other, "td3bc", "dydiff", 0) == (
+        second, f"started anew: {folder.name} was made with other settings (keep_fraction 0.6 -> 0.5)")
+    cmd = compare.command(other, "td3bc", "dydiff", 0, second)
+    assert cmd[cmd.index("--run-name") + 1] == second.name and "--resume" not in cmd
+
+    real = runs.code_digests
+    monkeypatch.setattr(runs, "code_digests", lambda root=runs.ROOT: {**real(root), "dydiff.py": "edited"})
+    compare.here.cache_clear()
+    assert compare.find_run(args, "td3bc", "dydiff", 0) == (
+        second, f"started anew: {folder.name} was made with other code (dydiff.py changed)")
+    second.mkdir()  # that run was interrupted: it resumes where it stopped, by the same code
+    (second / "checkpoint.pt").write_bytes(b"a checkpoint")
+    (second / "config.json").write_text(json.dumps({**made_by(compare, args, "td3bc", "dydiff", 0)["settings"],
+                                                      "provenance": {**made_by(compare, args, "td3bc", "dydiff", 0)[
+                                                          "provenance"]}}))
+    assert compare.find_run(args, "td3bc", "dydiff", 0) == (second, "interrupted earlier, resumed")
+    assert compare.command(args, "td3bc", "dydiff", 0, second)[-1] == "--resume"
+    monkeypatch.setattr(runs, "code_digests", real)
+    compare.here.cache_clear()
+    assert compare.find_run(args, "td3bc", "dydiff", 0) == (folder, "finished earlier, reused")
+    no_record = folder.with_name("maze2d-umaze_td3bc_s0")  # a summary without provenance is never reused
+    no_record.mkdir()
+    (no_record / "summary.json").write_text(json.dumps({"final_score": 1.0}))
+    assert compare.find_run(args, "td3bc", "plain", 0)[1] == ("started anew: maze2d-umaze_td3bc_s0 was made with no "
+                                                              "record of its settings and code")
 
 
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):

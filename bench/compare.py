@@ -9,8 +9,11 @@ dydiff (the full method).
     python bench/compare.py --env maze2d-umaze --preset paper --launcher slurm --slurm-partition gpu  # cluster
 
 Each run is a plain `train.py` subprocess in runs/compare/<env>_<algo>[+dydiff][_<tag>]_s<seed>/ with its
-log beside it. A run that already finished (summary.json) is reused, an interrupted one is resumed, so
-the command can be repeated after a crash or extended with more seeds. The plain and DyDiff runs of one
+log beside it. A finished run (summary.json) is reused, and an interrupted one resumed, only when it was made
+with the same resolved settings, the same code (the digests of every project file, comments and docstrings
+aside) and the same library versions as this command would run now; otherwise the run is made again in a new
+folder (<name>_2, _3, ...) and the command says why. So the command can be repeated after a crash or an edit,
+or extended with more seeds, and a number never comes from code that no longer exists. The plain and DyDiff runs of one
 seed share the learner's seed and the evaluation episodes, so they are compared pair by pair.
 
 The score of a run is its final score, the mean of its last 3 evaluations (each of --eval-episodes
@@ -30,6 +33,8 @@ results once the jobs are done (bench/cluster.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import platform
 import shlex
@@ -49,6 +54,9 @@ from scipy.stats import bootstrap
 from summarize import RESULTS, aggregate, load_runs, markdown, plot
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import runs as run_plumbing  # noqa: E402  (the project's runs.py: provenance and code digests)
+import train  # noqa: E402
 FAILED = threading.Event()  # set by the first run that fails: the queued runs are then not started
 
 
@@ -122,19 +130,81 @@ def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:
     return flags + shlex.split(args.dydiff_flags) + (["--iterations", "0"] if arm == "ensemble" else [])
 
 
-def command(args: Args, algo: str, arm: str, seed: int) -> list[str]:
-    resume = (Path(args.run_dir) / run_name(args, algo, arm, seed) / "checkpoint.pt").exists()
-    return [sys.executable, str(ROOT / "train.py"), *train_flags(args, algo, arm, seed), *(["--resume"] * resume)]
+def expected(args: Args, algo: str, arm: str, seed: int) -> dict:
+    """What a run of this job made now would record: its resolved settings (train.py's, without the flags that
+    only say where and how fast it runs), the code digests of the project's files and the library versions."""
+    settings = train.resolve(train.parse_args(train_flags(args, algo, arm, seed)))
+    prov = here()
+    return {"settings": comparable(json.loads(json.dumps(dataclasses.asdict(settings)))),
+            "code": prov["code"], "versions": prov["versions"]}
 
 
-def launch(args: Args, algo: str, arm: str, seed: int) -> str:
-    folder = Path(args.run_dir) / run_name(args, algo, arm, seed)
-    if (folder / "summary.json").exists():
+@functools.cache
+def here() -> dict:  # this checkout's provenance, asked once per command
+    return run_plumbing.provenance()
+
+
+def comparable(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in run_plumbing.FREE_FLAGS}
+
+
+def differs(made: dict | None, want: dict) -> str | None:
+    """Why a run made with `made` (its summary.json or config.json) is not the run `want` describes; None if it is."""
+    if made is None or "provenance" not in made:
+        return "no record of its settings and code"
+    settings = comparable({k: v for k, v in made.get("settings", made).items() if k in train.Args.__dataclass_fields__})
+    keys = sorted(k for k in settings | want["settings"] if settings.get(k) != want["settings"].get(k))
+    if keys:
+        return "other settings (" + ", ".join(f"{k} {settings.get(k)} -> {want['settings'].get(k)}" for k in keys[:4]) + ")"
+    code = made["provenance"]["code"]
+    files = sorted(f for f in code | want["code"] if code.get(f) != want["code"].get(f))
+    if files:
+        return f"other code ({', '.join(files)} changed)"
+    if made["provenance"]["versions"] != want["versions"]:
+        return f"other library versions ({made['provenance']['versions']} -> {want['versions']})"
+    return None
+
+
+def find_run(args: Args, algo: str, arm: str, seed: int, want: dict | None = None) -> tuple[Path, str]:
+    """The folder of this job: a finished run that matches (reused), an interrupted one that matches (resumed), or
+    the first free <name>[_k] (started; with the reason the runs before it did not match). Returns (folder, what)."""
+    want = want or expected(args, algo, arm, seed)
+    base, why = Path(args.run_dir) / run_name(args, algo, arm, seed), None
+    for k in range(1, 1000):
+        folder = base if k == 1 else base.with_name(f"{base.name}_{k}")
+        summary, config = folder / "summary.json", folder / "config.json"
+        if summary.exists():
+            reason = differs(json.loads(summary.read_text()), want)
+            if reason is None:
+                return folder, "finished earlier, reused"
+        elif (folder / "checkpoint.pt").exists():
+            reason = differs(json.loads(config.read_text()) if config.exists() else None, want)
+            if reason is None:
+                return folder, "interrupted earlier, resumed"
+        else:
+            return folder, "started" if why is None else f"started anew: {base.name} was made with {why}"
+        why = why or reason
+    raise SystemExit(f"error: {base} and 998 more variants hold other runs: clean up {args.run_dir}")
+
+
+def command(args: Args, algo: str, arm: str, seed: int, folder: Path | None = None) -> list[str]:
+    folder = folder or Path(args.run_dir) / run_name(args, algo, arm, seed)
+    flags = train_flags(args, algo, arm, seed)
+    flags[flags.index("--run-name") + 1] = folder.name
+    resume = (folder / "checkpoint.pt").exists()
+    return [sys.executable, str(ROOT / "train.py"), *flags, *(["--resume"] * resume)]
+
+
+def launch(args: Args, algo: str, arm: str, seed: int, folder: Path | None = None, what: str | None = None) -> str:
+    if folder is None:
+        folder, what = find_run(args, algo, arm, seed)
+    if what == "finished earlier, reused":
         return f"{folder.name}: finished earlier, reused"
     if FAILED.is_set():
         return f"{folder.name}: not started, an earlier run failed"
-    cmd = command(args, algo, arm, seed)
+    cmd = command(args, algo, arm, seed, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{folder.name}: {what}", flush=True)
     t0 = time.time()
     with open(folder.parent / f"{folder.name}.log", "a") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
@@ -194,16 +264,16 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
     extra = parse_pairs(args.pairs, args.arms)  # checked before any run starts
     grid = [(algo, arm, seed) for algo in args.algos for arm in args.arms for seed in args.seeds]
+    plan = {job: find_run(args, *job) for job in grid}  # each job's folder: reused, resumed or started (and why)
     if args.dry_run:
-        for job in grid:
-            done = (Path(args.run_dir) / run_name(args, *job) / "summary.json").exists()
-            print(f"# {run_name(args, *job)}: finished, reused" if done else shlex.join(command(args, *job)))
+        for job, (folder, what) in plan.items():
+            print(f"# {folder.name}: {what}" if what.endswith("reused") else shlex.join(command(args, *job, folder)))
         return
     name = args.name or (f"ablation_{args.env}_{'_'.join(args.algos)}" if "ensemble" in args.arms else
                          f"compare_{args.env}") + (f"_{args.tag}" if args.tag else "")
     if args.launcher == "local":
         with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
-            for message in pool.map(lambda job: launch(args, *job), grid):
+            for message in pool.map(lambda job: launch(args, *job, *plan[job]), grid):
                 print(message, flush=True)
     else:
         import cluster
@@ -220,8 +290,10 @@ def main(args: Args) -> None:
                   f"again to gather the results once they are")
             return
 
-    arm_of = {run_name(args, *job): job[1] for job in grid}
-    runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([Path(args.run_dir) / name for name in arm_of])]
+    if args.launcher != "local":  # the cluster jobs run in the folders named by run_name
+        plan = {job: (Path(args.run_dir) / run_name(args, *job), "") for job in grid}
+    arm_of = {plan[job][0].name: job[1] for job in grid}
+    runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([plan[job][0] for job in grid])]
     rows = aggregate(runs)
     pairs = all_paired(runs, args.algos, args.arms, extra)
     out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset, "flags": args.flags,
@@ -232,7 +304,9 @@ def main(args: Args) -> None:
                      "final": r["final_score"],
                      "last": r["last_score"], "best": r["best_score"], "best_step": r["best_step"],
                      "wall_s": r["wall_time_s"], "cpu_s": r.get("cpu_time_s"), "rollout_s": r.get("rollout_time_s", 0.0),
-                     "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"]}
+                     "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"],
+                     # what made this number: the commit, uncommitted changes, the code's digests, the settings
+                     "provenance": r.get("provenance"), "settings": r.get("settings")}
                     for r in runs],
            "groups": rows, "paired": pairs}
     results = Path(args.results)
