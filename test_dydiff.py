@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -1881,6 +1882,29 @@ def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, mo
     (no_record / "summary.json").write_text(json.dumps({"final_score": 1.0}))
     assert compare.find_run(args, "td3bc", "plain", 0)[1] == ("started anew: maze2d-umaze_td3bc_s0 was made with no "
                                                               "record of its settings and code")
+
+
+def test_compare_against_a_commit_runs_each_arm_with_that_commits_code(tmp_path, monkeypatch, capsys):
+    """bench/compare.py --against HEAD: every arm also runs from a checkout of that commit, in its own folders
+    (arm@<commit>), and is paired with this tree's arm; the commit's own train.py resolves the flags."""
+    import compare
+    import runs
+
+    monkeypatch.setattr(compare, "CHECKOUTS", tmp_path / "code")
+    commit = runs.git("rev-parse", "--short=12", "HEAD").strip()
+    args = compare.Args(env="maze2d-umaze", seeds=(3,), algos=("td3bc",), arms=("dydiff",), against="HEAD",
+                        run_dir=str(tmp_path / "runs"), dry_run=True)
+    compare.main(args)
+    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert [shlex.split(line)[1] for line in lines] == [str(compare.ROOT / "train.py"),
+                                                        str(tmp_path / "code" / commit / "train.py")]
+    assert [shlex.split(line)[shlex.split(line).index("--run-name") + 1] for line in lines] == [
+        "maze2d-umaze_td3bc+dydiff_s3", f"maze2d-umaze_td3bc+dydiff@{commit}_s3"]
+    want = compare.expected(args, "td3bc", f"dydiff@{commit}", 3)
+    assert want["settings"]["seed"] == 3 and want["code"] == runs.code_digests(tmp_path / "code" / commit)
+    with pytest.raises(SystemExit, match="^error: --against no-such-commit: not a commit of this repository$"):
+        compare.main(replace(args, against="no-such-commit"))
+    subprocess.run(["git", "worktree", "remove", "--force", str(tmp_path / "code" / commit)], cwd=compare.ROOT)
 
 
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):

@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import runs as run_plumbing  # noqa: E402  (the project's runs.py: provenance and code digests)
 import train  # noqa: E402
+CHECKOUTS = ROOT / "runs" / "_code"  # --against: one detached worktree per commit
 FAILED = threading.Event()  # set by the first run that fails: the queued runs are then not started
 
 
@@ -84,6 +85,9 @@ class Args:
     share_ensemble: bool = False
     """the ensemble arm reuses the untagged runs: for a tag that only changes the DM's refinement (e.g.
     --sdedit-sigma), which ensemble-only rounds never use"""
+    against: str | None = None
+    """a git commit (e.g. HEAD): also run every arm with that commit's code (checked out under runs/_code/),
+    as arm@<commit>, and pair each arm with it: the A/B of your uncommitted edit against the code before it"""
     pairs: tuple[str, ...] = ()
     """more differences to pair by seed, as first-second arm names, e.g. ensemble-plain (dydiff-plain and
     dydiff-ensemble are paired wherever those arms run)"""
@@ -112,7 +116,29 @@ class Args:
     """more sbatch options as key=value pairs, e.g. "account=myproj qos=normal" """
 
 
+def code_of(arm: str) -> tuple[str, str | None]:
+    """'dydiff@1a2b3c4d5e6f' -> ('dydiff', '1a2b3c4d5e6f'): the arm and the commit whose code runs it (None: this tree)."""
+    base, _, commit = arm.partition("@")
+    return base, commit or None
+
+
+def code_root(commit: str | None) -> Path:
+    """The checkout a run's code comes from: this one, or a detached worktree of `commit` made once (git keeps it)."""
+    if commit is None:
+        return ROOT
+    tree = CHECKOUTS / commit
+    if not (tree / "train.py").exists():
+        out = subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"error: cannot check out {commit} for --against: {out.stderr.strip().splitlines()[-1]}")
+    return tree
+
+
 def run_name(args: Args, algo: str, arm: str, seed: int) -> str:
+    arm, commit = code_of(arm)
+    if commit is not None:  # another commit's code: its own folders, never mixed with this tree's
+        return run_name(args, algo, arm, seed).replace(f"_s{seed}", f"@{commit}_s{seed}")
     if arm == "plain":  # shared by every tag
         return f"{args.env}_{algo}_s{seed}"
     tag = args.tag if args.tag and not (arm == "ensemble" and args.share_ensemble) else ""
@@ -121,8 +147,9 @@ def run_name(args: Args, algo: str, arm: str, seed: int) -> str:
 
 def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:
     """train.py's flags for one run, the same on every launcher (without --resume, decided where it runs)."""
+    name, (arm, _) = run_name(args, algo, arm, seed), code_of(arm)
     flags = ["--env", args.env, "--algo", algo, "--seed", str(seed), "--preset", args.preset, "--run-dir", args.run_dir,
-             "--run-name", run_name(args, algo, arm, seed), *shlex.split(args.flags)]
+             "--run-name", name, *shlex.split(args.flags)]
     if args.steps is not None:
         flags += ["--total-steps", str(args.steps)]
     if arm == "plain":
@@ -133,15 +160,22 @@ def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:
 def expected(args: Args, algo: str, arm: str, seed: int) -> dict:
     """What a run of this job made now would record: its resolved settings (train.py's, without the flags that
     only say where and how fast it runs), the code digests of the project's files and the library versions."""
-    settings = train.resolve(train.parse_args(train_flags(args, algo, arm, seed)))
-    prov = here()
-    return {"settings": comparable(json.loads(json.dumps(dataclasses.asdict(settings)))),
-            "code": prov["code"], "versions": prov["versions"]}
+    commit, flags = code_of(arm)[1], train_flags(args, algo, arm, seed)
+    if commit is None:
+        settings = json.loads(json.dumps(dataclasses.asdict(train.resolve(train.parse_args(flags)))))
+    else:  # that commit's train.py resolves its own flags
+        ask = "import dataclasses, json, sys, train; print(json.dumps(dataclasses.asdict(train.resolve(train.parse_args(sys.argv[1:])))))"
+        out = subprocess.run([sys.executable, "-c", ask, *flags], cwd=code_root(commit), capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"error: the train.py of {commit} does not take these flags: {out.stderr.strip()[-300:]}")
+        settings = json.loads(out.stdout.strip().splitlines()[-1])
+    prov = here(commit)
+    return {"settings": comparable(settings), "code": prov["code"], "versions": prov["versions"]}
 
 
 @functools.cache
-def here() -> dict:  # this checkout's provenance, asked once per command
-    return run_plumbing.provenance()
+def here(commit: str | None = None) -> dict:  # the provenance of a checkout, asked once per command
+    return run_plumbing.provenance(code_root(commit))
 
 
 def comparable(settings: dict) -> dict:
@@ -192,7 +226,7 @@ def command(args: Args, algo: str, arm: str, seed: int, folder: Path | None = No
     flags = train_flags(args, algo, arm, seed)
     flags[flags.index("--run-name") + 1] = folder.name
     resume = (folder / "checkpoint.pt").exists()
-    return [sys.executable, str(ROOT / "train.py"), *flags, *(["--resume"] * resume)]
+    return [sys.executable, str(code_root(code_of(arm)[1]) / "train.py"), *flags, *(["--resume"] * resume)]
 
 
 def launch(args: Args, algo: str, arm: str, seed: int, folder: Path | None = None, what: str | None = None) -> str:
@@ -209,7 +243,7 @@ def launch(args: Args, algo: str, arm: str, seed: int, folder: Path | None = Non
     with open(folder.parent / f"{folder.name}.log", "a") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=code_root(code_of(arm)[1])).returncode
     if rc != 0:
         FAILED.set()
         raise SystemExit(f"error: {folder.name} exited with {rc}; see {folder.parent / (folder.name + '.log')}")
@@ -263,7 +297,16 @@ def main(args: Args) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
     extra = parse_pairs(args.pairs, args.arms)  # checked before any run starts
-    grid = [(algo, arm, seed) for algo in args.algos for arm in args.arms for seed in args.seeds]
+    arms = tuple(args.arms)
+    if args.against is not None and args.launcher != "local":
+        raise SystemExit("error: --against runs locally only (the cluster jobs run this checkout's code)")
+    if args.against is not None:  # each arm twice: this tree's code and the commit's, paired seed by seed
+        commit = (run_plumbing.git("rev-parse", "--short=12", args.against) or "").strip()
+        if not commit:
+            raise SystemExit(f"error: --against {args.against}: not a commit of this repository")
+        arms += tuple(f"{arm}@{commit}" for arm in args.arms)
+        extra += tuple((arm, f"{arm}@{commit}") for arm in args.arms)
+    grid = [(algo, arm, seed) for algo in args.algos for arm in arms for seed in args.seeds]
     plan = {job: find_run(args, *job) for job in grid}  # each job's folder: reused, resumed or started (and why)
     if args.dry_run:
         for job, (folder, what) in plan.items():
@@ -295,7 +338,7 @@ def main(args: Args) -> None:
     arm_of = {plan[job][0].name: job[1] for job in grid}
     runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([plan[job][0] for job in grid])]
     rows = aggregate(runs)
-    pairs = all_paired(runs, args.algos, args.arms, extra)
+    pairs = all_paired(runs, args.algos, arms, extra)
     out = {"env": args.env, "steps": sorted({r["steps"] for r in runs}), "preset": args.preset, "flags": args.flags,
            "dydiff_flags": args.dydiff_flags, "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
