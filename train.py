@@ -31,7 +31,6 @@ import dydiff
 import dynamics
 from data import LOCOMOTION, CheckpointError, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
 from iql import IQL
-from rebuild import build_dataset, draw_maze
 from runs import ConfigError, Run, read_run_checkpoint
 from td3bc import TD3BC
 
@@ -319,6 +318,8 @@ def learner_from_checkpoint(path, obs_dim: int, act_dim: int, device: str = "cpu
 
 # -- The loop --------------------------------------------------------------------------------------
 def train(args: Args) -> dict:
+    from rebuild import build_dataset, draw_maze  # here, as tyro: bench/gpu_check.py imports this file with torch alone
+
     args = resolve(args)
     torch.set_num_threads(args.threads)
     device = args.device
