@@ -434,6 +434,31 @@ def test_sac_rebuild_at_a_tiny_size_builds_each_level_from_one_resumable_run(tmp
     np.testing.assert_array_equal(d.next_obs[inside], d.obs[inside + 1])
 
 
+def test_sac_rebuild_takes_the_medium_at_the_threshold_from_frequent_evaluations(tmp_path, monkeypatch):
+    """Data: the evaluations come every eval_every steps until a return passes a quarter of D4RL's expert
+    return, then every fine_eval_every; the medium policy is the first of those reaching a third of it (step
+    500 here, not the next coarse point 600), and medium-replay is the buffer up to it. A scripted return curve
+    (fractions of hopper's expert return) replaces the evaluations; SAC itself runs, tiny."""
+    import rebuild
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    curve = {200: 0.10, 400: 0.26, 450: 0.30, 500: 0.34, 550: 0.40, 600: 0.70}  # 1/4 passed at 400, 1/3 at 500
+    monkeypatch.setattr(rebuild, "_evaluate", lambda model, envs: curve[model.num_timesteps] * 3234.3)
+    cfg = replace(TINY_SAC, medium_fraction=1 / 3, expert_fraction=0.9, fine_eval_every=50, fine_from=0.25)
+    replay = generate_locomotion_dataset("hopper-medium-replay", cfg, progress=False)
+    state = read_sac_state("hopper")
+    assert [s for s, _ in state["evals"]] == [200, 400, 450, 500]
+    assert state["medium"] == {"step": 500, "return": 0.34 * 3234.3} and replay.total_steps == 500
+    numbers = json.loads((sac_dir("hopper") / "build.json").read_text())["dydiff/mujoco/hopper/medium-replay-v0"]
+    assert numbers["transitions"] == 500 and numbers["d4rl"]["transitions"] == 402_000
+    assert numbers["policies"]["medium"]["score"] == pytest.approx(normalized_score(0.34 * 3234.3, -20.272305, 3234.3))
+    assert {"cpu_time_s", "episodes", "data_return_mean", "data_score"} <= set(numbers)
+    assert numbers["data_score"] == pytest.approx(normalized_score(numbers["data_return_mean"], -20.272305, 3234.3))
+    # the expert's run goes back to coarse evaluations once the medium exists (600: the cap, 0.7 < 0.9)
+    generate_locomotion_dataset("hopper-medium-expert", replace(cfg, collect_steps=30), progress=False)
+    assert [s for s, _ in read_sac_state("hopper")["evals"]] == [200, 400, 450, 500, 600]
+
+
 # ------------------------------------------------------------------------------------- learners
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
 def test_learner_update_lowers_critic_loss_and_keeps_shapes(algo):
