@@ -340,6 +340,7 @@ class DMConfig:
     ema_halflife: float = 500_000  # EMA half-life in training samples (EDM's default)
     ema_rampup: float = 0.05  # early on the half-life is at most this share of the samples seen (EDM's default)
     seed: int = 0  # seed of the initialisation, the batches and the training noise
+    terminal_rows: bool = False  # a terminated episode's last next state is a training row too (training_rows)
 
     def __post_init__(self):
         for name in ("dim", "train_steps", "batch_size", "lr"):
@@ -414,12 +415,31 @@ def code_digests() -> dict[str, str]:
             "data.py": arrays_digest()}
 
 
+def training_rows(data, terminal_rows: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DM's training rows [s_t, a_t] (N, obs_dim + act_dim), and each episode's first row and end.
+
+    terminal_rows: a terminated episode (its last transition's terminal is 1) gets one row more, [its last
+    next state, its last action], so the DM sees the state an episode ends in (hopper's fall) and a generated
+    trajectory can reach it as the data does. The action repeats the last one: the DM is conditioned on every
+    row's action, and an action after a terminal never reaches the environment, so any value is as true; the
+    last one lies in the data and adds no jump to the action sequence. A truncated episode (a timeout) has no
+    end state, the environment would go on: it gets no row. Off: the rows and episodes are the dataset's."""
+    raw, starts, ends = np.concatenate([data.obs, data.actions], axis=1), data.episode_starts, data.episode_ends
+    if not terminal_rows:
+        return raw, starts, ends
+    fell = data.terminals[ends - 1] > 0  # (E,) per episode
+    last = ends[fell] - 1
+    raw = np.insert(raw, ends[fell], np.concatenate([data.next_obs[last], data.actions[last]], axis=1), axis=0)
+    added = np.cumsum(fell)  # rows added up to and including each episode
+    return raw, starts + added - fell, ends + added
+
+
 def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrain: bool = False,
                   progress: bool = True) -> tuple[DynamicsDiffusion, dict]:
     """The DM for ``data`` (an OfflineData): from the cache beside the dataset, else trained now."""
     cfg = cfg or DMConfig()
     settings = {"obs_dim": data.obs_dim, "act_dim": data.act_dim, **asdict(cfg)}
-    raw = np.concatenate([data.obs, data.actions], axis=1)
+    raw, episode_starts, episode_ends = training_rows(data, cfg.terminal_rows)
     # The box of the states spans the next states too: terminal states appear only there, and a box
     # without them would keep every generated state healthy (hopper's terminal could never fire).
     box = np.concatenate([raw, np.concatenate([data.next_obs, data.actions], axis=1)])
@@ -429,7 +449,7 @@ def load_or_train(data, cfg: DMConfig | None = None, device: str = "cpu", retrai
         model = DynamicsDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.dim, cfg.dim_mults,
                                   torch.as_tensor(box.min(0)), torch.as_tensor(box.max(0)), cfg.act).to(device)
         X = model.normalize(torch.as_tensor(raw).to(device))
-        starts, lengths = segment_index(data.episode_starts, data.episode_ends, cfg.horizon)
+        starts, lengths = segment_index(episode_starts, episode_ends, cfg.horizon)
         n_params = sum(p.numel() for p in model.net.parameters())
         print(f"training the diffusion model on {data.dataset_id}: {len(starts)} segments of H={cfg.horizon}, "
               f"{n_params / 1e6:.2f}M params, {cfg.train_steps} steps of batch {cfg.batch_size}")

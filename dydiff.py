@@ -18,7 +18,8 @@ The steps, each a function below:
                         is the sum of these T-1 rewards, the rewards its transitions carry into the
                         buffer. (The official code also adds the reward model's r(s_{T-1}, a_{T-1}) of
                         the last row, which never becomes a transition, and the task's reward has no
-                        value there.)
+                        value there.) --stop-return-at-terminal: R stops at the first terminal transition
+                        (its reward counts, the later ones are never transitions), so the dones come first.
   5. select             hardmax_filter keeps every trajectory whose return reaches the (1 - keep_fraction)
                         quantile; softmax_filter samples that share with p = softmax(z-scored return /
                         temperature).
@@ -68,6 +69,7 @@ class RolloutConfig:
     update_weight: float = 0.5  # w of step 3: states = w * DM states + (1 - w) * previous states (official 1/2)
     sdedit_sigma: float = 0.2  # > 0: the DM starts from the previous states noised to this sigma (SDEdit), so it
     # corrects the policy's trajectory rather than replacing it with one drawn from the data; 0: from pure noise, the paper
+    stop_return_at_terminal: bool = False  # step 4: R sums the rewards up to the first terminal only (official: all)
 
     def __post_init__(self):
         for name in ("rollout_batch", "rollout_length", "sampler_steps", "temperature"):
@@ -283,6 +285,12 @@ def transition_dones(models: DyDiffModels, states_z: torch.Tensor, actions: torc
     return torch.as_tensor(dones, device=states_z.device).bool().reshape(B, T - 1)  # 'never' answers on the CPU
 
 
+def before_terminal(dones: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) bool: the transitions up to and including each trajectory's first terminal."""
+    dones = dones.long()
+    return dones.cumsum(1) - dones == 0  # no terminal strictly before t
+
+
 def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                    dones: torch.Tensor) -> dict[str, torch.Tensor]:
     """Step 6: (s_t, a_t, r_t, s_{t+1}, done_t) for t < T-1, flattened trajectory by trajectory.
@@ -290,9 +298,7 @@ def to_transitions(states_z: torch.Tensor, actions: torch.Tensor, rewards: torch
     rewards, dones: (B, T-1), of the transition t -> t+1. A trajectory stops at its first terminal: that
     transition is kept with done = 1, the later ones are dropped (they would continue from a state the
     environment never leaves)."""
-    dones = dones.bool()
-    terminals_before = dones.long().cumsum(1) - dones.long()  # terminals strictly before t
-    keep = terminals_before == 0
+    dones, keep = dones.bool(), before_terminal(dones)
     return {"obs": states_z[:, :-1][keep], "actions": actions[:, :-1][keep], "rewards": rewards[keep],
             "next_obs": states_z[:, 1:][keep], "dones": dones[keep].to(states_z.dtype)}
 
@@ -305,9 +311,15 @@ def rollout_round(act_fn: ActFn, models: DyDiffModels, s0_z: torch.Tensor, cfg: 
     iterates, times = rollout(act_fn, models, s0_z, cfg, generator)
     states_z, actions = iterates[-1]
     rewards = transition_rewards(models, states_z, actions)
-    returns = rewards.sum(1)
-    kept = select(returns, cfg, generator)
-    dones = transition_dones(models, states_z[kept], actions[kept])
+    if cfg.stop_return_at_terminal:  # the dones of all B trajectories, before the filter that reads the returns
+        all_dones = transition_dones(models, states_z, actions)
+        returns = rewards.masked_fill(~before_terminal(all_dones), 0).sum(1)
+        kept = select(returns, cfg, generator)
+        dones = all_dones[kept]
+    else:  # the official order: returns of all the rewards, the filter, then the dones of the kept ones
+        returns = rewards.sum(1)
+        kept = select(returns, cfg, generator)
+        dones = transition_dones(models, states_z[kept], actions[kept])
     transitions = to_transitions(states_z[kept], actions[kept], rewards[kept], dones)
     stats = round_stats(iterates, returns, kept, dones, len(transitions["obs"]))
     return transitions, {**stats, **times, "time_s": time.time() - t0}

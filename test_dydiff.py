@@ -435,6 +435,31 @@ def test_sac_rebuild_at_a_tiny_size_builds_each_level_from_one_resumable_run(tmp
     np.testing.assert_array_equal(d.next_obs[inside], d.obs[inside + 1])
 
 
+def test_sac_rebuild_takes_the_medium_at_the_threshold_from_frequent_evaluations(tmp_path, monkeypatch):
+    """Data: the evaluations come every eval_every steps until a return passes a quarter of D4RL's expert
+    return, then every fine_eval_every; the medium policy is the first of those reaching a third of it (step
+    500 here, not the next coarse point 600), and medium-replay is the buffer up to it. A scripted return curve
+    (fractions of hopper's expert return) replaces the evaluations; SAC itself runs, tiny."""
+    import rebuild
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    curve = {200: 0.10, 400: 0.26, 450: 0.30, 500: 0.34, 550: 0.40, 600: 0.70}  # 1/4 passed at 400, 1/3 at 500
+    monkeypatch.setattr(rebuild, "_evaluate", lambda model, envs: curve[model.num_timesteps] * 3234.3)
+    cfg = replace(TINY_SAC, medium_fraction=1 / 3, expert_fraction=0.9, fine_eval_every=50, fine_from=0.25)
+    replay = generate_locomotion_dataset("hopper-medium-replay", cfg, progress=False)
+    state = read_sac_state("hopper")
+    assert [s for s, _ in state["evals"]] == [200, 400, 450, 500]
+    assert state["medium"] == {"step": 500, "return": 0.34 * 3234.3} and replay.total_steps == 500
+    numbers = json.loads((sac_dir("hopper") / "build.json").read_text())["dydiff/mujoco/hopper/medium-replay-v0"]
+    assert numbers["transitions"] == 500 and numbers["d4rl"]["transitions"] == 402_000
+    assert numbers["policies"]["medium"]["score"] == pytest.approx(normalized_score(0.34 * 3234.3, -20.272305, 3234.3))
+    assert {"cpu_time_s", "episodes", "data_return_mean", "data_score"} <= set(numbers)
+    assert numbers["data_score"] == pytest.approx(normalized_score(numbers["data_return_mean"], -20.272305, 3234.3))
+    # the expert's run goes back to coarse evaluations once the medium exists (600: the cap, 0.7 < 0.9)
+    generate_locomotion_dataset("hopper-medium-expert", replace(cfg, collect_steps=30), progress=False)
+    assert [s for s, _ in read_sac_state("hopper")["evals"]] == [200, 400, 450, 500, 600]
+
+
 # ------------------------------------------------------------------------------------- learners
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
 def test_learner_update_lowers_critic_loss_and_keeps_shapes(algo):
@@ -843,6 +868,38 @@ def test_loss_falls_on_toy_dataset():
     assert info["train_seconds"] > info["val_curve"][-1][1] > info["val_curve"][0][1] > 0
 
 
+def test_dm_terminal_rows_add_a_terminated_episodes_last_state_not_a_truncated_ones(tmp_path, monkeypatch):
+    """DM training data with --dm-terminal-rows: a terminated episode gets one row more, [its last next state, its
+    last action]; a truncated one (a timeout) none. Off (the default and the paper's), the rows, the segments and
+    so the trained weights are the dataset's as before."""
+    obs = np.arange(12, dtype=np.float32).reshape(6, 2)  # episodes: 0-2 terminated, 3-4 truncated, 5 terminated
+    data = SimpleNamespace(obs=obs, next_obs=obs + 100, actions=-np.arange(6, dtype=np.float32)[:, None],
+                           terminals=np.array([0, 0, 1, 0, 0, 1], dtype=np.float32),
+                           episode_starts=np.array([0, 3, 5]), episode_ends=np.array([3, 5, 6]),
+                           obs_dim=2, act_dim=1, dataset_id="test/rows-v0", cache_dir=tmp_path, fingerprint="r" * 16)
+    raw, starts, ends = diffusion.training_rows(data)
+    np.testing.assert_array_equal(raw, np.concatenate([data.obs, data.actions], 1))
+    assert starts is data.episode_starts and ends.tolist() == [3, 5, 6]
+    raw_t, starts_t, ends_t = diffusion.training_rows(data, terminal_rows=True)
+    assert (starts_t.tolist(), ends_t.tolist()) == ([0, 4, 6], [4, 6, 8])
+    np.testing.assert_array_equal(raw_t[[0, 1, 2, 4, 5, 6]], raw)
+    np.testing.assert_array_equal(raw_t[[3, 7]], [[104, 105, -2], [110, 111, -5]])  # the falls, last actions repeated
+    assert not np.isin(data.next_obs[4], raw_t[:, :2]).any()  # the truncated episode's last next state is no row
+
+    seen = []  # load_or_train trains on these rows and segments (the training itself replaced by a recorder)
+    monkeypatch.setattr(diffusion, "train", lambda model, X, st, ln, cfg, **kw: seen.append((model.unnormalize(X), st, ln))
+                        or {"train_steps": 0, "train_seconds": 0.0, "val_loss": 0.0})
+    for flag, (rows, first, end) in ((False, (raw, starts, ends)), (True, (raw_t, starts_t, ends_t))):
+        diffusion.load_or_train(data, diffusion.DMConfig(horizon=4, dim=8, dim_mults=(1, 2), terminal_rows=flag),
+                                progress=False)
+        X, seg_start, seg_len = seen[-1]
+        assert np.allclose(X.numpy(), rows, atol=1e-4)
+        want = segment_index(first, end, 4)
+        np.testing.assert_array_equal(seg_start, want[0])
+        np.testing.assert_array_equal(seg_len, want[1])
+    assert seen[0][2].tolist() == [3, 2, 1] and seen[1][2].tolist() == [4, 2, 2]  # the fall is a real (unmasked) row
+    assert diffusion.DMConfig().terminal_rows is False
+
 def test_dm_cache_trains_once_and_refuses_a_foreign_file(tiny_data):
     """Cache: the DM is trained once per dataset and settings, then loaded with its EMA weights and box."""
     kw = dict(cfg=diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=30, batch_size=16), progress=False)
@@ -1103,6 +1160,31 @@ def test_ensemble_only_round_with_m_0(models):
     assert torch.equal(tr["rewards"], returns[kept].reshape(-1))
 
 
+def test_return_stops_at_the_first_terminal_only_with_the_flag(models):
+    """Steps 4-6 with --stop-return-at-terminal: a trajectory's return sums its rewards up to and including its
+    first terminal transition, and the filter ranks that; off (the paper, the official code) it sums all T-1."""
+    dones = torch.tensor([[0, 0, 1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert dydiff.before_terminal(dones).sum(1).tolist() == [3, 1, 5]  # the terminal's own reward counts
+
+    def terminal(s, a, s_next):  # fires for some trajectories, at various steps
+        return s_next[:, 3] > MEAN[3] + 0.2 * STD[3]
+
+    ones = lambda s, a, s_next: torch.ones(len(s))  # noqa: E731  (a return counts its transitions)
+    bundle, s0 = models.bundle(terminal, ones), starts(40)
+    states, actions = dydiff.initial_rollout(models.act_fn, bundle, s0, H, torch.Generator().manual_seed(0))
+    alive = dydiff.before_terminal(dydiff.transition_dones(bundle, states, actions))
+    lengths = alive.sum(1).double()
+    assert 0 < (lengths < H - 1).sum() < 40  # some trajectories fall, not all of them
+    for stop, returns in ((True, lengths), (False, torch.full((40,), H - 1.0, dtype=torch.float64))):
+        cfg = dydiff.RolloutConfig(rollout_batch=40, rollout_length=H, iterations=0, keep_fraction=0.5,
+                                   stop_return_at_terminal=stop)
+        tr, stats = dydiff.rollout_round(models.act_fn, bundle, s0, cfg, torch.Generator().manual_seed(0))
+        kept = dydiff.hardmax_filter(returns, 0.5)
+        assert stats["return_mean"] == pytest.approx(float(returns.mean()))
+        assert stats["n_kept"] == len(kept) and stats["return_kept_mean"] == pytest.approx(float(returns[kept].mean()))
+        assert len(tr["obs"]) == int(lengths[kept].sum())  # either way the transitions stop at the first terminal
+    assert dydiff.RolloutConfig().stop_return_at_terminal is False
+
 def test_round_on_the_device_keeps_every_tensor_there(models):
     """Steps 1-6 on DEVICE: the models, the start states and every transition stay on the learner's device."""
     bundle = models.bundle()
@@ -1283,16 +1365,19 @@ def test_flags_fill_each_component_config_by_name():
              "--dm-dim", "24", "--dm-mults", "1", "2",
              "--dm-act", "mish", "--dm-train-steps", "11", "--dm-batch-size", "13", "--dm-lr", "0.01",
              "--dm-warmup-steps", "3", "--dm-lr-schedule", "constant", "--dm-grad-clip", "0.5",
-             "--model-seed", "4"]
+             "--model-seed", "4", "--stop-return-at-terminal", "--dm-terminal-rows"]
     args = parse_args(flags)
-    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2, 0.7, 1.5)
+    assert train.rollout_config(args) == dydiff.RolloutConfig(7, 40, 3, 5, "heun", 2.5, "softmax", 0.3, 0.2, 0.7, 1.5, True)
     assert train.dm_config(args) == diffusion.DMConfig(horizon=16, dim=24, dim_mults=(1, 2), act="mish", train_steps=11,
                                                        batch_size=13, lr=0.01, warmup_steps=3, lr_schedule="constant",
-                                                       grad_clip=0.5, seed=4)
+                                                       grad_clip=0.5, seed=4, terminal_rows=True)
     assert train.fit_config(args).seed == 4
     # the cpu preset's defaults are the configs' own
     defaults = parse_args([])
     assert train.rollout_config(defaults) == dydiff.RolloutConfig() and train.dm_config(defaults) == diffusion.DMConfig()
+    # the two levers of a DM that can fall are off in both presets (the official code has neither; not yet measured)
+    for preset in (defaults, parse_args(["--preset", "paper"])):
+        assert not train.rollout_config(preset).stop_return_at_terminal and not train.dm_config(preset).terminal_rows
 
 
 def test_paper_ensemble_recipe_is_the_official_one():

@@ -122,6 +122,9 @@ class Args:
     """w of the DyDiff update: states = w * DM states + (1 - w) * previous states (paper 1/2; 1 = the DM's alone)"""
     sdedit_sigma: float = ROLLOUT.sdedit_sigma
     """0: the DM samples from pure noise (paper); > 0: it refines the previous trajectory noised to this sigma"""
+    stop_return_at_terminal: bool = ROLLOUT.stop_return_at_terminal
+    """a trajectory's return, which the filter ranks, sums its rewards up to its first terminal only (paper: all;
+    off until an A/B measures it)"""
     synthetic_capacity: int = 30_000
     """FIFO capacity of the synthetic buffer in transitions: about 3 rounds, so only recent policies' data (paper 2M)"""
     dm_dim: int = DM.dim
@@ -142,6 +145,9 @@ class Args:
     """DM learning rate after the warm-up: cosine decay to 0 at the last step, or constant (paper)"""
     dm_grad_clip: float = DM.grad_clip
     """gradient-norm clipping of the DM (0: none; paper none)"""
+    dm_terminal_rows: bool = DM.terminal_rows
+    """the DM also trains on each terminated episode's last next state (the fall), so its trajectories can reach one
+    (paper: no; off until an A/B measures it)"""
     model_seed: int = 0
     """seed of the pretrained models; shared by all learner seeds, so they are trained once and cached"""
     retrain: bool = False
@@ -170,7 +176,7 @@ IQL_DATASETS = {
 DM_FLAGS = {"horizon": "horizon", "dim": "dm_dim", "dim_mults": "dm_mults", "act": "dm_act",
             "train_steps": "dm_train_steps", "batch_size": "dm_batch_size", "lr": "dm_lr",
             "warmup_steps": "dm_warmup_steps", "lr_schedule": "dm_lr_schedule", "grad_clip": "dm_grad_clip",
-            "seed": "model_seed"}
+            "seed": "model_seed", "terminal_rows": "dm_terminal_rows"}
 
 
 def rollout_config(args: Args, **override) -> dydiff.RolloutConfig:
