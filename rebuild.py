@@ -8,7 +8,8 @@ goal is one fixed cell.
 
 Locomotion (D4RL's recipe, on gymnasium's v5 envs): one SAC run (stable-baselines3) per env, evaluated
 every 5k env steps, and every 1k once a return passes 1/4 of D4RL's expert return. The first evaluation at
-1/3 of it fixes the medium policy, and the replay buffer up to then is medium-replay; training goes on to the expert (0.9 of it, or the best evaluated by the step cap). Each
+1/3 of it fixes the medium policy, and the replay buffer up to then is medium-replay; training goes on to
+the expert (0.9 of it, or the best evaluated by the step cap). Each
 policy then collects 1M steps with sampled actions: medium, and medium-expert = both collections. Stored
 under ``dydiff/mujoco/<env>/<level>-v0`` with D4RL's reference returns; the run itself (checkpointed at
 every evaluation, so a build resumes) lives beside them in ``dydiff/mujoco/<env>/_sac/``.
