@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import arrays_digest, code_digest, gather_segments, load_or_train_cached, segment_index
+from data import arrays_digest, gather_segments, segment_index
+from runs import code_digest, load_or_train_cached
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln(sigma) ~ N(P_MEAN, P_STD^2)

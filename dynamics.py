@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import arrays_digest, code_digest, load_or_train_cached
+from data import arrays_digest
+from runs import code_digest, load_or_train_cached
 
 
 # -- Batched ensemble layers: every member is computed in one bmm, no Python loop over members -----

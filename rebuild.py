@@ -36,7 +36,8 @@ import gymnasium as gym
 import numpy as np
 
 from data import (LOCOMOTION, LOCOMOTION_ENVS, MAZE2D, DatasetError, episode_buffers, import_d4rl, load_dataset,
-                  local_maze_id, locomotion_ids, normalized_score, write_atomic)
+                  local_maze_id, locomotion_ids, normalized_score)
+from runs import write_atomic
 
 GYM_IDS = {"U_MAZE": "PointMaze_UMaze-v3", "MEDIUM_MAZE": "PointMaze_Medium-v3", "LARGE_MAZE": "PointMaze_Large-v3"}
 

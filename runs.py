@@ -1,5 +1,8 @@
 """Run plumbing for train.py: the run folder, TensorBoard, the progress bar, checkpoints and --resume,
-Ctrl-C, the NaN guard, timing and summary.json. Nothing here changes what is learnt.
+Ctrl-C, the NaN guard, timing and summary.json; and the file plumbing every other file shares: atomic
+writes, the one checkpoint reader (``torch.load(weights_only=True)`` with a one-line error), the cache of
+pretrained models beside the dataset, keyed by their settings and the digest of their code, and the
+provenance (commit, uncommitted changes, code digests) each run records. Nothing here changes what is learnt.
 
 A run folder ``<run_dir>/<run_name>/`` holds config.json, TensorBoard events, checkpoint.pt (rewritten
 atomically at every evaluation), summary.json and learning_curve.png. Ctrl-C, SIGTERM and the signals a
@@ -10,21 +13,26 @@ SIGKILL loses at most one evaluation interval.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import json
 import math
+import os
 import platform
 import signal
 import subprocess
+import textwrap
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import CheckpointError, code_digest, load_checkpoint, write_atomic
 
 CHECKPOINT_FORMAT = "dydiff-train-v2"  # v2: every flag in "args" and the code's digests in "provenance"
 NAMES = {"td3bc": "TD3+BC", "iql": "IQL"}
@@ -34,6 +42,140 @@ FREE_FLAGS = {"total_steps", "resume", "run_dir", "run_name", "threads", "device
               "retrain"}
 ROOT = Path(__file__).resolve().parent
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or cached model that cannot be used, with a one-line message naming the file and the fix."""
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it: a crash mid-write never leaves a
+    truncated file under the real name (os.replace is atomic on one file system)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")  # np.savez wants its suffix kept
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fix: str, device: str | torch.device = "cpu") -> dict:
+    """A dict saved by torch.save, loaded with weights_only=True (no code is unpickled), or a one-line
+    CheckpointError that names the file and `fix`, what the user should do about it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, foreign or unsafe to unpickle
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}): it is truncated or not ours; {fix}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not one of our checkpoints; {fix}")
+    return state
+
+
+def source(obj) -> str:
+    """The source text of a module, class or function (a seam: tests replace it to simulate an edit)."""
+    return inspect.getsource(obj)
+
+
+def code_digest(*objs, skip: tuple[str, ...] = ()) -> str:
+    """A digest of what the code of `objs` (modules, classes, functions, or source text) does: sha256 of their parsed source
+    (ast.dump) without docstrings and without the definitions named in `skip` ("Class.method" or "function").
+    Parsed, so comments, docstrings, blank lines and line breaks do not change it and every token that can
+    change behaviour does; a hand-bumped version number forgets edits, a digest of the raw text retrains on
+    a comment."""
+    h = hashlib.sha256()
+    for obj in objs:
+        tree = ast.parse(textwrap.dedent(obj if isinstance(obj, str) else source(obj)))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if not isinstance(body, list):
+                continue
+            scope = getattr(node, "name", "")
+            body[:] = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                                               and isinstance(n.value.value, str))  # a docstring
+                       and not (isinstance(n, (ast.FunctionDef, ast.ClassDef)) and
+                                (n.name in skip or f"{scope}.{n.name}" in skip))] or [ast.Pass()]
+        h.update(ast.dump(tree).encode())
+    return h.hexdigest()[:12]
+
+
+def load_or_train_cached(data, kind: str, settings: dict, code: dict[str, str], train: Callable[[], dict],
+                         device: str | torch.device = "cpu", retrain: bool = False) -> tuple[dict, Path, bool]:
+    """The cache of pretrained models: <dataset>/dydiff_cache/<kind>_<hash of dataset, settings and code>.pt
+    (data: a data.OfflineData, for its cache_dir, fingerprint and dataset_id).
+
+    code: {file: code_digest} of the code that defines and trains the model, so an edit to it retrains the
+    model instead of loading one that code which no longer exists has made. Returns (checkpoint dict, its
+    path, whether it came from the cache); before training it prints one line saying why. A cached file is
+    used only when it was made from this dataset with these settings and this code; otherwise `train()` runs
+    and its dict is saved (atomically) with them beside it. Training holds a lock: see training_lock."""
+    settings, code = json.loads(json.dumps(settings)), dict(code)  # tuples -> lists, as they come back from the file
+    key = hashlib.sha256(json.dumps([kind, data.fingerprint, settings, code], sort_keys=True).encode()).hexdigest()[:12]
+    path = data.cache_dir / f"{kind}_{key}.pt"
+    header = {"kind": kind, "fingerprint": data.fingerprint, "settings": settings, "code": code}
+
+    def cached() -> dict:
+        ckpt = load_checkpoint(path, "delete it and it will be retrained", device)
+        if {k: ckpt.get(k) for k in header} != header:
+            raise CheckpointError(f"{path} is not a {kind} model of {data.dataset_id} with these settings and this "
+                                  f"code; delete it and it will be retrained")
+        return ckpt
+
+    if path.exists() and not retrain:
+        return cached(), path, True
+    with training_lock(path) as waited:
+        if path.exists() and (waited or not retrain):  # another run trained it while this one waited
+            return cached(), path, True
+        print(f"{kind}: not loaded from the cache, training it ({'--retrain' if retrain else why_not_cached(data.cache_dir, header)})",
+              flush=True)
+        ckpt = {**header, **train()}
+        write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        write_atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(header, indent=1)))
+    return ckpt, path, False
+
+
+def why_not_cached(cache_dir: Path, header: dict) -> str:
+    """Why no cached model fits, from the headers (<kind>_<key>.json) of the others of this kind and dataset:
+    the nearest one's other code (which files) or other settings (which, then -> now)."""
+    near = []
+    for f in sorted(cache_dir.glob(f"{header['kind']}_*.json")):
+        try:
+            other = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("fingerprint") == header["fingerprint"]:
+            settings = sorted(k for k in header["settings"] | other.get("settings", {})
+                              if other.get("settings", {}).get(k) != header["settings"].get(k))
+            files = sorted(k for k in header["code"] | other.get("code", {}) if other.get("code", {}).get(k) != header["code"].get(k))
+            near.append((len(settings), len(files), settings, files, other))
+    if not near:
+        return "no cached model of this dataset"
+    _, _, settings, files, other = min(near, key=lambda n: n[:2])
+    if settings:
+        return "other settings than the cached one (" + ", ".join(
+            f"{k} {other['settings'].get(k)} -> {header['settings'].get(k)}" for k in settings[:4]) + ")"
+    return f"other code than the cached one ({', '.join(files)} changed)"
+
+
+@contextmanager
+def training_lock(path: Path):
+    """An exclusive lock on <path>.lock while the model of `path` is trained, so that runs started together
+    (the seeds of bench/compare.py, bench/pretrain.py beside a run) train it once: the others wait, then
+    load it. Yields whether it had to wait. flock is released by the OS when its holder dies, so a crash
+    never leaves a stale lock; where there is no fcntl (Windows), there is no lock either."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            print(f"waiting for another process that is training {path.name} (it holds {f.name})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+        yield waited  # closing the file releases the lock, on success and on error
 
 
 class ConfigError(ValueError):

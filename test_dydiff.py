@@ -30,11 +30,11 @@ import torch.nn as nn
 import diffusion
 import dydiff
 import dynamics
-from data import (LOCOMOTION, LOCOMOTION_ENVS, CheckpointError, DatasetError, MAZE2D, TransitionBuffer, code_digest,
-                  import_d4rl, load_dataset, normalized_score, open_minari, resolve_env)
+from data import (LOCOMOTION, LOCOMOTION_ENVS, DatasetError, MAZE2D, TransitionBuffer, import_d4rl, load_dataset, normalized_score, open_minari, resolve_env)
 from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
+from runs import CheckpointError, code_digest
 from rebuild import SACBuild, WaypointController, build_dataset, draw_maze, generate_locomotion_dataset, maze_eval_env, read_sac_state, sac_dir
 from td3bc import TD3BC, TwinCritic
 from train import evaluate, main, parse_args, sample_batch
@@ -172,11 +172,12 @@ def test_episodes_are_cut_at_successes(tiny_data):
 def test_flat_cache_is_used_and_rebuilt_when_the_dataset_changes(tiny_data, monkeypatch):
     """Data: the flat arrays are cached and rebuilt when the dataset files or the flattening code change."""
     import data as data_mod
+    import runs as runs_mod
 
-    calls, real_flatten, real_source = [], data_mod._flatten, data_mod.source
+    calls, real_flatten, real_source = [], data_mod._flatten, runs_mod.source
     counting = lambda ds: calls.append(1) or real_flatten(ds)  # noqa: E731
     monkeypatch.setattr(data_mod, "_flatten", counting)
-    monkeypatch.setattr(data_mod, "source", lambda obj: real_source(real_flatten if obj is counting else obj))
+    monkeypatch.setattr(runs_mod, "source", lambda obj: real_source(real_flatten if obj is counting else obj))
     again = data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)
     assert calls == [] and again.fingerprint == tiny_data.fingerprint  # served from dydiff_cache/flat.npz
     data_file = next((tiny_data.cache_dir.parent / "data").glob("*"))
@@ -185,7 +186,7 @@ def test_flat_cache_is_used_and_rebuilt_when_the_dataset_changes(tiny_data, monk
     assert calls == [1] and rebuilt.fingerprint != tiny_data.fingerprint
     np.testing.assert_array_equal(rebuilt.obs, tiny_data.obs)
     edited = lambda obj: real_source(real_flatten).replace("def _flatten(ds)", "def _flatten(ds, edited=1)")  # noqa
-    monkeypatch.setattr(data_mod, "source", lambda obj: edited(obj) if obj is counting else real_source(obj))
+    monkeypatch.setattr(runs_mod, "source", lambda obj: edited(obj) if obj is counting else real_source(obj))
     data_mod.load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False, build=build_dataset)
     assert calls == [1, 1]  # the code that flattens changed: the arrays are made again
 
@@ -269,17 +270,17 @@ def test_locomotion_offline_says_how_to_get_the_data(minari_root, tmp_path, caps
         load_dataset("maze2d-umaze", dataset_id="nobody/maze-v0")
 
 
-def test_imports_go_one_way_data_never_imports_rebuild_or_the_models():
-    """Layout: data.py is below everything (rebuild.py, the models and train.py import it, never the reverse),
-    so a reader can take the files bottom-up and no import cycle exists."""
+def test_imports_go_one_way_from_the_plumbing_up():
+    """Layout: runs.py (the plumbing) is below data.py, data.py below rebuild.py and the models, never the
+    reverse, so a reader can take the files bottom-up and no import cycle exists."""
     import ast
 
     for name in ("data.py", "runs.py", "rebuild.py", "diffusion.py", "dynamics.py", "dydiff.py"):
         tree = ast.parse((Path(__file__).parent / name).read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        below = {"data.py": set(), "runs.py": {"data"}, "rebuild.py": {"data"}, "diffusion.py": {"data"},
-                 "dynamics.py": {"data"}, "dydiff.py": set()}[name]
+        below = {"runs.py": set(), "data.py": {"runs"}, "rebuild.py": {"data", "runs"},
+                 "diffusion.py": {"data", "runs"}, "dynamics.py": {"data", "runs"}, "dydiff.py": set()}[name]
         project = {"data", "runs", "rebuild", "diffusion", "dynamics", "dydiff", "train", "td3bc", "iql"}
         assert imported & project == below, name
 
@@ -655,25 +656,25 @@ def test_model_cache_lock_makes_a_second_run_wait_and_load_instead_of_training(t
     import threading
     from types import SimpleNamespace
 
-    import data as data_mod
+    import runs as runs_mod
 
     fake = SimpleNamespace(cache_dir=tmp_path, fingerprint="f" * 16, dataset_id="test/fake-v0")
     calls, result = [], {}
     train_fn = lambda: calls.append(1) or {"w": torch.ones(2)}  # noqa: E731
-    _, path, cached = data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, {"x.py": "c"}, train_fn)
+    _, path, cached = runs_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, {"x.py": "c"}, train_fn)
     assert calls == [1] and not cached
     path.unlink()  # as if never trained; now another process trains it and holds the lock
     with open(path.with_suffix(".lock"), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         t = threading.Thread(target=lambda: result.update(
             zip(("ckpt", "path", "cached"),
-                data_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, {"x.py": "c"}, train_fn))))
+                runs_mod.load_or_train_cached(fake, "dynamics", {"seed": 0}, {"x.py": "c"}, train_fn))))
         t.start()
         t.join(timeout=1.0)
         assert t.is_alive() and not path.exists()  # waiting, not training
         ckpt = {"kind": "dynamics", "fingerprint": fake.fingerprint, "settings": {"seed": 0}, "code": {"x.py": "c"},
                 "w": torch.full((2,), 7.0)}
-        data_mod.write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        runs_mod.write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
         fcntl.flock(held, fcntl.LOCK_UN)
     t.join(timeout=30)
     assert not t.is_alive() and calls == [1] and result["cached"] and result["path"] == path
@@ -932,13 +933,13 @@ def test_model_caches_follow_the_code_not_its_comments(tiny_data, monkeypatch, c
     """Cache: an edit to the code that defines or trains a model (here through data.source, as if the file had
     been edited) gives a new key and retrains it, saying why; an edit to a docstring, or to the DM's sampler,
     which does not change the weights, loads the cached model; --retrain retrains."""
-    import data
+    import runs
 
-    real = data.source
+    real = runs.source
 
     def edit(module, old: str, new: str):  # the source of `module` as if the file had this edit
         assert old in real(module)
-        monkeypatch.setattr(data, "source", lambda obj: real(obj).replace(old, new) if obj is module else real(obj))
+        monkeypatch.setattr(runs, "source", lambda obj: real(obj).replace(old, new) if obj is module else real(obj))
 
     kw = dict(cfg=diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=20, batch_size=8, seed=5),
               progress=False)

@@ -29,9 +29,9 @@ import torch
 import diffusion
 import dydiff
 import dynamics
-from data import LOCOMOTION, CheckpointError, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
+from data import LOCOMOTION, DatasetError, TransitionBuffer, flat_obs, load_dataset, real_buffer
 from iql import IQL
-from runs import ConfigError, Run, read_run_checkpoint
+from runs import CheckpointError, ConfigError, Run, read_run_checkpoint
 from td3bc import TD3BC
 
 ROLLOUT, DM = dydiff.RolloutConfig(), diffusion.DMConfig()  # the cpu preset's values of the DyDiff flags

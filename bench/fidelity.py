@@ -242,7 +242,8 @@ class Args:
 
 
 def main(args: Args) -> None:
-    from data import CheckpointError, DatasetError, load_dataset
+    from data import DatasetError, load_dataset
+    from runs import CheckpointError
     from train import dm_config, parse_args, resolve
 
     torch.set_num_threads(args.threads)

@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
-from data import CheckpointError, DatasetError, load_dataset  # noqa: E402
+from data import DatasetError, load_dataset  # noqa: E402
+from runs import CheckpointError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,7 +77,8 @@ class Args:
 
 def load_policy(path: str | None, args: Args, data, obs_dim: int, act_dim: int):
     """(learner, description, short label) of a run's checkpoint, or of a TD3+BC fitted here when path is None."""
-    from data import CheckpointError, real_buffer
+    from data import real_buffer
+    from runs import CheckpointError
     from train import learner_from_checkpoint
 
     if path:
