@@ -1725,9 +1725,9 @@ def test_rollout_error_checks_its_train_flags_as_train_py_does():
 
 
 def test_pool_pairs_runs_from_several_results_files(tmp_path):
-    """bench/pool.py: arms taken from two results files pair by seed with bench/compare.py's interval; a seed
+    """bench/compare.py pool: arms taken from two results files pair by seed with the A/B's interval; a seed
     given twice, an arm a file lacks or a different setting is one line."""
-    import pool
+    import compare as pool
 
     def results(name, arms, **extra):
         runs = [{"algo": "td3bc", "arm": arm, "seed": seed, "final": score, "last": score, "best": score + 1,
@@ -1755,9 +1755,9 @@ def test_pool_pairs_runs_from_several_results_files(tmp_path):
 
 
 def test_pool_renames_arms_and_pairs_any_two(tmp_path):
-    """bench/pool.py: file:arm=new pools two variants of one arm side by side, --pairs a-b pairs them by seed
-    (and is not repeated where it is a default pair); a name with '-' or an absent arm is one line."""
-    import pool
+    """bench/compare.py pool: file:arm=new pools two variants of one arm side by side, --pairs a-b pairs them by
+    seed (and is not repeated where it is a default pair); a name with '-' or an absent arm is one line."""
+    import compare as pool
 
     def results(name, arms):
         runs = [{"algo": "td3bc", "arm": arm, "seed": seed, "final": score, "last": score, "best": score,
@@ -1813,6 +1813,41 @@ def test_compare_pairs_any_two_arms_after_the_default_pairs(tmp_path):
                                          r"runs \(arms: dydiff, ensemble, plain\)$"):
         compare.main(replace(args, pairs=("ensemble-iql",), run_dir=str(tmp_path / "empty")))
     assert not (tmp_path / "empty").exists()
+
+
+def test_readme_results_table_is_the_scripts_output():
+    """README's results table is what `python bench/compare.py table` prints from bench/results, to the character:
+    edit a results file (or the table code) and README must be regenerated."""
+    import compare
+
+    readme = (HERE / "README.md").read_text()
+    begin, end = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+    assert readme.count(begin) == 1 and readme.count(end) == 1, "README lost its results-table markers"
+    held = readme.split(begin)[1].split(end)[0].strip()
+    assert held == compare.results_table(), "README's table differs: paste `python bench/compare.py table` into it"
+
+
+def test_results_table_reads_the_three_arms_of_each_default_file(tmp_path):
+    """bench/compare.py table: one row per ablation_<dataset>_<algo>.json (variants with another suffix left out),
+    scores as mean +- std over seeds, the file's own paired intervals, CPU minutes from cpu_s."""
+    import compare
+
+    def results(name, scores):
+        runs = [{"algo": "iql", "arm": arm, "seed": seed, "final": score, "cpu_s": 60.0 * (seed + 1)}
+                for arm, by_seed in scores.items() for seed, score in by_seed.items()]
+        paired = [{"name": f"dydiff-{o}", "metric": m, "mean": 1.25, "ci_low": -0.5, "ci_high": 3.0}
+                  for o in ("plain", "ensemble") for m in ("best_score", "final_score")]
+        (tmp_path / name).write_text(json.dumps({"runs": runs, "paired": paired}))
+
+    three = {"plain": {0: 10.0, 1: 20.0}, "ensemble": {0: 30.0, 1: 30.0}, "dydiff": {0: 40.0, 1: 50.0}}
+    results("ablation_maze2d-large_iql.json", three)
+    results("ablation_maze2d-large_iql_ms1.json", three)  # a variant: not a row
+    rows = compare.results_table(tmp_path).splitlines()
+    assert len(rows) == 3 and rows[2] == ("| maze2d-large | IQL | 15.0 +- 5.0 | 30.0 +- 0.0 | 45.0 +- 5.0 | +1.2 [-0.5, +3.0] "
+                                          "| +1.2 [-0.5, +3.0] | 2 (0, 1) | 1.5 / 1.5 / 1.5 |")
+    results("ablation_maze2d-umaze_iql.json", {"plain": {0: 1.0}, "dydiff": {0: 2.0}})
+    with pytest.raises(SystemExit, match=r"^error: ablation_maze2d-umaze_iql.json lacks an arm"):
+        compare.results_table(tmp_path)
 
 
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
