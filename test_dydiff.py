@@ -1549,7 +1549,7 @@ def test_truncated_cached_model_gives_a_one_line_error(tiny_data, tmp_path, tiny
     assert err.startswith(f"error: cannot read {path} (") and "delete it and it will be retrained" in err
 
 
-# ------------------------------- bench/: the pretraining tool, the simulator and the Figure-3 tools
+# ------------------------------- bench/: the pretraining tool, the simulator and the fidelity tools
 def test_rollout_error_against_the_simulator(tiny_data):
     """Benchmark tools: the simulator replays the data exactly; errors grow with h."""
     data = tiny_data
@@ -1583,7 +1583,7 @@ def test_rollout_error_against_the_simulator(tiny_data):
 def test_hopper_simulator_restarts_from_dataset_states(tiny_hopper):
     """Benchmark tools on locomotion: MuJoCo restarted from a Hopper observation (x = 0) gives the recorded next
     observation; closed loop keeps the simulator's state; terminal shares count the falls on each side."""
-    import rollout_error
+    import fidelity as rollout_error
 
     data = load_dataset(dataset_id=tiny_hopper, verbose=False)
     ok = (np.abs(data.obs[:, 5:]) < 10).all(1)  # the observation clips velocities at 10: those restart clipped
@@ -1604,9 +1604,9 @@ def test_hopper_simulator_restarts_from_dataset_states(tiny_hopper):
 
 
 def test_transition_error_is_zero_on_physics_and_stops_at_a_terminal(tiny_data, tiny_hopper):
-    """bench/rollout_error.py: a transition's one-step error is 0 where it is the simulator's own step, not where
+    """bench/fidelity.py policy: a transition's one-step error is 0 where it is the simulator's own step, not where
     a state was moved, and on hopper only the transitions up to a rollout's first fall are counted."""
-    import rollout_error
+    import fidelity as rollout_error
 
     ok = tiny_data.obs[None, :40].astype(np.float64)
     acts = tiny_data.actions[None, :39].astype(np.float64)
@@ -1716,12 +1716,12 @@ def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_rollout_error_checks_its_train_flags_as_train_py_does():
-    """bench/rollout_error.py: --train-flags get train.py's own checks, one line before any work."""
-    import rollout_error
+def test_fidelity_policy_checks_its_train_flags_as_train_py_does():
+    """bench/fidelity.py policy: --train-flags get train.py's own checks, one line before any work."""
+    import fidelity as rollout_error
 
-    with pytest.raises(SystemExit, match=r"^error: --train-flags: --guidance 2.0 needs a DM that also learned without"):
-        rollout_error.main(rollout_error.Args(env="maze2d-umaze", train_flags="--guidance 2"))
+    with pytest.raises(SystemExit, match=r"^error: --train-flags: --horizon H=7 must be a multiple of 4"):
+        rollout_error.policy_main(rollout_error.PolicyArgs(env="maze2d-umaze", train_flags="--horizon 7"))
 
 
 def test_pool_pairs_runs_from_several_results_files(tmp_path):
@@ -1851,9 +1851,9 @@ def test_results_table_reads_the_three_arms_of_each_default_file(tmp_path):
 
 
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
-    """bench/rollout_error.py: a rollout through a wall cell, or whose step its velocity does not explain, is
+    """bench/fidelity.py policy: a rollout through a wall cell, or whose step its velocity does not explain, is
     impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""
-    import rollout_error
+    import fidelity as rollout_error
 
     maze = maze_eval_env("maze2d-umaze").unwrapped.maze
     ok = tiny_data.obs[None, :40].astype(np.float64)  # a real episode piece: x_{t+1} = x_t + 0.01 v_{t+1}
