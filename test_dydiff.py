@@ -1656,8 +1656,9 @@ def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, cap
 
 
 def test_gpu_check_runs_at_tiny_size_and_reports_every_section(tmp_path):
-    """bench/gpu_check.py at tiny sizes on DEVICE: every section in the JSON (rewritten after each), rates that
-    are positive, and a projected paper-preset run made of its parts."""
+    """bench/gpu_check.py at tiny sizes on DEVICE: every section in the JSON (rewritten after each) with finite,
+    positive rates; the round makes M x the sampler's network calls; the projection is the paper's counts
+    (1M steps, a round every 500, 375,000 DM steps at batch 8) divided by the rates the other sections measured."""
     import gpu_check
 
     out = tmp_path / "gpu_check.json"
@@ -1667,15 +1668,23 @@ def test_gpu_check_runs_at_tiny_size_and_reports_every_section(tmp_path):
         "versions", "tests", "matmul", "dm_train", "round", "sampler", "learners", "projection", "done"]
     s = on_disk["sections"]
     assert s["tests"]["returncode"] == 0 and " passed" in s["tests"]["summary"]  # the device tests, on DEVICE
-    assert s["versions"]["torch"] == torch.__version__ and s["matmul"]["tflops"]["fp32"] > 0
-    assert all(v > 0 for v in s["dm_train"]["steps_per_s"].values()) and len(s["dm_train"]["steps_per_s"]) == 2
+    assert s["versions"]["torch"] == torch.__version__
+
+    def positive(x):
+        return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+    assert all(positive(v) for v in s["matmul"]["tflops"].values()) and "fp32" in s["matmul"]["tflops"]
+    rates = s["dm_train"]["steps_per_s"]
+    assert sorted(rates) == ["batch_64", "batch_8"] and all(positive(v) for v in rates.values())
     assert s["round"]["network_calls"] == 2 * (2 * 3 - 1) and s["round"]["kept_transitions"] > 0  # M=2, Heun N=3
-    assert s["round"]["round_s"] == pytest.approx(s["round"]["ensemble_s"] + s["round"]["dm_s"]
-                                                  + s["round"]["filter_and_transitions_s"])
-    assert 0 < s["sampler"]["by_precision"]["fp32"]["share_of_matmul"]
-    assert s["sampler"]["by_precision"]["fp32"]["max_sample_change_vs_fp32"] == 0.0
-    assert s["projection"]["rounds"] == 1_000_000 // 500
-    assert s["projection"]["total_hours_td3bc"] == pytest.approx(sum(s["projection"]["hours"].values()))
+    assert all(positive(s["round"][k]) for k in ("ensemble_s", "dm_s", "filter_and_transitions_s", "round_s"))
+    assert all(positive(v["share_of_matmul"]) for v in s["sampler"]["by_precision"].values())
+    assert all(positive(v) for v in s["learners"]["updates_per_s"].values())
+    hours = s["projection"]["hours"]
+    assert s["projection"]["rounds"] == 2000
+    assert hours["dm_pretraining"] == pytest.approx(375_000 / rates["batch_8"] / 3600)
+    assert hours["rollout_rounds"] == pytest.approx(2000 * s["round"]["round_s"] / 3600)
+    assert hours["td3bc_updates"] == pytest.approx(1_000_000 / s["learners"]["updates_per_s"]["td3bc"] / 3600)
 
 
 def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
