@@ -1,20 +1,26 @@
-"""The A/B behind every DyDiff claim: each learner (td3bc, iql) in named arms over N seeds on one env:
-plain (the learner alone), ensemble (DyDiff's rounds with --iterations 0: ensemble-only rollouts, no DM) and
-dydiff (the full method).
+"""The A/B behind every DyDiff claim, and the results files it writes. Three subcommands:
 
-    python bench/compare.py --env maze2d-umaze --seeds 0 1 2 3 4           # CPU preset, 50k steps per run
-    python bench/compare.py --env maze2d-umaze --algos td3bc --dydiff-flags="--rollout-length 32" --tag T32
     python bench/compare.py --env maze2d-medium --algos td3bc --arms plain ensemble dydiff --seeds 5 6 7 8 9
+    python bench/compare.py pool A.json B.json:plain --name ablation_maze2d-umaze_td3bc   # pool results files
+    python bench/compare.py table                  # README's results table, from the today's-default files
+
+Run (no subcommand): each learner (td3bc, iql) in named arms over N seeds on one env: plain (the learner
+alone), ensemble (DyDiff's rounds with --iterations 0: ensemble-only rollouts, no DM) and dydiff (the full
+method). More examples:
+
+    python bench/compare.py --env maze2d-umaze --algos td3bc --dydiff-flags="--rollout-length 96" --tag t96
     python bench/compare.py --env maze2d-umaze --preset paper --jobs 4     # GPU machine, official budget
     python bench/compare.py --env maze2d-umaze --preset paper --launcher slurm --slurm-partition gpu  # cluster
 
-Each run is a plain `train.py` subprocess in runs/compare/<env>_<algo>[+dydiff][_<tag>]_s<seed>/ with its
+Each run is a plain `train.py` subprocess in runs/compare/<env>_<algo>[+<arm>][_<tag>]_s<seed>/ with its
 log beside it. A finished run (summary.json) is reused, and an interrupted one resumed, only when it was made
 with the same resolved settings, the same code (the digests of every project file, comments and docstrings
 aside) and the same library versions as this command would run now; otherwise the run is made again in a new
 folder (<name>_2, _3, ...) and the command says why. So the command can be repeated after a crash or an edit,
-or extended with more seeds, and a number never comes from code that no longer exists. The plain and DyDiff runs of one
-seed share the learner's seed and the evaluation episodes, so they are compared pair by pair.
+or extended with more seeds, and a number never comes from code that no longer exists. The arms of one seed
+share the learner's seed and the evaluation episodes, so they are compared pair by pair. --against COMMIT
+runs every arm a second time with that commit's code (arm@commit), paired with this tree's: the A/B of an
+uncommitted edit against the code before it.
 
 The score of a run is its final score, the mean of its last 3 evaluations (each of --eval-episodes
 episodes, 100 by default); last and best are reported too. Per arm: mean and std over seeds. Per
@@ -25,11 +31,18 @@ resamples), for the final, last and best scores. Writes, all from the run summar
   bench/results/<name>.md    the two markdown tables
   bench/results/<name>.png   learning curves, mean and min-max band over seeds
 (<name> defaults to compare_<env>[_<tag>], or ablation_<env>_<algos>[_<tag>] when the ensemble arm runs.)
-
---jobs runs that many at once. Where the vCPUs share one core's compute (bench/README.md, The machine),
-keep 1: two runs side by side would each go half as fast and their wall times would mislead.
+--jobs runs that many at once (keep 1 where the vCPUs share one core's compute: bench/README.md).
 --launcher slurm submits every run as a Slurm job and returns; the same command again gathers the
 results once the jobs are done (bench/cluster.py).
+
+pool: the runs of several results files in one table, without their run folders: more seeds, or a new
+arm paired with runs measured earlier. Each source may end in ":arm,arm" to take only those arms;
+"arm=new" renames one, so two variants of an arm pool side by side (--pairs dydiff-dydiff1800). The
+sources must agree on env, preset, steps and learner flags, and no (learner, arm, seed) may come from two.
+Writes bench/results/<name>.{json,md} (no curves: results files hold no evaluations).
+
+table: README's results table, one row per file bench/results/ablation_<dataset>_<algo>.json (the name
+of today's default; a variant's name has one more suffix). The test suite checks that README holds it.
 """
 from __future__ import annotations
 
@@ -37,11 +50,13 @@ import dataclasses
 import functools
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,9 +66,8 @@ import numpy as np
 import tyro
 from scipy.stats import bootstrap
 
-from summarize import RESULTS, aggregate, load_runs, markdown, plot
-
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT))
 import runs as run_plumbing  # noqa: E402  (the project's runs.py: provenance and code digests)
 import train  # noqa: E402
@@ -293,6 +307,234 @@ def paired_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------- run summaries -> groups, tables, curves
+def load_runs(folders) -> list[dict]:
+    runs = []
+    for folder in folders:
+        path = Path(folder) / "summary.json"
+        if not path.exists():
+            print(f"skipping {folder}: no summary.json (unfinished run?)")
+            continue
+        config = json.loads((Path(folder) / "config.json").read_text())
+        settings = {k: config.get(k) for k in ("preset", "iterations", "real_ratio", "reward", "rollout_length",
+                                               "rollout_interval", "rollout_batch", "synthetic_capacity")}
+        summary = json.loads(path.read_text())
+        summary.setdefault("final_score", float(np.mean([e["score"] for e in summary["evaluations"][-3:]])))
+        summary.setdefault("cpu_time_s", float("nan"))
+        runs.append({**summary, **settings, "run": Path(folder).name})
+    if not runs:
+        raise SystemExit("error: none of the given folders holds a finished run (summary.json)")
+    return runs
+
+
+def label(r: dict) -> str:
+    """The learner and, with DyDiff, the settings that tell runs apart."""
+    if not r.get("dydiff"):
+        return r["algo"]
+    return (f"{r['algo']} + DyDiff (M={r['iterations']}, real_ratio={r['real_ratio']}, reward={r.get('reward') or 'model'}, "
+            f"T={r.get('rollout_length') or 32})")
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r["env"], label(r))].append(r)
+    rows = []
+    for (env, name), rs in sorted(groups.items()):
+        col = lambda k: np.array([r[k] for r in rs], dtype=float)  # noqa: E731
+        rows.append({"env": env, "learner": name, "seeds": sorted(r["seed"] for r in rs),
+                     "steps": sorted({r["steps"] for r in rs}),
+                     **{f"{k}_{stat}": float(getattr(np, stat)(col(k)))
+                        for k in ("final_score", "last_score", "best_score", "wall_time_s", "cpu_time_s", "updates_per_s")
+                        for stat in ("mean", "std")}})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| env | learner | seeds | steps | final score | last score | best score | CPU time (min) | updates/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['env']} | {r['learner']} | {len(r['seeds'])} "
+                     f"| {'/'.join(map(str, r['steps']))} | {r['final_score_mean']:.1f} +- {r['final_score_std']:.1f} "
+                     f"| {r['last_score_mean']:.1f} +- {r['last_score_std']:.1f} "
+                     f"| {r['best_score_mean']:.1f} +- {r['best_score_std']:.1f} "
+                     f"| {r['cpu_time_s_mean'] / 60:.1f} +- {r['cpu_time_s_std'] / 60:.1f} "
+                     f"| {r['updates_per_s_mean']:.0f} +- {r['updates_per_s_std']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = defaultdict(list)
+    for r in runs:
+        groups[label(r)].append(r)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rs in sorted(groups.items()):
+        n = min(len(r["evaluations"]) for r in rs)  # runs of one group share their eval steps
+        steps = [e["step"] for e in rs[0]["evaluations"][:n]]
+        scores = np.array([[e["score"] for e in r["evaluations"][:n]] for r in rs])
+        ax.plot(steps, scores.mean(0), label=f"{name} ({len(rs)} seeds)")
+        ax.fill_between(steps, scores.min(0), scores.max(0), alpha=0.2)
+    ax.set(xlabel="gradient steps", ylabel="normalized score", title=f"{runs[0]['env']}: mean, min-max over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ pool: several results files in one
+ARM_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass
+class PoolArgs:
+    sources: tyro.conf.Positional[tuple[str, ...]]
+    """results files of bench/compare.py, each optionally suffixed with :arm[,arm] to take only those arms
+    (arm=new renames one)"""
+    name: str = "pooled"
+    """base name of the output files"""
+    results: str = str(RESULTS)
+    """folder the pooled files are written to"""
+    pairs: tuple[str, ...] = ()
+    """more differences to pair by seed, as first-second arm names, e.g. dydiff-dydiff1800 ensemble-plain"""
+
+
+def read_source(spec: str) -> tuple[dict, list[dict], str]:
+    """(results, its runs: all, or those of the arms named after ':', renamed where 'arm=new', the file's name)."""
+    path, _, arms = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if not Path(path).exists():
+        raise SystemExit(f"error: {path}: no such results file (give bench/compare.py's JSON, optionally :arm,arm)")
+    out = json.loads(Path(path).read_text())
+    if "runs" not in out or "env" not in out:
+        raise SystemExit(f"error: {path} is not a bench/compare.py results file (no 'env' or 'runs')")
+    rename = {}  # arm in the file -> arm in the pool ("dydiff" alone keeps its name)
+    for a in filter(None, arms.split(",")):
+        name, _, new = a.partition("=")
+        rename[name] = new or name
+    for new in rename.values():
+        if not ARM_NAME.fullmatch(new):
+            raise SystemExit(f"error: {spec}: arm name {new!r} must be letters, digits and _ (a '-' separates "
+                             f"the two arms of a --pairs difference)")
+    runs = []
+    for r in out["runs"]:
+        if rename and r["arm"] not in rename:
+            continue
+        run = {**r, "arm": rename.get(r["arm"], r["arm"]), "source": Path(path).name,
+               "dydiff_flags": out.get("dydiff_flags", "")}
+        if run["arm"] != r["arm"]:
+            run["source_arm"] = r["arm"]  # the arm's name in its own file
+        runs.append(run)
+    if rename and (missing := rename.keys() - {r["arm"] for r in out["runs"]}):
+        raise SystemExit(f"error: {path} has no runs of arm {', '.join(sorted(missing))} (its arms: "
+                         f"{', '.join(sorted({r['arm'] for r in out['runs']}))})")
+    return out, runs, Path(path).name
+
+
+def pool(specs: tuple[str, ...], pairs: tuple[str, ...] = ()) -> dict:
+    if len(specs) < 2:
+        raise SystemExit("error: give two or more results files to pool")
+    sources = [read_source(s) for s in specs]
+    first = sources[0][0]
+    for out, _, name in sources[1:]:
+        for key in ("env", "preset", "steps", "flags"):
+            if out.get(key) != first.get(key):
+                raise SystemExit(f"error: {name} has {key}={out.get(key)!r}, {sources[0][2]} has {first.get(key)!r}: "
+                                 f"only runs of one setting pool")
+    runs, seen = [], {}
+    for _, taken, name in sources:
+        for r in taken:
+            key = (r["algo"], r["arm"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"error: {r['algo']} {r['arm']} seed {r['seed']} is in {seen[key]} and in {name}: "
+                                 f"take that arm from one of them (file:arm,arm)")
+            seen[key] = name
+            runs.append(r)
+    # paired() reads the summaries' key names; std over seeds as aggregate() (ddof 0)
+    scored = [{**r, "final_score": r["final"], "last_score": r["last"], "best_score": r["best"]} for r in runs]
+    groups = []
+    for algo, arm in sorted({(r["algo"], r["arm"]) for r in runs}):
+        rs = sorted((r for r in runs if r["algo"] == algo and r["arm"] == arm), key=lambda r: r["seed"])
+        groups.append({"algo": algo, "arm": arm, "seeds": [r["seed"] for r in rs],
+                       "sources": sorted({r["source"] for r in rs}),
+                       **{f"{m}_mean": float(np.mean([r[m] for r in rs])) for m in ("final", "last", "best")},
+                       **{f"{m}_std": float(np.std([r[m] for r in rs])) for m in ("final", "last", "best")},
+                       "cpu_min_mean": float(np.mean([(r.get("cpu_s") or np.nan) / 60 for r in rs]))})
+    algos, arms = sorted({r["algo"] for r in runs}), {r["arm"] for r in runs}
+    extra = parse_pairs(pairs, arms)
+    return {"env": first["env"], "steps": first.get("steps"), "preset": first.get("preset"),
+            "flags": first.get("flags"), "sources": list(specs), "runs": runs, "groups": groups,
+            "paired": all_paired(scored, algos, arms, extra)}
+
+
+def pool_markdown(out: dict) -> str:
+    lines = ["| learner | arm | seeds | final | last | best | CPU min per run | from |", "|---|---|---|---|---|---|---|---|"]
+    for g in out["groups"]:
+        lines.append(f"| {g['algo']} | {g['arm']} | {len(g['seeds'])} | {g['final_mean']:.1f} +- {g['final_std']:.1f} | "
+                     f"{g['last_mean']:.1f} | {g['best_mean']:.1f} | {g['cpu_min_mean']:.1f} | "
+                     f"{', '.join(g['sources'])} |")
+    return "\n".join(lines) + "\n\n" + paired_markdown(out["paired"])
+
+
+def pool_main(args: PoolArgs) -> None:
+    out = pool(args.sources, args.pairs)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    (results / f"{args.name}.md").write_text(pool_markdown(out) + "\n")
+    print(pool_markdown(out))
+    print(f"wrote {results / args.name}.json and .md")
+
+
+# ------------------------------------------------------------------- table: README's results table
+DEFAULT_FILE = re.compile(r"ablation_(?P<env>[a-z0-9-]+)_(?P<algo>td3bc|iql)\.json")
+LEARNERS = {"td3bc": "TD3+BC", "iql": "IQL"}
+MAZES = ("maze2d-umaze", "maze2d-medium", "maze2d-large")
+
+
+def seed_span(seeds: list[int]) -> str:
+    """5, 6, 7, 8, 9 -> "5-9"; seeds that are not one run of numbers are listed."""
+    seeds = sorted(seeds)
+    if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def table_row(path: Path) -> tuple[tuple, str]:
+    """One row of the results table: a file's three arms (mean +- std of the final score over seeds), its paired
+    differences DyDiff - plain and DyDiff - ensemble-only (final score, as the file holds them), seeds, CPU min."""
+    m = DEFAULT_FILE.fullmatch(path.name)
+    out = json.loads(path.read_text())
+    runs = {arm: [r for r in out["runs"] if r["arm"] == arm and r["algo"] == m["algo"]]
+            for arm in ("plain", "ensemble", "dydiff")}
+    if any(not rs for rs in runs.values()):
+        raise SystemExit(f"error: {path.name} lacks an arm of plain, ensemble, dydiff: not a three-arm A/B")
+    score = {arm: f"{np.mean([r['final'] for r in rs]):.1f} +- {np.std([r['final'] for r in rs]):.1f}"
+             for arm, rs in runs.items()}
+    cpu = " / ".join(f"{np.mean([r['cpu_s'] for r in runs[arm]]) / 60:.1f}" for arm in ("plain", "ensemble", "dydiff"))
+    diff = {}
+    for other in ("plain", "ensemble"):
+        p = next(p for p in out["paired"] if p["name"] == f"dydiff-{other}" and p["metric"] == "final_score")
+        diff[other] = f"{p['mean']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]"
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    maze = MAZES.index(m["env"]) if m["env"] in MAZES else len(MAZES)
+    order = (list(LEARNERS).index(m["algo"]), maze, m["env"])
+    return order, (f"| {m['env']} | {LEARNERS[m['algo']]} | {score['plain']} | {score['ensemble']} | {score['dydiff']} | "
+                   f"{diff['plain']} | {diff['ensemble']} | {len(seeds)} ({seed_span(seeds)}) | {cpu} |")
+
+
+def results_table(results: Path = RESULTS) -> str:
+    """README's results table: every today's-default file, TD3+BC first, the mazes by size, then locomotion."""
+    rows = sorted(table_row(p) for p in results.glob("ablation_*.json") if DEFAULT_FILE.fullmatch(p.name))
+    return "\n".join(["| dataset | learner | plain | ensemble-only | DyDiff | DyDiff - plain [95% CI] | "
+                      "DyDiff - ensemble-only [95% CI] | seeds | CPU min per run (plain / ens. / DyDiff) |",
+                      "|---|---|---|---|---|---|---|---|---|", *(row for _, row in rows)])
+
+
 def main(args: Args) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
@@ -363,4 +605,10 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    sub = sys.argv[1] if len(sys.argv) > 1 else ""
+    if sub == "pool":
+        pool_main(tyro.cli(PoolArgs, args=sys.argv[2:], prog="compare.py pool"))
+    elif sub == "table":
+        print(results_table())
+    else:
+        main(tyro.cli(Args))

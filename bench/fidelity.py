@@ -1,21 +1,63 @@
-"""Rollout accuracy against the PointMaze simulator: the paper's Figure 3 with the dataset's actions.
+"""How close the models' rollouts are to the simulator: the paper's Figure 3, three ways (one mode each).
 
-    python bench/fidelity.py --env maze2d-umaze
+    python bench/fidelity.py dataset --env maze2d-umaze          # the dataset's actions, open loop
+    python bench/fidelity.py policy --env maze2d-medium --policy runs/compare/maze2d-medium_td3bc+dydiff_s0/checkpoint.pt
+    python bench/fidelity.py reward --runs runs/compare/maze2d-umaze_td3bc+dydiff_s0 runs/compare/maze2d-umaze_td3bc_s0
 
-From 256 dataset states, the dataset's next `horizon` actions are replayed open loop in the simulator,
-in the single-step ensemble and in the diffusion model (chaining H-windows past its segment length),
-and the per-horizon squared error of each model is reported twice: over any window of the data, and
-over windows that stay inside one episode (a maze2d episode ends at a success, after which the actions
-chase a new goal that the state does not show yet). Both models come from the dataset's cache (trained
-there when missing, as train.py does). Writes fidelity_<env>_*.{json,png} beside the cached DM.
-bench/rollout_error.py does the same with a learned policy's actions and DyDiff's own iterates.
+dataset: from 256 dataset states, the dataset's next `horizon` actions are replayed open loop in the
+simulator, in the single-step ensemble and in the diffusion model (chaining H-windows past its segment
+length); the per-horizon squared error of each model, over any window of the data and over windows inside
+one episode (a maze2d episode ends at a success, after which the actions chase a new goal the state does not
+show yet). Writes fidelity_<env>_*.{json,png} beside the cached DM.
+
+policy: a learned policy's actions and DyDiff's own iterates (also on hopper, walker2d, halfcheetah in MuJoCo).
+   From 256 dataset start states, per horizon h = 1..T-1 (T = train.py's --rollout-length, which may chain
+   several DM windows; pass --train-flags="--rollout-length 63" for longer), the mean squared error against
+   the simulator (PointMaze, or MuJoCo for hopper/walker2d/halfcheetah: see simulate) of
+     ensemble      the single-step ensemble, replaying the actions the policy took in the simulator;
+     dm            the plain DM given s_0 and those same actions (one sample);
+     dydiff_m0..3  DyDiff's own trajectory after 0, 1, 2, 3 iterations (m0 = the policy in the ensemble);
+                   each is compared with the simulator replaying *its* actions from s_0, open loop.
+   The first two measure the models on a trajectory the policy really produces; the DyDiff curves measure
+   what the learner is actually fed. Each curve is given as the mean and as the median over trajectories
+   (a few catastrophic rollouts can drive the mean). Mazes: the error of the (x, y) position, and for each model
+   the share of physically impossible rollouts (a position inside a wall cell, or a step its own velocity does
+   not explain; see `impossible`), among those a round's hardmax filter keeps and those it rejects: the
+   simulator never makes one. Locomotion: the error of the whole state in units of the data's std, and for
+   each model the share of rollouts that end by the terminal function (hopper falls), in the model and in the
+   simulator replaying the same actions (`terminal_share`). For every model, and the simulator's own rollout as
+   a check, the one-step error of each transition the rollout holds (`transition_error`: restart the simulator at
+   s_t, step a_t, compare with s_{t+1}), the unit a TD learner consumes.
+   Models come from the dataset's cache (trained there when missing, as train.py does); --train-flags
+   chooses them and DyDiff's settings (e.g. "--rollout-length 96 --update-weight 1 --sdedit-sigma 1").
+   Several --policy checkpoints are measured one after the other; without one, a TD3+BC policy is fitted
+   for --policy-steps on the data first.
+
+   Writes bench/results/<name>.json ({"env", "horizons", "by_policy": {label: {"curves", "curves_position",
+   "curves_position_median", "impossible_share", "transition_error"}}}; locomotion: "curves_normalized",
+   "curves_normalized_median", "terminal_share") and <name>.png.
+
+reward: why train.py's --reward defaults to the task's own reward on maze2d.
+   1. The learned reward model r(s, a) at a still ball 0..1 away from its goal. The data never holds a
+      state inside the goal circle (episodes are cut at every success), so there it extrapolates.
+   2. One DyDiff round (CPU preset sizes) with the first run's policy: the mean learned reward per step of
+      the generated transitions against the true sparse reward of the same transitions, and against the
+      simulator replaying the round's actions (are the generated trajectories right about the reward?).
+   3. For every run's final policy, 20 evaluation episodes: the step of the first success and the share of
+      the later steps spent inside the goal circle (the eval env keeps the goal, so staying there is the
+      score).
+   Writes bench/results/reward_probe.json.
+
+Every mode takes its models from the dataset's cache (trained there when missing, as train.py does) and
+runs on the CPU. `python bench/fidelity.py <mode> --help` lists a mode's flags.
 """
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +66,7 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results"
 
 import diffusion  # noqa: E402
 import dydiff  # noqa: E402
@@ -126,7 +169,7 @@ def ensemble_predict(ens: Ensemble, seed: int = 0):
 
 # -- The DM as a predictor of any horizon ----------------------------------------------------------
 def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, S_churn: float = 0.0,
-               solver: str = "euler", guidance: float = 1.0):
+               solver: str = "euler"):
     """The DM as a ``predict(s0, actions) -> states`` callable on numpy arrays (rollout_error's API): states
     s_0..s_T for T actions, in chained H-windows (dydiff.generate_chained). The DM wants an action on
     every row, so the last action is repeated on the row of s_T (and up to H rows)."""
@@ -137,7 +180,7 @@ def dm_predict(model: DynamicsDiffusion, sampler_steps: int = 8, seed: int = 0, 
         T = a.shape[1]
         a = torch.cat([a, a[:, -1:].expand(-1, max(T + 1, model.horizon) - T, -1)], 1)
         states = dydiff.generate_chained(model, torch.as_tensor(s0), a, sampler_steps, gen, solver=solver,
-                                         S_churn=S_churn, guidance=guidance)
+                                         S_churn=S_churn)
         return states[:, :T + 1].cpu().numpy()
 
     return predict
@@ -226,7 +269,7 @@ def fidelity(model: DynamicsDiffusion, info: dict, data, env: str, horizon: int 
 
 
 @dataclass
-class Args:
+class DatasetArgs:
     env: str = "maze2d-umaze"
     """a maze2d env (the simulator must be able to start from any dataset state)"""
     preset: str = "cpu"
@@ -241,7 +284,7 @@ class Args:
     """torch CPU threads"""
 
 
-def main(args: Args) -> None:
+def dataset_main(args: DatasetArgs) -> None:
     from data import DatasetError, load_dataset
     from runs import CheckpointError
     from train import dm_config, parse_args, resolve
@@ -268,5 +311,403 @@ def main(args: Args) -> None:
     print("figure:", res["paths"][0], "\ndata:  ", res["paths"][1])
 
 
+# -- Under a learned policy, with DyDiff's own iterates (mode "policy") -------------------------------
+@dataclass
+class PolicyArgs:
+    env: str = "maze2d-umaze"
+    """a maze2d, hopper, walker2d or halfcheetah env (its simulator restarts from any dataset state)"""
+    policy: tuple[str, ...] = ()
+    """train.py checkpoints whose learners provide the actions, each measured in turn (default: fit TD3+BC for
+    --policy-steps)"""
+    policy_steps: int = 5000
+    """gradient steps of the fallback TD3+BC policy"""
+    preset: str = "cpu"
+    """train.py preset whose DM (H, width, training) and sampler (N, S_churn) are used"""
+    train_flags: str = ""
+    """more train.py flags for the DM and sampler, e.g. "--sampler-steps 10 --sampler-churn 0" """
+    n_starts: int = 256
+    """dataset start states"""
+    max_iterations: int = 3
+    """DyDiff curves for 0..max_iterations iterations"""
+    seed: int = 0
+    """seed of the start states, the samplers and the fallback policy"""
+    threads: int = 1
+    """torch CPU threads"""
+    name: str = "rollout_error"
+    """results files: bench/results/<name>.json and .png"""
+
+
+def load_policy(path: str | None, args: PolicyArgs, data, obs_dim: int, act_dim: int):
+    """(learner, description, short label) of a run's checkpoint, or of a TD3+BC fitted here when path is None."""
+    from data import real_buffer
+    from runs import CheckpointError
+    from train import learner_from_checkpoint
+
+    if path:
+        try:
+            learner, state = learner_from_checkpoint(path, obs_dim, act_dim)
+        except CheckpointError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        return learner, f"{path} (step {state['step']})", f"step {state['step']}"
+    from td3bc import TD3BC
+
+    learner = TD3BC(obs_dim, act_dim, seed=args.seed)
+    real = real_buffer(data, "cpu")
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.policy_steps):
+        learner.update(real.sample(256, gen))
+    return learner, f"TD3+BC fitted here for {args.policy_steps} steps", "fitted"
+
+
+def closed_loop(data, act, s0_raw: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """The policy in the simulator: raw states (B, T+1, obs) and its actions (B, T)."""
+    return simulate_policy(data, s0_raw, lambda raw: act(torch.as_tensor(data.normalize_obs(raw),
+                                                                          dtype=torch.float32)).numpy(), T)
+
+
+def mse(pred: np.ndarray, true: np.ndarray) -> tuple[list, list]:
+    err = (pred[:, 1:] - true[:, 1:]) ** 2  # h = 1..T
+    return err.mean((0, 2)).tolist(), err[..., :2].mean((0, 2)).tolist()
+
+
+def position_median(pred: np.ndarray, true: np.ndarray) -> list:
+    """Per horizon, the median over trajectories of the squared position error (mean over x, y)."""
+    return np.median(((pred[:, 1:, :2] - true[:, 1:, :2]) ** 2).mean(-1), axis=0).tolist()
+
+
+def normalized(pred: np.ndarray, true: np.ndarray, std: np.ndarray) -> tuple[list, list]:
+    """Per horizon, the mean and the median over trajectories of the squared error in units of the dataset's
+    per-dim std (mean over dims): locomotion states mix angles and velocities of very different scales."""
+    err = (((pred[:, 1:] - true[:, 1:]) / std) ** 2).mean(-1)
+    return err.mean(0).tolist(), np.median(err, 0).tolist()
+
+
+def terminal_share(pred: np.ndarray, ref: np.ndarray, env: str) -> dict:
+    """The share of rollouts that reach a terminal state (dynamics.terminal_fn, gym's healthy check) within the
+    horizon in the model's trajectory and in the simulator's, and where the two disagree; a model whose
+    hopper falls where the simulator's does not feeds the learner false terminals, and the reverse false
+    futures."""
+    import dynamics
+
+    def ends(traj):
+        x = torch.as_tensor(traj[:, 1:].reshape(-1, traj.shape[-1]))
+        d = dynamics.terminal_fn(env)(x, None, x).reshape(len(traj), -1).numpy()
+        return d.any(1), np.where(d.any(1), d.argmax(1) + 1, 0)
+
+    (m, hm), (s, hs) = ends(pred), ends(ref)
+    med = lambda h, k: float(np.median(h[k])) if k.any() else None  # noqa: E731
+    return {"model": float(m.mean()), "simulator": float(s.mean()), "both": float((m & s).mean()),
+            "model_only": float((m & ~s).mean()), "simulator_only": float((~m & s).mean()),
+            "median_step_model": med(hm, m), "median_step_simulator": med(hs, s)}
+
+
+def transition_error(data, traj: np.ndarray, actions: np.ndarray, env: str, maze_env: bool) -> dict:
+    """The one-step error of each transition (s_t, a_t, s_{t+1}) of rollouts (raw (B, T, obs), actions (B, >= T-1,
+    act)): the simulator restarted from s_t and stepped once with a_t, against s_{t+1}. The horizon curves ask
+    how far a trajectory drifts from s_0; a TD learner uses transitions one at a time, and this asks whether
+    each one is physics. Mazes: squared position error; locomotion: squared error in data-std units, only the
+    transitions a round keeps (up to its first terminal, as dydiff.to_transitions). Mean, median and p90."""
+    import dynamics
+
+    B, T, d = traj.shape
+    s, nxt = traj[:, :-1].reshape(-1, d), traj[:, 1:].reshape(-1, d)
+    one = simulate(data, s, actions[:, :T - 1].reshape(B * (T - 1), 1, -1))[:, 1]
+    if maze_env:
+        err, keep = ((one[:, :2] - nxt[:, :2]) ** 2).mean(-1), np.ones(len(s), dtype=bool)
+    else:
+        err = (((one - nxt) / data.obs_std) ** 2).mean(-1)
+        x = torch.as_tensor(nxt)
+        done = dynamics.terminal_fn(env)(x, None, x).reshape(B, T - 1).numpy().astype(bool)
+        keep = ((np.cumsum(done, 1) - done) == 0).reshape(-1)  # no terminal strictly before t
+    err = err[keep]
+    return {"mean": float(err.mean()), "median": float(np.median(err)), "p90": float(np.quantile(err, 0.9)),
+            "n": int(keep.sum())}
+
+
+def impossible(traj: np.ndarray, maze, max_step: float, dt: float) -> dict[str, np.ndarray]:
+    """(B,) bool per test of a rollout (raw states; PointMaze obs = x, y, vx, vy, goal):
+      wall          a position inside a wall cell or off the map: impossible;
+      inconsistent  a step its own velocity does not explain: |x_{t+1} - x_t - dt v_{t+1}| above 10% of the
+                    dataset's largest step (the simulator's semi-implicit Euler step makes it 0): impossible;
+      jump          a one-step move longer than 1.1x the dataset's largest: a policy faster than the data's
+                    controller makes these in the simulator too, so it is reported, not counted."""
+    walls = np.array([[c == 1 for c in row] for row in maze.maze_map])
+    xy = traj[..., :2]
+    i = np.floor((maze.y_map_center - xy[..., 1]) / maze.maze_size_scaling).astype(np.int64)
+    j = np.floor((xy[..., 0] + maze.x_map_center) / maze.maze_size_scaling).astype(np.int64)
+    off = (i < 0) | (i >= walls.shape[0]) | (j < 0) | (j >= walls.shape[1])
+    in_wall = off | walls[i.clip(0, walls.shape[0] - 1), j.clip(0, walls.shape[1] - 1)]
+    step = np.diff(xy, axis=1)
+    residual = np.linalg.norm(step - dt * traj[:, 1:, 2:4], axis=-1)
+    return {"wall": in_wall.any(1), "inconsistent": (residual > 0.1 * max_step).any(1),
+            "jump": (np.linalg.norm(step, axis=-1) > 1.1 * max_step).any(1)}
+
+
+def impossible_share(traj: np.ndarray, maze, max_step: float, dt: float, keep_fraction: float, env: str) -> dict:
+    """The share of impossible rollouts (wall or inconsistent) among those a round's hardmax filter keeps and
+    those it rejects (scores: the maze's own reward, as train.py's --reward auto), and each test's share."""
+    import dydiff
+    import dynamics
+
+    tests = impossible(traj, maze, max_step, dt)
+    bad = tests["wall"] | tests["inconsistent"]
+    nxt = torch.as_tensor(traj[:, 1:].reshape(-1, traj.shape[-1]))
+    scores = dynamics.env_reward_fn(env)(None, None, nxt).reshape(len(traj), -1).sum(1)
+    kept = np.zeros(len(traj), dtype=bool)
+    kept[dydiff.hardmax_filter(scores, keep_fraction).numpy()] = True
+    share = lambda m: float(bad[m].mean()) if m.any() else None  # noqa: E731
+    return {"all": float(bad.mean()), "kept": share(kept), "rejected": share(~kept), "n_kept": int(kept.sum()),
+            **{k: float(v.mean()) for k, v in tests.items()}}
+
+
+def policy_main(args: PolicyArgs) -> None:
+    import dydiff
+    from data import load_dataset
+    from rebuild import maze_eval_env
+    from runs import ConfigError
+    from train import dm_config, parse_args, pretrain, resolve, rollout_config
+
+    torch.set_num_threads(args.threads)
+    maze_env = args.env.startswith("maze2d")
+    if not maze_env and args.env.split("-")[0] not in ("hopper", "walker2d", "halfcheetah"):
+        raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d or "
+                         "hopper/walker2d/halfcheetah env")
+    t0 = time.time()
+    try:  # train.py's own checks of --train-flags
+        p = resolve(parse_args(["--env", args.env, "--preset", args.preset, *shlex.split(args.train_flags)]))
+    except ConfigError as exc:
+        raise SystemExit(f"error: --train-flags: {exc}") from None
+    data = load_dataset(args.env)
+    models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
+    ens, dm = models.ensemble, models.dm
+    T, N = p.rollout_length, p.sampler_steps
+    rng = np.random.default_rng(args.seed)
+    s0 = data.obs[rng.choice(len(data.obs), args.n_starts, replace=False)].astype(np.float64)
+    out = {"env": args.env, "dataset_id": data.dataset_id, "n_starts": args.n_starts, "H": p.horizon, "T": T,
+           "sampler_steps": N, "sampler_solver": p.sampler_solver, "sampler_churn": p.sampler_churn,
+           "update_weight": p.update_weight, "sdedit_sigma": p.sdedit_sigma,
+           "dm": asdict(dm_config(p)),
+           "train_flags": args.train_flags, "horizons": list(range(1, T)), "by_policy": {}}
+    if maze_env:
+        maze = maze_eval_env(args.env).unwrapped.maze
+        step, v_next = data.next_obs[:, :2] - data.obs[:, :2], data.next_obs[:, 2:4]
+        max_step = float(np.linalg.norm(step, axis=1).max())
+        dt = float((step * v_next).sum() / (v_next * v_next).sum())  # x_{t+1} = x_t + dt v_{t+1} in the data
+        out.update(max_data_step=max_step, dt=dt)
+        keys = ("curves_position", "curves_position_median")
+        validity = lambda pred, ref: impossible_share(pred, maze, max_step, dt, p.keep_fraction, args.env)  # noqa: E731
+    else:  # locomotion: errors in units of the data's std, and terminals instead of walls
+        keys = ("curves_normalized", "curves_normalized_median")
+        validity = lambda pred, ref: terminal_share(pred, ref, args.env)  # noqa: E731
+    check = "impossible_share" if maze_env else "terminal_share"
+    for path in args.policy or [None]:
+        learner, policy_info, label = load_policy(path, args, data, data.obs_dim, data.act_dim)
+        if label in out["by_policy"]:  # two runs' checkpoints at the same step: name them by their run too
+            label = f"{Path(path).parent.name} {label}"
+        # models on the trajectory the policy really takes
+        true, actions = closed_loop(data, learner.act, s0, T - 1)
+        res = {"policy": policy_info, "curves": {}, **{k: {} for k in keys}, check: {}, "transition_error": {}}
+        if maze_env:
+            res[check]["simulator"] = validity(true, true)
+        res["transition_error"]["simulator"] = transition_error(data, true, actions, args.env, maze_env)  # ~0: a check
+        dm_pred = dm_predict(dm, N, args.seed, S_churn=p.sampler_churn, solver=p.sampler_solver)
+        preds = {"ensemble": (ensemble_predict(ens, args.seed)(s0, actions), true),
+                 "dm": (dm_pred(s0, actions), true)}
+        preds_actions = {"ensemble": actions, "dm": actions}
+        # DyDiff's own iterates, each against the simulator replaying its actions
+        g = torch.Generator().manual_seed(args.seed)
+        s0_z = torch.as_tensor(data.normalize_obs(s0), dtype=torch.float32)
+        iterates, _ = dydiff.rollout(learner.act, models, s0_z, rollout_config(p, iterations=args.max_iterations), g)
+        for m, (states_z, acts) in enumerate(iterates):
+            preds[f"dydiff_m{m}"] = (states_z.numpy() * data.obs_std + data.obs_mean,
+                                     simulate(data, s0, acts[:, : T - 1].numpy()))
+            preds_actions[f"dydiff_m{m}"] = acts.numpy().astype(np.float64)
+        for name, (pred, ref) in preds.items():
+            pred = np.asarray(pred, dtype=np.float64)
+            res["curves"][name], position = mse(pred, ref)
+            if maze_env:
+                res[keys[0]][name], res[keys[1]][name] = position, position_median(pred, ref)
+            else:
+                res[keys[0]][name], res[keys[1]][name] = normalized(pred, ref, data.obs_std)
+            res[check][name] = validity(pred, ref)
+            res["transition_error"][name] = transition_error(data, pred, preds_actions[name], args.env, maze_env)
+        out["by_policy"][label] = res  # the checkpoint is read once, by load_policy
+    out["seconds"] = time.time() - t0
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    plot_policy(out, RESULTS / f"{args.name}.png", keys)
+    show = sorted({h for h in (1, 4, 8, 16, 31, 47, 63, 95, T - 1) if h < T})
+    what = "position" if maze_env else "state in data std units"
+    for label, res in out["by_policy"].items():
+        for key, stat in zip(keys, ("mean", "median")):
+            print(f"\n| {label}: MSE vs simulator, {what}, {stat} | " + " | ".join(f"h={h}" for h in show) + " |")
+            print("|---" * (len(show) + 1) + "|")
+            for name, c in res[key].items():
+                print(f"| {name} | " + " | ".join(f"{c[h - 1]:.2e}" for h in show) + " |")
+        cols = (("all", "kept", "rejected", "wall", "inconsistent", "jump") if maze_env else
+                ("model", "simulator", "both", "model_only", "simulator_only", "median_step_model",
+                 "median_step_simulator"))
+        print(f"\n| {label}: {check.replace('_', ' ')} | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
+        for name, sh in res[check].items():
+            print(f"| {name} | " + " | ".join("-" if sh[k] is None else f"{sh[k]:.3g}" for k in cols) + " |")
+        print(f"\n| {label}: one-step error of each transition, {what} | mean | median | p90 | transitions |\n"
+              "|---|---|---|---|---|")
+        for name, e in res["transition_error"].items():
+            print(f"| {name} | {e['mean']:.2e} | {e['median']:.2e} | {e['p90']:.2e} | {e['n']} |")
+    print(f"wrote {RESULTS / args.name}.json and .png ({out['seconds']:.0f} s)")
+
+
+def key_title(key: str) -> str:
+    return ("position" if "position" in key else "state / data std") + (", median" if "median" in key else ", mean")
+
+
+def plot_policy(out: dict, path: Path, keys: tuple[str, str] = ("curves_position", "curves_position_median")) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(out["by_policy"].items())
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.8 * len(rows)), squeeze=False)
+    for (label, res), row in zip(rows, axes):
+        for ax, key, title in ((row[0], keys[0], key_title(keys[0])), (row[1], keys[1], key_title(keys[1]))):
+            for name, c in res[key].items():
+                ax.plot_policy(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
+            ax.set(xlabel="horizon h", ylabel="squared error vs simulator", yscale="log")
+            ax.set_title(f"{out['env']}, policy {label}:\n{title}", fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- The reward probe (mode "reward") -------------------------------------------------------------
+@dataclass
+class RewardArgs:
+    runs: tuple[str, ...]
+    """train.py run folders (maze2d) whose final policies are probed; the first one drives the DyDiff round"""
+    episodes: int = 20
+    """evaluation episodes per run"""
+    n_rollouts: int = 256
+    """start states of the DyDiff round"""
+    name: str = "reward_probe"
+    """results file: bench/results/<name>.json"""
+
+
+def load_learner(folder: Path):
+    from train import learner_from_checkpoint
+
+    learner, state = learner_from_checkpoint(folder / "checkpoint.pt", 6, 2)
+    return learner, state["args"]
+
+
+def stay_share(data, act, episodes: int) -> dict:
+    from data import flat_obs
+
+    env, first, stay, returns = data.make_eval_env(), [], [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=10_000 + ep)
+        rewards = []
+        for _ in range(10_000):
+            a = act(torch.as_tensor(data.normalize_obs(flat_obs(obs)[None]), dtype=torch.float32)).numpy()[0]
+            obs, r, terminated, truncated, _ = env.step(a)
+            rewards.append(r)
+            if terminated or truncated:
+                break
+        rewards = np.asarray(rewards)
+        hit = int(np.argmax(rewards > 0)) if rewards.any() else None
+        first.append(hit)
+        stay.append(float(rewards[hit:].mean()) if hit is not None else 0.0)
+        returns.append(float(rewards.sum()))
+    hits = [f for f in first if f is not None]
+    return {"score": float(data.normalized_score(np.asarray(returns)).mean()), "reached": len(hits) / episodes,
+            "first_success_step_mean": float(np.mean(hits)) if hits else None,
+            "share_in_goal_after_first_success": float(np.mean([s for s, f in zip(stay, first) if f is not None]))
+            if hits else None}
+
+
+def reward_main(args: RewardArgs) -> None:
+    import dydiff
+    import dynamics
+    from data import load_dataset
+    from train import parse_args, pretrain, resolve, rollout_config
+
+    torch.set_num_threads(1)
+    data = load_dataset("maze2d-umaze")
+    # the cpu preset, with the learned reward model
+    p = resolve(parse_args(["--env", "maze2d-umaze", "--reward", "model"]))
+    models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads
+    reward_model = models.reward_model
+    out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
+
+    # 1. the learned reward of a still ball d away from its goal, zero action
+    goal = data.obs[int(np.argmax(data.rewards)), 4:6]
+    rows = []
+    for d in (0.0, 0.2, 0.4, 0.5, 0.7, 1.0):
+        s = np.array([[goal[0] + d, goal[1], 0.0, 0.0, goal[0], goal[1]]], dtype=np.float32)
+        with torch.no_grad():
+            r = reward_model(torch.as_tensor(data.normalize_obs(s)), torch.zeros(1, 2)).item()
+        rows.append({"distance": d, "learned_reward": r, "true_reward_if_it_stays": float(d <= 0.45)})
+    out["learned_reward_near_goal"] = rows
+
+    # 2. one DyDiff round with the first run's policy: learned vs true reward of the same transitions
+    learner, _ = load_learner(Path(args.runs[0]))
+    g = torch.Generator().manual_seed(0)
+    obs_z = torch.as_tensor(data.normalize_obs(data.obs), dtype=torch.float32)
+    s0, _ = dydiff.draw_start_states(obs_z, args.n_rollouts, g)
+    # steps 2-4 and 6 of a round (dydiff.py) with every trajectory kept: the learned reward of each transition
+    B, H = args.n_rollouts, p.rollout_length
+    cfg = rollout_config(p)
+    states, actions = dydiff.rollout(learner.act, models, s0, cfg, g)[0][-1]
+    tr = dydiff.to_transitions(states, actions, dydiff.transition_rewards(models, states, actions),
+                               torch.zeros(B, H - 1, dtype=torch.bool))
+    raw = lambda x: x.numpy() * data.obs_std + data.obs_mean  # noqa: E731
+    reward = dynamics.env_reward_fn("maze2d-umaze")
+    true = reward(raw(tr["obs"]), None, raw(tr["next_obs"])).numpy()
+    # Are the generated trajectories physically right where it matters? Replay their actions in the simulator.
+    sim = simulate(data, raw(s0).astype(np.float64), actions[:, : H - 1].numpy())[:, 1:]
+    gen_r = reward(None, None, raw(states[:, 1:]).reshape(-1, states.shape[-1])).numpy()
+    sim_r = reward(None, None, torch.as_tensor(sim.reshape(-1, sim.shape[-1]))).numpy()
+    out["dydiff_round"] = {"policy": args.runs[0], "transitions": len(true),
+                           "learned_reward_per_step": float(tr["rewards"].mean()),
+                           "true_reward_per_step": float(true.mean()),
+                           "learned_reward_range": [float(tr["rewards"].min()), float(tr["rewards"].max())],
+                           "simulator_replay_reward_per_step": float(sim_r.mean()),
+                           "share_of_generated_goal_steps_in_goal_in_simulator": float(sim_r[gen_r > 0].mean())}
+
+    # 3. where the final policies spend their time
+    out["policies"] = {}
+    for folder in map(Path, args.runs):
+        learner, a = load_learner(folder)
+        out["policies"][folder.name] = {"algo": a["algo"], "dydiff": a.get("dydiff", False),  # runs older than DyDiff lack the flag
+                                        "reward": a.get("reward", "model") if a.get("dydiff") else None,
+                                        **stay_share(data, learner.act, args.episodes)}
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    print("| distance to goal | " + " | ".join(f"{r['distance']:.1f}" for r in rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    print("| learned r(s, 0), ball at rest | " + " | ".join(f"{r['learned_reward']:.2f}" for r in rows) + " |")
+    rd = out["dydiff_round"]
+    print(f"\nDyDiff round ({rd['transitions']} transitions): learned reward {rd['learned_reward_per_step']:.3f}/step, "
+          f"true {rd['true_reward_per_step']:.3f}/step; the data has {out['data_reward_per_step']:.3f}/step.\n"
+          f"The simulator replaying the same actions: {rd['simulator_replay_reward_per_step']:.3f}/step; "
+          f"{rd['share_of_generated_goal_steps_in_goal_in_simulator']:.2f} of the generated steps in the goal "
+          f"circle are in it there too")
+    print("\n| run | score | reached | first success (step) | share in goal after it |\n|---|---|---|---|---|")
+    for name, r in out["policies"].items():
+        first = "-" if r["first_success_step_mean"] is None else f"{r['first_success_step_mean']:.0f}"
+        share = "-" if r["share_in_goal_after_first_success"] is None else f"{r['share_in_goal_after_first_success']:.2f}"
+        print(f"| {name} | {r['score']:.1f} | {r['reached']:.2f} | {first} | {share} |")
+    print(f"wrote {RESULTS / args.name}.json")
+
+
+MODES = {"dataset": (DatasetArgs, dataset_main), "policy": (PolicyArgs, policy_main), "reward": (RewardArgs, reward_main)}
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode not in MODES:
+        raise SystemExit(f"usage: python bench/fidelity.py {{{','.join(MODES)}}} [--help | flags]")
+    cls, run = MODES[mode]
+    run(tyro.cli(cls, args=sys.argv[2:], prog=f"fidelity.py {mode}"))

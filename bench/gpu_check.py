@@ -175,11 +175,10 @@ def one_round(dev: str, dm, cfg, actor, box: float) -> tuple:
     else:
         phases["dm_s"], phases["dm_measured"] = call_s * calls, f"{calls} calls x one call"
     t = time.perf_counter()
-    next_z = dydiff.next_states(models, states, actions, cfg, g)  # steps 4-6 as dydiff.rollout_round
-    rewards = dydiff.transition_rewards(models, states, actions, next_z)
+    rewards = dydiff.transition_rewards(models, states, actions)  # steps 4-6 as dydiff.rollout_round
     kept = dydiff.select(rewards.sum(1), cfg, g)
     tr = dydiff.to_transitions(states[kept], actions[kept], rewards[kept],
-                               dydiff.transition_dones(models, states[kept], actions[kept], next_z[kept]), next_z[kept])
+                               dydiff.transition_dones(models, states[kept], actions[kept]))
     sync(dev)
     phases["filter_and_transitions_s"] = time.perf_counter() - t
     phases["round_s"] = phases["ensemble_s"] + phases["dm_s"] + phases["filter_and_transitions_s"]
