@@ -1750,7 +1750,8 @@ def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, cap
     flags = ["--dataset-steps", str(TINY_STEPS), *TINY_DYDIFF]
     pretrain.main([*flags, "--retrain"])
     out = capsys.readouterr().out
-    assert "ensemble and reward model: saved" in out and "diffusion model: saved" in out
+    assert "ensemble and reward model: trained and saved" in out and "diffusion model: trained and saved" in out
+    assert "training it (--retrain)" in out
     assert "ensemble: holdout MSE" in out and "diffusion model: validation loss" in out
     pretrain.main(flags)
     out = capsys.readouterr().out

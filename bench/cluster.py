@@ -63,12 +63,13 @@ class PrepareJob:
         import pretrain
         import train
         from data import load_dataset
+        from rebuild import build_dataset
 
         if self.models:
             pretrain.main(self.argv)
         else:
             a = train.parse_args(self.argv)
-            load_dataset(a.env, a.dataset_id, a.dataset_steps)
+            load_dataset(a.env, a.dataset_id, a.dataset_steps, build=build_dataset)
 
 
 def make_executor(args, folder: Path):

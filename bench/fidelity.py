@@ -286,13 +286,14 @@ class DatasetArgs:
 
 def dataset_main(args: DatasetArgs) -> None:
     from data import DatasetError, load_dataset
+    from rebuild import build_dataset
     from runs import CheckpointError
     from train import dm_config, parse_args, resolve
 
     torch.set_num_threads(args.threads)
     p = resolve(parse_args(["--env", args.env, "--preset", args.preset]))  # train.py's settings for this dataset
     try:
-        data = load_dataset(args.env)
+        data = load_dataset(args.env, build=build_dataset)
         model, info = diffusion.load_or_train(data, dm_config(p))
     except (DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
@@ -463,6 +464,7 @@ def impossible_share(traj: np.ndarray, maze, max_step: float, dt: float, keep_fr
 def policy_main(args: PolicyArgs) -> None:
     import dydiff
     from data import load_dataset
+    from rebuild import build_dataset
     from rebuild import maze_eval_env
     from runs import ConfigError
     from train import dm_config, parse_args, pretrain, resolve, rollout_config
@@ -477,7 +479,7 @@ def policy_main(args: PolicyArgs) -> None:
         p = resolve(parse_args(["--env", args.env, "--preset", args.preset, *shlex.split(args.train_flags)]))
     except ConfigError as exc:
         raise SystemExit(f"error: --train-flags: {exc}") from None
-    data = load_dataset(args.env)
+    data = load_dataset(args.env, build=build_dataset)
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
     ens, dm = models.ensemble, models.dm
     T, N = p.rollout_length, p.sampler_steps
@@ -631,10 +633,11 @@ def reward_main(args: RewardArgs) -> None:
     import dydiff
     import dynamics
     from data import load_dataset
+    from rebuild import build_dataset
     from train import parse_args, pretrain, resolve, rollout_config
 
     torch.set_num_threads(1)
-    data = load_dataset("maze2d-umaze")
+    data = load_dataset("maze2d-umaze", build=build_dataset)
     # the cpu preset, with the learned reward model
     p = resolve(parse_args(["--env", "maze2d-umaze", "--reward", "model"]))
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads

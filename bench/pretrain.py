@@ -5,9 +5,9 @@ reward model's holdout errors and the diffusion model's validation loss, with th
     python bench/pretrain.py --env maze2d-umaze --preset paper   # the official recipe's
     python bench/pretrain.py --env maze2d-umaze --retrain        # train again, overwriting the cache
 
-It takes train.py's flags (those of the dataset, the preset, the models, --device and --threads matter) and
-trains exactly the models that `python train.py` with the same flags loads from the cache beside the
-dataset; --retrain is its one flag of its own.
+It takes train.py's flags (those of the dataset, the preset, the models, --retrain, --device and --threads
+matter) and trains exactly the models that `python train.py` with the same flags loads from the cache beside
+the dataset (keyed by the dataset, the settings and the models' code); a missing dataset is built first.
 """
 from __future__ import annotations
 
@@ -20,21 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
 from data import DatasetError, load_dataset  # noqa: E402
+from rebuild import build_dataset  # noqa: E402
 from runs import CheckpointError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    retrain = "--retrain" in argv
-    argv = [a for a in argv if a != "--retrain"]
     try:
-        args = train.resolve(train.parse_args(argv))
+        args = train.resolve(train.parse_args(sys.argv[1:] if argv is None else argv))
         torch.set_num_threads(args.threads)
-        data = load_dataset(args.env, args.dataset_id, args.dataset_steps)
-        _, info, dm_info = train.pretrain(args, data, args.device, retrain)  # the very models train.py loads
+        data = load_dataset(args.env, args.dataset_id, args.dataset_steps,
+                            build=build_dataset if args.build_data else None)
+        _, info, dm_info = train.pretrain(args, data, args.device, args.retrain)  # the very models train.py loads
     except (train.ConfigError, DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
-    print(f"ensemble and reward model: {'loaded' if info['cached'] else 'saved'} {info['path']}")
     print(f"ensemble: holdout MSE of the z-scored s'-s (mean of elites {info['elites']}) "
           f"{info['ensemble_holdout_mse']:.3e}; members {[f'{x:.2e}' for x in info['ensemble_holdout_mse_members']]}; "
           f"{info['ensemble_epochs']} epochs, {info['ensemble_time_s']:.0f} s")

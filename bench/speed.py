@@ -313,9 +313,10 @@ class DmTrainingArgs:
 
 def dm_training_main(args: DmTrainingArgs) -> None:
     from data import load_dataset
+    from rebuild import build_dataset
 
     torch.set_num_threads(args.threads)
-    data = load_dataset(args.env)
+    data = load_dataset(args.env, build=build_dataset)
     raw = np.concatenate([data.obs, data.actions], axis=1)
     out = {"env": args.env, "dataset_id": data.dataset_id, "threads": args.threads,
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}", "recipes": {}}
