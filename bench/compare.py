@@ -549,7 +549,10 @@ def main(args: Args) -> None:
         arms += tuple(f"{arm}@{commit}" for arm in args.arms)
         extra += tuple((arm, f"{arm}@{commit}") for arm in args.arms)
     grid = [(algo, arm, seed) for algo in args.algos for arm in arms for seed in args.seeds]
-    plan = {job: find_run(args, *job) for job in grid}  # each job's folder: reused, resumed or started (and why)
+    if args.launcher == "local":  # each job's folder: reused, resumed or started (and why)
+        plan = {job: find_run(args, *job) for job in grid}
+    else:  # a cluster job resumes in the folder run_name gives (bench/cluster.py), without the provenance check
+        plan = {job: (Path(args.run_dir) / run_name(args, *job), "started") for job in grid}
     if args.dry_run:
         for job, (folder, what) in plan.items():
             print(f"# {folder.name}: {what}" if what.endswith("reused") else shlex.join(command(args, *job, folder)))
@@ -575,8 +578,8 @@ def main(args: Args) -> None:
                   f"again to gather the results once they are")
             return
 
-    if args.launcher != "local":  # the cluster jobs run in the folders named by run_name
-        plan = {job: (Path(args.run_dir) / run_name(args, *job), "") for job in grid}
+    if args.launcher != "local":  # run_dir is absolute now
+        plan = {job: (Path(args.run_dir) / run_name(args, *job), "started") for job in grid}
     arm_of = {plan[job][0].name: job[1] for job in grid}
     runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([plan[job][0] for job in grid])]
     rows = aggregate(runs)
