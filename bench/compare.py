@@ -17,7 +17,8 @@ log beside it. A finished run (summary.json) is reused, and an interrupted one r
 with the same resolved settings, the same code (the digests of every project file, comments and docstrings
 aside) and the same library versions as this command would run now; otherwise the run is made again in a new
 folder (<name>_2, _3, ...) and the command says why. So the command can be repeated after a crash or an edit,
-or extended with more seeds, and a number never comes from code that no longer exists. The arms of one seed
+or extended with more seeds, and a number never comes from code that no longer exists (with --launcher
+slurm the jobs resume by folder name: that check is the local launcher's). The arms of one seed
 share the learner's seed and the evaluation episodes, so they are compared pair by pair. --against COMMIT
 runs every arm a second time with that commit's code (arm@commit), paired with this tree's: the A/B of an
 uncommitted edit against the code before it.
