@@ -46,6 +46,15 @@ from fidelity import (crossings, dm_predict, ensemble_predict, in_episode_rollou
 import pretrain  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """train.main sets the process's torch threads (--threads 0: one per core); each test starts again from 1."""
+    yield
+    torch.set_num_threads(1)
+
+
 DEVICE = os.environ.get("DYDIFF_TEST_DEVICE", "cpu")
 TINY_STEPS = 3000  # a few thousand maze steps: ~40 episodes, built in seconds
 TINY = FitConfig(steps_per_epoch=20, max_epochs=2, reward_max_epochs=2, hidden=32, reward_hidden=32)
@@ -1559,6 +1568,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tm
     (["--update-weight", "0"], "--update-weight must be in (0, 1] (got 0.0)"),
     (["--sdedit-sigma", "-1"], "--sdedit-sigma must be 0 (off) or positive (got -1.0)"),
     (["--rollout-batch", "0"], "--rollout-batch must be positive"),
+    (["--threads", "-1"], "--threads must be 0 (one per core) or positive (got -1)"),
     (["--rollout-length", "16"], "--rollout-length 16 must be at least --horizon 32"),
     (["--iterations", "-1"], "--iterations must be 0 or more"),
     (["--reward", "env", "--env", "hopper-medium-replay"], "--reward env needs a known reward function"),
@@ -2001,6 +2011,42 @@ def test_compare_against_a_commit_runs_each_arm_with_that_commits_code(tmp_path,
     with pytest.raises(SystemExit, match="^error: --against no-such-commit: not a commit of this repository$"):
         compare.main(replace(args, against="no-such-commit"))
     subprocess.run(["git", "worktree", "remove", "--force", str(tmp_path / "code" / commit)], cwd=compare.ROOT)
+
+
+def test_threads_default_to_one_per_core_and_side_by_side_runs_share_them(tmp_path, monkeypatch):
+    """--threads 0 (the default) resolves to the cores this process may use; compare.py --jobs N gives each of
+    its N runs cores / N threads, so runs side by side never ask for more threads than there are cores."""
+    import compare
+    import train
+
+    cores = len(os.sched_getaffinity(0))
+    assert train.resolve(parse_args([])).threads == cores
+    assert train.resolve(parse_args(["--threads", "3"])).threads == 3
+    args = compare.Args(env="maze2d-umaze", seeds=(0,), algos=("td3bc",), arms=("plain",), run_dir=str(tmp_path))
+    threads = lambda cmd: cmd[cmd.index("--threads") + 1] if "--threads" in cmd else None  # noqa: E731
+    assert threads(compare.command(args, "td3bc", "plain", 0)) is None  # one job: the run's default, all cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert threads(compare.command(replace(args, jobs=2), "td3bc", "plain", 0)) == "4"
+    assert threads(compare.command(replace(args, jobs=16), "td3bc", "plain", 0)) == "1"
+    assert threads(compare.command(replace(args, jobs=2, flags="--threads 3"), "td3bc", "plain", 0)) == "3"
+
+
+def test_first_run_cuts_the_phases_at_the_lines_that_end_them():
+    """bench/first_run.py: each phase's wall and CPU seconds run from the line that ends the one before (a known answer)."""
+    import first_run
+
+    lines = [(1.0, 0.9, "loading"), (30.0, 29.0, "dataset dydiff/pointmaze/umaze-v0 (built): 1000000 transitions"),
+             (150.0, 260.0, "ensemble and reward model: trained and saved x (holdout MSE 0.001 and 0.003, 120 s)"),
+             (600.0, 1100.0, "diffusion model: trained and saved y (7200 steps, 450 s, validation loss 0.0043)"),
+             (601.0, 1101.0, "dataset z is not a phase's end when it comes again"),
+             (900.0, 1700.0, "done: final 105.7 (mean of the last 3 evaluations)"), (905.0, None, "<exit>")]
+    got = first_run.phases(lines, total_cpu=1709.0)
+    assert list(got) == ["dataset", "ensemble and reward model", "DM", "learning", "finish"]
+    assert got["dataset"] == {"wall_s": 30.0, "cpu_s": 29.0}
+    assert got["DM"] == {"wall_s": 450.0, "cpu_s": 840.0}
+    assert got["learning"] == {"wall_s": 300.0, "cpu_s": 600.0} and got["finish"] == {"wall_s": 5.0, "cpu_s": 9.0}
+    with pytest.raises(SystemExit, match="printed no line starting with 'done:'"):
+        first_run.phases(lines[:4] + lines[-1:], total_cpu=1.0)
 
 
 def test_readme_results_table_is_the_scripts_output():

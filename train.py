@@ -17,6 +17,7 @@ TensorBoard, checkpoints, resume, Ctrl-C, the NaN guard and the summary are plum
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, fields, replace
@@ -53,8 +54,10 @@ class Args:
     """seed of the learner, the batch sampling, the rollout rounds and the evaluation episodes"""
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    threads: int = 1
-    """torch CPU threads; 1 is the safe default: torch at 2 threads can slow down many times over when another process uses the cores"""
+    threads: int = 0
+    """torch CPU threads; 0: one per core this process may use, right for a run alone on its machine (each phase is
+    1.4-1.8x faster at 2 threads than at 1, bench/README.md); 1 where other jobs share the cores: torch at 2 threads
+    slowed many times over when another process used them"""
     total_steps: int = 50_000
     """gradient steps of the learner (paper and CORL: 1M)"""
     batch_size: int = 256
@@ -220,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def resolve(args: Args) -> Args:
     """Check every flag (one-line ConfigError) and resolve --reward auto and --device auto. The settings of
     the rollouts and the DM are checked where they are defined, by their configs (__post_init__)."""
-    for name in ("total_steps", "batch_size", "eval_interval", "eval_episodes", "threads", "rollout_interval",
+    for name in ("total_steps", "batch_size", "eval_interval", "eval_episodes", "rollout_interval",
                  "synthetic_capacity"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -238,6 +241,10 @@ def resolve(args: Args) -> Args:
     if args.dydiff and args.reward == "env" and not known_reward:
         raise ConfigError(f"--reward env needs a known reward function, which only maze2d has (got {args.env}); "
                           f"use --reward model")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be 0 (one per core) or positive (got {args.threads})")
+    if args.threads == 0:
+        args = replace(args, threads=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if args.dataset_steps is not None and args.dataset_steps <= 0:
         raise ConfigError(f"--dataset-steps must be positive (got {args.dataset_steps})")
     if args.resume and args.run_name is None:

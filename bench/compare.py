@@ -32,7 +32,8 @@ resamples), for the final, last and best scores. Writes, all from the run summar
   bench/results/<name>.md    the two markdown tables
   bench/results/<name>.png   learning curves, mean and min-max band over seeds
 (<name> defaults to compare_<env>[_<tag>], or ablation_<env>_<algos>[_<tag>] when the ensemble arm runs.)
---jobs runs that many at once (keep 1 where the vCPUs share one core's compute: bench/README.md).
+--jobs runs that many at once, each with cores / jobs torch threads (keep 1 where the vCPUs share one
+core's compute: bench/README.md).
 --launcher slurm submits every run as a Slurm job and returns; the same command again gathers the
 results once the jobs are done (bench/cluster.py).
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import platform
 import re
 import shlex
@@ -107,7 +109,8 @@ class Args:
     """more differences to pair by seed, as first-second arm names, e.g. ensemble-plain (dydiff-plain and
     dydiff-ensemble are paired wherever those arms run)"""
     jobs: int = 1
-    """runs at once (keep 1 where the vCPUs share a core)"""
+    """runs at once, each with cores / jobs torch threads (1: one run with all of them; keep 1 where the vCPUs
+    share a core)"""
     run_dir: str = "runs/compare"
     """parent folder of the runs"""
     name: str | None = None
@@ -241,6 +244,8 @@ def command(args: Args, algo: str, arm: str, seed: int, folder: Path | None = No
     flags = train_flags(args, algo, arm, seed)
     flags[flags.index("--run-name") + 1] = folder.name
     resume = (folder / "checkpoint.pt").exists()
+    if args.jobs > 1 and "--threads" not in flags:  # runs side by side share the cores: torch threads must not compete
+        flags += ["--threads", str(max(1, (os.cpu_count() or 1) // args.jobs))]
     return [sys.executable, str(code_root(code_of(arm)[1]) / "train.py"), *flags, *(["--resume"] * resume)]
 
 

@@ -3,6 +3,7 @@ sampler's achieved FLOP/s against a large matmul in the same process, and the sh
 DyDiff.
 
     python bench/speed.py                        # CPU preset sizes, 1 thread -> bench/results/speed.json
+    python bench/speed.py threads                # each phase at 1 thread and at all cores -> results/threads.json
     python bench/speed.py --preset paper --device cuda --name speed_gpu
 
 Models are freshly initialised at the preset's sizes (maze2d dims: obs 6, act 2): their speed does not
@@ -27,6 +28,7 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import os
 import platform
 import sys
 import time
@@ -367,8 +369,85 @@ def plot_dm_training(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# -- Threads: each phase of a run at 1 thread and at all cores, alternated in one process (subcommand threads) --
+@dataclass
+class ThreadsArgs:
+    threads: int = 0
+    """the many-thread side (0: one per core this process may use)"""
+    seconds: float = 3.0
+    """target duration of each timed loop"""
+    repeats: int = 3
+    """1-thread and many-thread timings alternate this many times; the median of each counts"""
+    name: str = "threads"
+    """results file: bench/results/<name>.json"""
+
+
+def phase_work(device: str = "cpu") -> dict:
+    """One unit of each phase that torch computes, at the cpu preset's sizes with fresh models and random data
+    (speed does not depend on the values): (the unit's name, a function that does one)."""
+    import dydiff
+    import dynamics
+    from iql import IQL
+    from td3bc import TD3BC
+    from train import dm_config, parse_args, rollout_config
+    from data import TransitionBuffer
+
+    p = parse_args([])
+    dm_cfg, roll_cfg, fit_cfg = dm_config(p), rollout_config(p), dynamics.FitConfig()
+    torch.manual_seed(0)
+    N, g = 20_000, torch.Generator(device=device).manual_seed(0)
+    s, a = torch.randn(N, OBS_DIM), torch.rand(N, ACT_DIM) * 2 - 1
+    ens, rew = dynamics.Ensemble(OBS_DIM, ACT_DIM), dynamics.RewardModel(OBS_DIM, ACT_DIM)
+    one_epoch = replace(fit_cfg, steps_per_epoch=20)  # fit's own loop: 20 minibatch steps and a holdout pass
+    dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, dm_cfg.horizon, dm_cfg.dim, dm_cfg.dim_mults, act=dm_cfg.act)
+    X, H = torch.rand(N, OBS_DIM + ACT_DIM) * 2 - 1, dm_cfg.horizon
+    starts, lengths = np.arange(0, N - H), np.full(N - H, H)
+    buf = TransitionBuffer(N, OBS_DIM, ACT_DIM, device)
+    buf.add(obs=s, next_obs=s, actions=a, rewards=torch.rand(N), dones=torch.zeros(N))
+    td3, iql = TD3BC(OBS_DIM, ACT_DIM, device=device), IQL(OBS_DIM, ACT_DIM, device=device, max_steps=10**6)
+    models = dydiff.DyDiffModels(ensemble=ens, reward_model=rew, dm=dm, terminal_fn=dynamics.terminal_fn("maze2d"),
+                                 obs_mean=torch.zeros(OBS_DIM), obs_std=torch.ones(OBS_DIM))
+    s0 = torch.randn(roll_cfg.rollout_batch, OBS_DIM)
+    dm_steps = replace(dm_cfg, train_steps=10)
+    return {
+        "ensemble: 20 training steps": lambda: dynamics.fit(ens, (s, a, s), (s[:500], a[:500], s[:500]), one_epoch, 1, g,
+                                                            progress=False),
+        "reward model: 20 training steps": lambda: dynamics.fit(rew, (s, a, s[:, :1]), (s[:500], a[:500], s[:500, :1]),
+                                                                one_epoch, 1, g, progress=False),
+        "DM: 10 training steps": lambda: diffusion.train(dm, X, starts, lengths, dm_steps, False, val_every=10**9),
+        "DyDiff round": lambda: dydiff.rollout_round(td3.act, models, s0, roll_cfg, g),
+        "TD3+BC update": lambda: td3.update(buf.sample(256, g)),
+        "IQL update": lambda: iql.update(buf.sample(256, g)),
+    }
+
+
+def threads_main(args: ThreadsArgs) -> None:
+    many = args.threads or len(os.sched_getaffinity(0))
+    rows = {}
+    for name, fn in phase_work().items():
+        per_s = {1: [], many: []}
+        for _ in range(args.repeats):
+            for k in per_s:
+                torch.set_num_threads(k)
+                per_s[k].append(rate(fn, "cpu", args.seconds, warmup=1)[0])
+        one, all_ = float(np.median(per_s[1])), float(np.median(per_s[many]))
+        rows[name] = {"per_s_1_thread": one, f"per_s_{many}_threads": all_, "speedup": all_ / one,
+                      "all": {str(k): v for k, v in per_s.items()}}
+        print(f"{name}: {one:.2f}/s at 1 thread, {all_:.2f}/s at {many}: x{all_ / one:.2f}", flush=True)
+    torch.set_num_threads(1)
+    out = {"threads": many, "cores": os.cpu_count(), "matmul_1thread_gflop_per_s": matmul_flops("cpu", args.seconds) / 1e9,
+           "machine": f"{platform.machine()}, torch {torch.__version__}", "phases": rows}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    print(f"\n| phase (cpu preset sizes) | 1 thread | {many} threads | speed-up |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['per_s_1_thread']:.2f}/s | {r[f'per_s_{many}_threads']:.2f}/s | x{r['speedup']:.2f} |")
+    print(f"1-thread matmul {out['matmul_1thread_gflop_per_s']:.1f} GFLOP/s; wrote {RESULTS / args.name}.json")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["dm-training"]:
         dm_training_main(tyro.cli(DmTrainingArgs, args=sys.argv[2:], prog="speed.py dm-training"))
+    elif sys.argv[1:2] == ["threads"]:
+        threads_main(tyro.cli(ThreadsArgs, args=sys.argv[2:], prog="speed.py threads"))
     else:
         main(tyro.cli(Args))
