@@ -1,0 +1,146 @@
+"""How long a new user's first run takes: README's main command from a fresh clone, with an empty Minari root.
+
+    python bench/first_run.py --label after                     # this checkout's commit
+    python bench/first_run.py --commit 4fa05dd --label before   # any earlier commit, the same way
+
+Clones the commit into runs/_first_run/<label>/ and runs `python train.py --env maze2d-umaze` there, with the
+clone's own code and MINARI_DATASETS_PATH pointing at an empty folder inside it: the dataset is built and every
+model trained, as on a fresh machine (the install is not timed). Run it on a quiet machine: the phases' times are
+the point. The phases are cut at the lines every version of train.py prints when one ends (the dataset's line,
+the ensemble's, the DM's, "done:"); at each line the run's CPU time is read from /proc, so each phase has its
+wall and CPU seconds. The ensemble/reward split and the rollouts' share of the learning loop are wall times the
+run records itself (the model cache's info, summary.json). The 1-thread matmul rate of the machine is measured
+before the run. Writes bench/results/<name>.json: one entry per label, kept across calls (README quotes it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from speed import matmul_flops  # noqa: E402  (bench/ is on the path when a script of it runs)
+from runs import write_atomic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (the start of the line that ends a phase, the phase); the learning loop ends with "done:", then the run's
+# last plot is drawn ("finish")
+PHASE_ENDS = [("dataset ", "dataset"), ("ensemble and reward model:", "ensemble and reward model"),
+              ("diffusion model:", "DM"), ("done:", "learning")]
+
+
+@dataclass
+class Args:
+    label: str = "after"
+    """name of this measurement in the results file (e.g. before, after)"""
+    commit: str = "HEAD"
+    """the commit whose clone runs"""
+    train_flags: str = ""
+    """extra flags of train.py (none: README's command as written)"""
+    name: str = "first_run"
+    """results file: bench/results/<name>.json"""
+    keep: bool = False
+    """keep the clone and its datasets afterwards (default: deleted once measured; the log stays, runs/_first_run/<label>.log)"""
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (and of its finished children), from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+
+
+def run_timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[list[tuple[float, float | None, str]], int]:
+    """Runs cmd; returns each printed line with the wall seconds since the start and the CPU seconds so far."""
+    lines, t0 = [], time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for raw in proc.stdout:  # progress bars redraw with \r: each redraw is its own line in the log
+            cpu = cpu_seconds(proc.pid)
+            for line in raw.replace("\r", "\n").splitlines():
+                if line.strip():
+                    lines.append((time.time() - t0, cpu, line))
+                    out.write(f"{time.time() - t0:8.1f} {line}\n")
+        rc = proc.wait()
+    lines.append((time.time() - t0, None, "<exit>"))
+    return lines, rc
+
+
+def phases(lines: list[tuple[float, float | None, str]], total_cpu: float) -> dict:
+    """Wall and CPU seconds of each phase, cut at the first line that ends it."""
+    out, t_prev, c_prev = {}, 0.0, 0.0
+    for prefix, phase in PHASE_ENDS:
+        hit = next(((t, c) for t, c, line in lines if line.startswith(prefix)), None)
+        if hit is None:
+            raise SystemExit(f"error: the run printed no line starting with {prefix!r}: see its log")
+        out[phase] = {"wall_s": hit[0] - t_prev, "cpu_s": None if hit[1] is None else hit[1] - c_prev}
+        t_prev, c_prev = hit[0], hit[1] if hit[1] is not None else c_prev
+    out["finish"] = {"wall_s": lines[-1][0] - t_prev, "cpu_s": total_cpu - c_prev}
+    return out
+
+
+def main(args: Args) -> None:
+    base = ROOT / "runs" / "_first_run" / args.label
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    clone = base / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", args.commit], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+    torch.set_num_threads(1)
+    gflops = matmul_flops("cpu", 5.0) / 1e9
+    print(f"1-thread matmul {gflops:.1f} GFLOP/s; running the main command at {commit[:12]} in {clone}", flush=True)
+
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(base / "minari"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "train.py", "--env", "maze2d-umaze", "--run-dir", str(base / "runs"),
+           "--run-name", "main", *args.train_flags.split()]
+    lines, rc = run_timed(cmd, clone, env, base / "log.txt")
+    cpu_total = os.times().children_user + os.times().children_system
+    if rc != 0:
+        raise SystemExit(f"error: the run failed (exit {rc}): see {base / 'log.txt'}")
+    summary = json.loads((base / "runs" / "main" / "summary.json").read_text())
+    per_phase = phases(lines, cpu_total)
+    # the run's own records split two phases further (wall seconds)
+    cache = next((base / "minari").rglob("dydiff_cache"))
+    fit = torch.load(next(cache.glob("dynamics_*.pt")), weights_only=True)["info"]
+    per_phase["ensemble and reward model"].update(ensemble_wall_s=fit["ensemble_time_s"], reward_wall_s=fit["reward_time_s"])
+    per_phase["learning"].update(rollouts_wall_s=summary["rollout_time_s"])
+    dm = torch.load(next(cache.glob("diffusion_*.pt")), weights_only=True)["info"]
+
+    entry = {"commit": commit, "command": "python train.py --env maze2d-umaze" + (f" {args.train_flags}" * bool(args.train_flags)),
+             "machine": {"matmul_1thread_gflop_per_s": gflops, "cpus": os.cpu_count(), "platform": platform.platform(),
+                         "torch": str(torch.__version__)},
+             "threads": summary.get("threads"), "wall_min": lines[-1][0] / 60, "cpu_min": cpu_total / 60,
+             "phases_min": {k: {kk: None if v is None else v / 60 for kk, v in d.items()} for k, d in per_phase.items()},
+             "dm_val_loss": dm["val_loss"], "dm_train_steps": dm["train_steps"], "final_score": summary["final_score"],
+             "updates_per_s": summary["updates_per_s"], "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    path = RESULTS / f"{args.name}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[args.label] = entry
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+    print("\n| phase | wall min | CPU min |\n|---|---|---|")
+    for k, d in entry["phases_min"].items():
+        print(f"| {k} | {d['wall_s']:.1f} | {'-' if d['cpu_s'] is None else format(d['cpu_s'], '.1f')} |")
+    print(f"| all | {entry['wall_min']:.1f} | {entry['cpu_min']:.1f} |\n"
+          f"final score {entry['final_score']:.1f}, DM validation loss {entry['dm_val_loss']:.4f} -> {path}")
+    if not args.keep:  # the log stays beside it
+        shutil.copyfile(base / "log.txt", base.with_suffix(".log"))
+        shutil.rmtree(base)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
