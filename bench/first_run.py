@@ -125,7 +125,8 @@ def main(args: Args) -> None:
              "machine": {"matmul_1thread_gflop_per_s": gflops, "cpus": os.cpu_count(), "platform": platform.platform(),
                          "torch": str(torch.__version__)},
              "threads": summary.get("threads"), "wall_min": lines[-1][0] / 60, "cpu_min": cpu_total / 60,
-             "phases_min": {k: {kk: None if v is None else v / 60 for kk, v in d.items()} for k, d in per_phase.items()},
+             "phases_min": {k: {kk.replace("_s", "_min"): None if v is None else v / 60 for kk, v in d.items()}
+                            for k, d in per_phase.items()},
              "dm_val_loss": dm["val_loss"], "dm_train_steps": dm["train_steps"], "final_score": summary["final_score"],
              "updates_per_s": summary["updates_per_s"], "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     path = RESULTS / f"{args.name}.json"
@@ -134,7 +135,7 @@ def main(args: Args) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     print("\n| phase | wall min | CPU min |\n|---|---|---|")
     for k, d in entry["phases_min"].items():
-        print(f"| {k} | {d['wall_s']:.1f} | {'-' if d['cpu_s'] is None else format(d['cpu_s'], '.1f')} |")
+        print(f"| {k} | {d['wall_min']:.1f} | {'-' if d['cpu_min'] is None else format(d['cpu_min'], '.1f')} |")
     print(f"| all | {entry['wall_min']:.1f} | {entry['cpu_min']:.1f} |\n"
           f"final score {entry['final_score']:.1f}, DM validation loss {entry['dm_val_loss']:.4f} -> {path}")
     if not args.keep:  # the log stays beside it
