@@ -2019,13 +2019,12 @@ def test_threads_default_to_one_per_core_and_side_by_side_runs_share_them(tmp_pa
     import compare
     import train
 
-    cores = len(os.sched_getaffinity(0))
-    assert train.resolve(parse_args([])).threads == cores
+    assert train.resolve(parse_args([])).threads == train.cores() == len(os.sched_getaffinity(0))
     assert train.resolve(parse_args(["--threads", "3"])).threads == 3
     args = compare.Args(env="maze2d-umaze", seeds=(0,), algos=("td3bc",), arms=("plain",), run_dir=str(tmp_path))
     threads = lambda cmd: cmd[cmd.index("--threads") + 1] if "--threads" in cmd else None  # noqa: E731
     assert threads(compare.command(args, "td3bc", "plain", 0)) is None  # one job: the run's default, all cores
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(train, "cores", lambda: 8)
     assert threads(compare.command(replace(args, jobs=2), "td3bc", "plain", 0)) == "4"
     assert threads(compare.command(replace(args, jobs=16), "td3bc", "plain", 0)) == "1"
     assert threads(compare.command(replace(args, jobs=2, flags="--threads 3"), "td3bc", "plain", 0)) == "3"

@@ -220,6 +220,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return tyro.cli(Args, args=argv, default=default)
 
 
+def cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS has one): --threads 0 takes one per core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def resolve(args: Args) -> Args:
     """Check every flag (one-line ConfigError) and resolve --reward auto and --device auto. The settings of
     the rollouts and the DM are checked where they are defined, by their configs (__post_init__)."""
@@ -244,7 +249,7 @@ def resolve(args: Args) -> Args:
     if args.threads < 0:
         raise ConfigError(f"--threads must be 0 (one per core) or positive (got {args.threads})")
     if args.threads == 0:
-        args = replace(args, threads=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        args = replace(args, threads=cores())
     if args.dataset_steps is not None and args.dataset_steps <= 0:
         raise ConfigError(f"--dataset-steps must be positive (got {args.dataset_steps})")
     if args.resume and args.run_name is None:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import platform
 import re
 import shlex
@@ -245,7 +244,7 @@ def command(args: Args, algo: str, arm: str, seed: int, folder: Path | None = No
     flags[flags.index("--run-name") + 1] = folder.name
     resume = (folder / "checkpoint.pt").exists()
     if args.jobs > 1 and "--threads" not in flags:  # runs side by side share the cores: torch threads must not compete
-        flags += ["--threads", str(max(1, (os.cpu_count() or 1) // args.jobs))]
+        flags += ["--threads", str(max(1, train.cores() // args.jobs))]
     return [sys.executable, str(code_root(code_of(arm)[1]) / "train.py"), *flags, *(["--resume"] * resume)]
 
 

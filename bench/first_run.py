@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from speed import matmul_flops  # noqa: E402  (bench/ is on the path when a script of it runs)
-from runs import write_atomic  # noqa: E402
+from runs import git, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (the start of the line that ends a phase, the phase); the learning loop ends with "done:", then the run's
@@ -98,8 +98,9 @@ def main(args: Args) -> None:
     base.mkdir(parents=True)
     clone = base / "clone"
     subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(clone)], check=True)
-    commit = subprocess.run(["git", "rev-parse", args.commit], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = (git("rev-parse", args.commit) or "").strip()
+    if not commit:
+        raise SystemExit(f"error: --commit {args.commit}: not a commit of this repository")
     subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
     torch.set_num_threads(1)
     gflops = matmul_flops("cpu", 5.0) / 1e9

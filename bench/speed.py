@@ -422,7 +422,12 @@ def phase_work(device: str = "cpu") -> dict:
 
 
 def threads_main(args: ThreadsArgs) -> None:
-    many = args.threads or len(os.sched_getaffinity(0))
+    from train import cores
+
+    many = args.threads or cores()
+    if many < 2:
+        raise SystemExit(f"error: speed.py threads compares 1 thread with more: give --threads 2 or more (got {many}; "
+                         f"--threads 0 takes the {cores()} core(s) this process may use)")
     rows = {}
     for name, fn in phase_work().items():
         per_s = {1: [], many: []}
