@@ -7,9 +7,9 @@ reference scores: the noise-free controller (expert) and a random policy on the 
 goal is one fixed cell.
 
 Locomotion (D4RL's recipe, on gymnasium's v5 envs): one SAC run (stable-baselines3) per env, evaluated
-every 5k env steps, and every 1k once a return passes 1/4 of D4RL's expert return. The first evaluation at
-1/3 of it fixes the medium policy, and the replay buffer up to then is medium-replay; training goes on to
-the expert (0.9 of it, or the best evaluated by the step cap). Each
+every 5k env steps, with the policy kept every 250 steps in between. The first of those policies whose
+return reaches 1/3 of D4RL's expert return is the medium policy, and the replay buffer up to it is
+medium-replay; training goes on to the expert (0.9 of it, or the best evaluated by the step cap). Each
 policy then collects 1M steps with sampled actions: medium, and medium-expert = both collections. Stored
 under ``dydiff/mujoco/<env>/<level>-v0`` with D4RL's reference returns; the run itself (checkpointed at
 every evaluation, so a build resumes) lives beside them in ``dydiff/mujoco/<env>/_sac/``.
@@ -29,6 +29,7 @@ import shutil
 import time
 import warnings
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import numpy as np
 
 from data import (LOCOMOTION, LOCOMOTION_ENVS, MAZE2D, DatasetError, episode_buffers, import_d4rl, load_dataset,
                   local_maze_id, locomotion_ids, normalized_score)
-from runs import write_atomic
+from runs import provenance, write_atomic
 
 GYM_IDS = {"U_MAZE": "PointMaze_UMaze-v3", "MEDIUM_MAZE": "PointMaze_Medium-v3", "LARGE_MAZE": "PointMaze_Large-v3"}
 
@@ -188,8 +189,8 @@ class SACBuild:
 
     max_steps: int = 300_000  # SAC's env steps at most (the cap; also the replay buffer's size: nothing is overwritten)
     eval_every: int = 5_000  # env steps between evaluations (and checkpoints)
-    fine_eval_every: int = 1_000  # ... once the last evaluation passed fine_from, until the medium policy exists
-    fine_from: float = 0.25  # of D4RL's expert return: near 1/3 SAC's return can climb past it within one 5k gap
+    snapshot_every: int = 250  # env steps between the policies kept in between, evaluated once an evaluation
+    # reaches the medium threshold: hopper's return climbed from 718 to 2249 within one 5k gap
     eval_episodes: int = 10  # deterministic episodes per evaluation
     learning_starts: int = 10_000  # uniform random actions first (rl-baselines3-zoo's value for MuJoCo)
     medium_fraction: float = 1 / 3  # of D4RL's expert return: the first evaluation reaching it is the medium policy
@@ -241,10 +242,23 @@ def read_sac_state(robot: str) -> dict | None:
         return json.loads(str(z["state"]))
 
 
-def fine_schedule(state: dict, cfg: SACBuild, ref_max: float) -> bool:
-    """Whether the next evaluation comes cfg.fine_eval_every env steps on: the medium policy is not found
-    yet and the last evaluation's return passed cfg.fine_from of the expert return."""
-    return state["medium"] is None and bool(state["evals"]) and state["evals"][-1][1] >= cfg.fine_from * ref_max
+@contextmanager
+def as_of(model, snapshot: tuple[int, dict]):
+    """The model with the actor (the policy) and step count of an earlier snapshot, restored on exit; the
+    critics stay as they are, which neither an evaluation nor a collection uses."""
+    step, actor = snapshot
+    now = (model.num_timesteps, {k: v.clone() for k, v in model.policy.actor.state_dict().items()})
+    model.num_timesteps = step
+    model.policy.actor.load_state_dict(actor)
+    try:
+        yield model
+    finally:
+        model.num_timesteps = now[0]
+        model.policy.actor.load_state_dict(now[1])
+
+
+def snapshot(model) -> tuple[int, dict]:
+    return model.num_timesteps, {k: v.clone() for k, v in model.policy.actor.state_dict().items()}
 
 
 def train_sac(robot: str, cfg: SACBuild, until: str, progress: bool = True) -> dict:
@@ -285,17 +299,30 @@ def train_sac(robot: str, cfg: SACBuild, until: str, progress: bool = True) -> d
     step_bar = lambda local_vars, global_vars: bar.update(1) or True  # noqa: E731  (SB3's functional callback)
     while state[until] is None and model.num_timesteps < cfg.max_steps:
         # learn() in chunks to the next evaluation point: between chunks the buffer and the model agree exactly.
-        # Near the medium threshold the points are 1k apart, so the medium lands within a few points of 1/3
-        # of expert. We evaluate often there rather than checkpoint every 1k and evaluate afterwards: it is
-        # simpler (every evaluation already is a checkpoint, so a killed build resumes as before, and no
-        # policies pile up), and cheap, as only the evaluations between 1/4 and 1/3 of expert are extra.
-        every = cfg.fine_eval_every if fine_schedule(state, cfg, ref_max) else cfg.eval_every
-        chunk = min(every - model.num_timesteps % every, cfg.max_steps - model.num_timesteps)
-        model.learn(chunk, reset_num_timesteps=False, callback=step_bar)
+        # Until the medium policy exists, every snapshot_every steps the policy is kept too (in memory: a killed
+        # build resumes at the last checkpoint and learns the chunk again). When an evaluation reaches the
+        # threshold, the kept policies are evaluated in order and the first to reach it is the medium. We keep
+        # rather than evaluate every snapshot_every steps because evaluations cost more than training near the
+        # threshold (10 episodes of up to 1000 steps against 250 updates), and only one window is evaluated.
+        end, kept = min(model.num_timesteps + cfg.eval_every - model.num_timesteps % cfg.eval_every, cfg.max_steps), []
+        while model.num_timesteps < end:
+            chunk = end - model.num_timesteps if state["medium"] else min(cfg.snapshot_every, end - model.num_timesteps)
+            model.learn(chunk, reset_num_timesteps=False, callback=step_bar)
+            if state["medium"] is None:
+                kept.append(snapshot(model))
         step, ret = model.num_timesteps, _evaluate(model, eval_envs)
         state["step"], point = step, {"step": step, "return": ret}
-        state["evals"].append([step, ret])
         bar.set_postfix(eval_return=f"{ret:.0f}")
+        if state["medium"] is None and ret >= cfg.medium_fraction * ref_max:
+            for kept_step, actor in kept[:-1]:  # (the last one is the model now, evaluated above)
+                with as_of(model, (kept_step, actor)):  # as it was at kept_step (medium.zip: that policy)
+                    kept_ret = _evaluate(model, eval_envs)
+                    state["evals"].append([kept_step, kept_ret])
+                    if kept_ret >= cfg.medium_fraction * ref_max:
+                        write_atomic(folder / "medium.zip", model.save)
+                        state["medium"] = {"step": kept_step, "return": kept_ret}
+                        break
+        state["evals"].append([step, ret])
         if state["best"] is None or ret > state["best"]["return"]:
             write_atomic(folder / "best.zip", model.save)
             state["best"] = point
@@ -420,7 +447,8 @@ def generate_locomotion_dataset(env: str, cfg: SACBuild | None = None, progress:
                "cpu_time_s": time.process_time() - t0, "sac_cpu_time_s": state["cpu_time_s"],
                "data_return_mean": float(np.mean(returns)), "data_score": score(np.mean(returns)),
                "policies": {w: {**state[w], "score": score(state[w]["return"])} for w in policies},
-               "d4rl": {"transitions": D4RL_TRANSITIONS.get(env), "ref_min": ref_min, "ref_max": ref_max}}
+               "d4rl": {"transitions": D4RL_TRANSITIONS.get(env), "ref_min": ref_min, "ref_max": ref_max},
+               "made_by": {k: v for k, v in provenance().items() if k in ("commit", "dirty", "changes_digest")}}
     report = sac_dir(robot) / "build.json"
     everything = json.loads(report.read_text()) if report.exists() else {}
     everything[dataset_id] = numbers

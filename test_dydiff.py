@@ -372,8 +372,8 @@ def test_d4rl_import_keeps_episodes_terminations_and_truncations(tmp_path, monke
 
 # A tiny SAC rebuild: medium at the first evaluation (any return reaches -1 x D4RL's expert return), the expert
 # threshold (1 x) never, so the step cap picks the best evaluated policy as the expert.
-TINY_SAC = SACBuild(max_steps=600, eval_every=200, eval_episodes=2, learning_starts=100, medium_fraction=-1.0,
-                    expert_fraction=1.0, collect_steps=300, collect_envs=3, episode_steps=200)
+TINY_SAC = SACBuild(max_steps=600, eval_every=200, snapshot_every=200, eval_episodes=2, learning_starts=100,
+                    medium_fraction=-1.0, expert_fraction=1.0, collect_steps=300, collect_envs=3, episode_steps=200)
 
 
 def test_sac_rebuild_at_a_tiny_size_builds_each_level_from_one_resumable_run(tmp_path, monkeypatch):
@@ -445,29 +445,35 @@ def test_sac_rebuild_at_a_tiny_size_builds_each_level_from_one_resumable_run(tmp
     np.testing.assert_array_equal(d.next_obs[inside], d.obs[inside + 1])
 
 
-def test_sac_rebuild_takes_the_medium_at_the_threshold_from_frequent_evaluations(tmp_path, monkeypatch):
-    """Data: the evaluations come every eval_every steps until a return passes a quarter of D4RL's expert
-    return, then every fine_eval_every; the medium policy is the first of those reaching a third of it (step
-    500 here, not the next coarse point 600), and medium-replay is the buffer up to it. A scripted return curve
-    (fractions of hopper's expert return) replaces the evaluations; SAC itself runs, tiny."""
+def test_sac_rebuild_takes_the_medium_at_the_threshold_from_the_policies_kept_between_evaluations(tmp_path, monkeypatch):
+    """Data: between evaluations (every eval_every steps) the policy is kept every snapshot_every steps; when
+    an evaluation reaches a third of D4RL's expert return, the kept policies are evaluated in order and the
+    first reaching it is the medium (step 300 here, not the evaluation point 400), saved as it was then;
+    medium-replay is the buffer up to it. A scripted return curve (fractions of hopper's expert return)
+    replaces the evaluations; SAC itself runs, tiny."""
     import rebuild
+    from stable_baselines3 import SAC
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    curve = {200: 0.10, 400: 0.26, 450: 0.30, 500: 0.34, 550: 0.40, 600: 0.70}  # 1/4 passed at 400, 1/3 at 500
+    curve = {200: 0.10, 250: 0.20, 300: 0.34, 350: 0.50, 400: 0.70, 600: 0.70}  # 1/3 first passed at 300
     monkeypatch.setattr(rebuild, "_evaluate", lambda model, envs: curve[model.num_timesteps] * 3234.3)
-    cfg = replace(TINY_SAC, medium_fraction=1 / 3, expert_fraction=0.9, fine_eval_every=50, fine_from=0.25)
+    cfg = replace(TINY_SAC, medium_fraction=1 / 3, expert_fraction=0.9, snapshot_every=50)
     replay = generate_locomotion_dataset("hopper-medium-replay", cfg, progress=False)
     state = read_sac_state("hopper")
-    assert [s for s, _ in state["evals"]] == [200, 400, 450, 500]
-    assert state["medium"] == {"step": 500, "return": 0.34 * 3234.3} and replay.total_steps == 500
+    assert [s for s, _ in state["evals"]] == [200, 250, 300, 400]  # 350 never evaluated: 300 reached it
+    assert state["medium"] == {"step": 300, "return": 0.34 * 3234.3} and replay.total_steps == 300
+    medium, best = (SAC.load(sac_dir("hopper") / f"{w}.zip", device="cpu") for w in ("medium", "best"))
+    assert (medium.num_timesteps, best.num_timesteps) == (300, 400)  # the kept policy; the model then restored
+    assert not torch.equal(medium.policy.actor.mu.weight, best.policy.actor.mu.weight)
     numbers = json.loads((sac_dir("hopper") / "build.json").read_text())["dydiff/mujoco/hopper/medium-replay-v0"]
-    assert numbers["transitions"] == 500 and numbers["d4rl"]["transitions"] == 402_000
+    assert numbers["transitions"] == 300 and numbers["d4rl"]["transitions"] == 402_000
     assert numbers["policies"]["medium"]["score"] == pytest.approx(normalized_score(0.34 * 3234.3, -20.272305, 3234.3))
     assert {"cpu_time_s", "episodes", "data_return_mean", "data_score"} <= set(numbers)
+    assert set(numbers["made_by"]) == {"commit", "dirty", "changes_digest"}  # the code that built it
     assert numbers["data_score"] == pytest.approx(normalized_score(numbers["data_return_mean"], -20.272305, 3234.3))
-    # the expert's run goes back to coarse evaluations once the medium exists (600: the cap, 0.7 < 0.9)
+    # once the medium exists only the evaluation points count (600: the cap, 0.7 < 0.9 makes the best the expert)
     generate_locomotion_dataset("hopper-medium-expert", replace(cfg, collect_steps=30), progress=False)
-    assert [s for s, _ in read_sac_state("hopper")["evals"]] == [200, 400, 450, 500, 600]
+    assert [s for s, _ in read_sac_state("hopper")["evals"]] == [200, 250, 300, 400, 600]
 
 
 # ------------------------------------------------------------------------------------- learners
