@@ -202,10 +202,11 @@ class SACBuild:
 
 
 COLLECT = ("collect_steps", "collect_envs")  # the settings that do not change the SAC run
-# D4RL's medium-replay sizes (its v2 hdf5 files), beside ours in build.json; medium and medium-expert are 1M/2M
-# steps of collection in both (cfg.collect_steps)
-D4RL_TRANSITIONS = {"hopper-medium-replay": 402_000, "walker2d-medium-replay": 302_000,
-                    "halfcheetah-medium-replay": 202_000}
+# D4RL's v2 files, beside our rebuilds in build.json: transitions, episodes (TFDS's d4rl_mujoco_* catalog) and
+# mean episode return (as printed by the Decision Transformer's dataset script, run over the v2 files)
+D4RL_DATA = {"hopper-medium": (1_000_000, 2187, 1422.06), "hopper-medium-replay": (402_000, 2041, 467.30),
+             "walker2d-medium": (1_000_000, 1191, 2852.09), "walker2d-medium-replay": (302_000, 1093, 682.70),
+             "halfcheetah-medium": (1_000_000, 1000, 4770.33), "halfcheetah-medium-replay": (202_000, 202, 3093.29)}
 BUFFER = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")  # SB3's ReplayBuffer
 
 
@@ -415,6 +416,8 @@ def generate_locomotion_dataset(env: str, cfg: SACBuild | None = None, progress:
     cfg, (robot, level), dataset_id, t0 = cfg or SACBuild(), LOCOMOTION[env], locomotion_ids(env)[1], time.process_time()
     if dataset_id in minari.list_local_datasets():
         return minari.load_dataset(dataset_id)
+    # the code that builds it, read now: the tree may change while SAC trains
+    made_by = {k: v for k, v in provenance().items() if k in ("commit", "dirty", "changes_digest")}
     gym_id, ref_min, ref_max = LOCOMOTION_ENVS[robot]
     state = train_sac(robot, cfg, "expert" if level == "medium-expert" else "medium", progress)
     if level == "medium-replay":
@@ -443,12 +446,14 @@ def generate_locomotion_dataset(env: str, cfg: SACBuild | None = None, progress:
                     f"256x256 networks, lr 3e-4, batch 256, one update per env step, {cfg.episode_steps}-step "
                     f"episodes; {what}. {taken}. Refs: D4RL's random and expert returns.")
     n, returns = len(arrays["rewards"]), [float(np.sum(b.rewards)) for b in buffers]
+    d4rl = dict(zip(("transitions", "episodes", "return_mean"), D4RL_DATA.get(env, (None,) * 3)))
     numbers = {"transitions": n, "episodes": len(buffers), "terminations": int(arrays["terminals"].sum()),
                "cpu_time_s": time.process_time() - t0, "sac_cpu_time_s": state["cpu_time_s"],
                "data_return_mean": float(np.mean(returns)), "data_score": score(np.mean(returns)),
                "policies": {w: {**state[w], "score": score(state[w]["return"])} for w in policies},
-               "d4rl": {"transitions": D4RL_TRANSITIONS.get(env), "ref_min": ref_min, "ref_max": ref_max},
-               "made_by": {k: v for k, v in provenance().items() if k in ("commit", "dirty", "changes_digest")}}
+               "d4rl": {**d4rl, "score": None if d4rl["return_mean"] is None else score(d4rl["return_mean"]), "ref_min": ref_min,
+                        "ref_max": ref_max},
+               "made_by": made_by}
     report = sac_dir(robot) / "build.json"
     everything = json.loads(report.read_text()) if report.exists() else {}
     everything[dataset_id] = numbers

@@ -466,11 +466,17 @@ def test_sac_rebuild_takes_the_medium_at_the_threshold_from_the_policies_kept_be
     assert (medium.num_timesteps, best.num_timesteps) == (300, 400)  # the kept policy; the model then restored
     assert not torch.equal(medium.policy.actor.mu.weight, best.policy.actor.mu.weight)
     numbers = json.loads((sac_dir("hopper") / "build.json").read_text())["dydiff/mujoco/hopper/medium-replay-v0"]
-    assert numbers["transitions"] == 300 and numbers["d4rl"]["transitions"] == 402_000
+    assert numbers["transitions"] == 300 and (numbers["d4rl"]["transitions"], numbers["d4rl"]["episodes"]) == (402_000, 2041)
+    assert numbers["d4rl"]["score"] == pytest.approx(normalized_score(467.30, -20.272305, 3234.3))  # 15.0
     assert numbers["policies"]["medium"]["score"] == pytest.approx(normalized_score(0.34 * 3234.3, -20.272305, 3234.3))
     assert {"cpu_time_s", "episodes", "data_return_mean", "data_score"} <= set(numbers)
     assert set(numbers["made_by"]) == {"commit", "dirty", "changes_digest"}  # the code that built it
     assert numbers["data_score"] == pytest.approx(normalized_score(numbers["data_return_mean"], -20.272305, 3234.3))
+    import locomotion_builds  # bench/: the results file's entry, with the evaluations around the medium point
+
+    entry = locomotion_builds.gather()["hopper-medium-replay"]
+    assert entry["transitions"] == 300 and [s for s, _, _ in entry["sac_evals_near_medium"]] == [250, 300, 400]
+    assert "| hopper-medium-replay | " in locomotion_builds.table({"hopper-medium-replay": entry})
     # once the medium exists only the evaluation points count (600: the cap, 0.7 < 0.9 makes the best the expert)
     generate_locomotion_dataset("hopper-medium-expert", replace(cfg, collect_steps=30), progress=False)
     assert [s for s, _ in read_sac_state("hopper")["evals"]] == [200, 250, 300, 400, 600]
