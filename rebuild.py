@@ -7,9 +7,9 @@ reference scores: the noise-free controller (expert) and a random policy on the 
 goal is one fixed cell.
 
 Locomotion (D4RL's recipe, on gymnasium's v5 envs): one SAC run (stable-baselines3) per env, evaluated
-every 5k env steps, with the policy kept every 250 steps in between. The first of those policies whose
-return reaches 1/3 of D4RL's expert return is the medium policy, and the replay buffer up to it is
-medium-replay; training goes on to the expert (0.9 of it, or the best evaluated by the step cap). Each
+every 5k env steps, with the policy kept every 250 steps in between. At the first policy whose return
+reaches 1/3 of D4RL's expert return, that one or the policy evaluated before it, whichever return is nearer
+1/3, is the medium policy, and the replay buffer up to it is medium-replay; training goes on to the expert (0.9 of it, or the best evaluated by the step cap). Each
 policy then collects 1M steps with sampled actions: medium, and medium-expert = both collections. Stored
 under ``dydiff/mujoco/<env>/<level>-v0`` with D4RL's reference returns; the run itself (checkpointed at
 every evaluation, so a build resumes) lives beside them in ``dydiff/mujoco/<env>/_sac/``.
@@ -193,7 +193,7 @@ class SACBuild:
     # reaches the medium threshold: hopper's return climbed from 718 to 2249 within one 5k gap
     eval_episodes: int = 10  # deterministic episodes per evaluation
     learning_starts: int = 10_000  # uniform random actions first (rl-baselines3-zoo's value for MuJoCo)
-    medium_fraction: float = 1 / 3  # of D4RL's expert return: the first evaluation reaching it is the medium policy
+    medium_fraction: float = 1 / 3  # of D4RL's expert return: the medium policy is the nearest at its first crossing
     expert_fraction: float = 0.9  # ... and the expert (else the best evaluated when max_steps is reached)
     collect_steps: int = 1_000_000  # env steps collected with each policy (D4RL: 1M)
     collect_envs: int = 10  # envs stepped together in a collection: one policy call per 10 steps
@@ -262,6 +262,26 @@ def snapshot(model) -> tuple[int, dict]:
     return model.num_timesteps, {k: v.clone() for k, v in model.policy.actor.state_dict().items()}
 
 
+def nearest_third(model, kept: list, ret: float, state: dict, eval_envs: list, target: float, folder: Path) -> dict:
+    """The medium policy, once the model's evaluation now (``ret``) reached ``target``: the kept policies of
+    this window (the first is the one of the evaluation before, if any) are evaluated in order up to the first
+    reaching it, and the one whose return is nearest ``target`` is saved as medium.zip. Returns its step and
+    return; the new evaluations join state["evals"]."""
+    known, tried = dict(state["evals"]), []
+    for i, (step, actor) in enumerate(kept):
+        if i < len(kept) - 1 and step not in known:
+            with as_of(model, (step, actor)):
+                state["evals"].append([step, _evaluate(model, eval_envs)])
+            known[step] = state["evals"][-1][1]
+        tried.append((abs((r := known.get(step, ret)) - target), step, r, i))
+        if r >= target:
+            break
+    _, step, r, i = min(tried)
+    with as_of(model, kept[i]):  # as it was at that step (medium.zip: that policy)
+        write_atomic(folder / "medium.zip", model.save)
+    return {"step": step, "return": r}
+
+
 def train_sac(robot: str, cfg: SACBuild, until: str, progress: bool = True) -> dict:
     """Train SAC on the env until the ``until`` ('medium' or 'expert') policy exists, resuming from the
     run's checkpoint; a policy that exists already costs nothing. Returns the run's state."""
@@ -300,12 +320,15 @@ def train_sac(robot: str, cfg: SACBuild, until: str, progress: bool = True) -> d
     step_bar = lambda local_vars, global_vars: bar.update(1) or True  # noqa: E731  (SB3's functional callback)
     while state[until] is None and model.num_timesteps < cfg.max_steps:
         # learn() in chunks to the next evaluation point: between chunks the buffer and the model agree exactly.
-        # Until the medium policy exists, every snapshot_every steps the policy is kept too (in memory: a killed
-        # build resumes at the last checkpoint and learns the chunk again). When an evaluation reaches the
-        # threshold, the kept policies are evaluated in order and the first to reach it is the medium. We keep
-        # rather than evaluate every snapshot_every steps because evaluations cost more than training near the
-        # threshold (10 episodes of up to 1000 steps against 250 updates), and only one window is evaluated.
-        end, kept = min(model.num_timesteps + cfg.eval_every - model.num_timesteps % cfg.eval_every, cfg.max_steps), []
+        # Until the medium policy exists, the policy is also kept every snapshot_every steps (in memory: a killed
+        # build resumes at the last checkpoint and learns the chunk again). When an evaluation reaches 1/3 of
+        # expert, the kept policies are evaluated in order up to the first that reaches it, and the medium is
+        # the one of them (or the policy of the evaluation before) whose return is nearest 1/3: SAC's return
+        # can jump past the threshold between two kept policies (walker2d: 1079 -> 2030 within 250 steps),
+        # and then the policy just before the jump is the better third of expert. Keeping and evaluating
+        # afterwards costs one window's evaluations; evaluating every 250 steps would cost more than training.
+        end = min(model.num_timesteps + cfg.eval_every - model.num_timesteps % cfg.eval_every, cfg.max_steps)
+        kept = [snapshot(model)] if state["medium"] is None and state["evals"] else []  # (the evaluation before)
         while model.num_timesteps < end:
             chunk = end - model.num_timesteps if state["medium"] else min(cfg.snapshot_every, end - model.num_timesteps)
             model.learn(chunk, reset_num_timesteps=False, callback=step_bar)
@@ -315,22 +338,14 @@ def train_sac(robot: str, cfg: SACBuild, until: str, progress: bool = True) -> d
         state["step"], point = step, {"step": step, "return": ret}
         bar.set_postfix(eval_return=f"{ret:.0f}")
         if state["medium"] is None and ret >= cfg.medium_fraction * ref_max:
-            for kept_step, actor in kept[:-1]:  # (the last one is the model now, evaluated above)
-                with as_of(model, (kept_step, actor)):  # as it was at kept_step (medium.zip: that policy)
-                    kept_ret = _evaluate(model, eval_envs)
-                    state["evals"].append([kept_step, kept_ret])
-                    if kept_ret >= cfg.medium_fraction * ref_max:
-                        write_atomic(folder / "medium.zip", model.save)
-                        state["medium"] = {"step": kept_step, "return": kept_ret}
-                        break
+            state["medium"] = nearest_third(model, kept, ret, state, eval_envs, cfg.medium_fraction * ref_max, folder)
         state["evals"].append([step, ret])
         if state["best"] is None or ret > state["best"]["return"]:
             write_atomic(folder / "best.zip", model.save)
             state["best"] = point
-        for which, fraction in (("medium", cfg.medium_fraction), ("expert", cfg.expert_fraction)):
-            if state[which] is None and ret >= fraction * ref_max:
-                write_atomic(folder / f"{which}.zip", model.save)
-                state[which] = point
+        if state["expert"] is None and ret >= cfg.expert_fraction * ref_max:
+            write_atomic(folder / "expert.zip", model.save)
+            state["expert"] = point
         if step >= cfg.max_steps and state["expert"] is None:  # the cap: the best evaluated policy is the expert
             write_atomic(folder / "expert.zip", lambda tmp: shutil.copyfile(folder / "best.zip", tmp))
             state["expert"] = {**state["best"], "capped": True}

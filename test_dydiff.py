@@ -447,35 +447,35 @@ def test_sac_rebuild_at_a_tiny_size_builds_each_level_from_one_resumable_run(tmp
 
 def test_sac_rebuild_takes_the_medium_at_the_threshold_from_the_policies_kept_between_evaluations(tmp_path, monkeypatch):
     """Data: between evaluations (every eval_every steps) the policy is kept every snapshot_every steps; when
-    an evaluation reaches a third of D4RL's expert return, the kept policies are evaluated in order and the
-    first reaching it is the medium (step 300 here, not the evaluation point 400), saved as it was then;
-    medium-replay is the buffer up to it. A scripted return curve (fractions of hopper's expert return)
+    an evaluation reaches a third of D4RL's expert return, the kept policies are evaluated in order up to the
+    first reaching it (300), and the medium is the one nearest a third (250 here: 0.30 against 0.50, not the
+    evaluation point 400), saved as it was then; medium-replay is the buffer up to it. A scripted return curve (fractions of hopper's expert return)
     replaces the evaluations; SAC itself runs, tiny."""
     import rebuild
     from stable_baselines3 import SAC
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    curve = {200: 0.10, 250: 0.20, 300: 0.34, 350: 0.50, 400: 0.70, 600: 0.70}  # 1/3 first passed at 300
+    curve = {200: 0.10, 250: 0.30, 300: 0.50, 350: 0.40, 400: 0.70, 600: 0.70}  # 1/3 first passed at 300
     monkeypatch.setattr(rebuild, "_evaluate", lambda model, envs: curve[model.num_timesteps] * 3234.3)
     cfg = replace(TINY_SAC, medium_fraction=1 / 3, expert_fraction=0.9, snapshot_every=50)
     replay = generate_locomotion_dataset("hopper-medium-replay", cfg, progress=False)
     state = read_sac_state("hopper")
     assert [s for s, _ in state["evals"]] == [200, 250, 300, 400]  # 350 never evaluated: 300 reached it
-    assert state["medium"] == {"step": 300, "return": 0.34 * 3234.3} and replay.total_steps == 300
+    assert state["medium"] == {"step": 250, "return": 0.30 * 3234.3} and replay.total_steps == 250
     medium, best = (SAC.load(sac_dir("hopper") / f"{w}.zip", device="cpu") for w in ("medium", "best"))
-    assert (medium.num_timesteps, best.num_timesteps) == (300, 400)  # the kept policy; the model then restored
+    assert (medium.num_timesteps, best.num_timesteps) == (250, 400)  # the kept policy; the model then restored
     assert not torch.equal(medium.policy.actor.mu.weight, best.policy.actor.mu.weight)
     numbers = json.loads((sac_dir("hopper") / "build.json").read_text())["dydiff/mujoco/hopper/medium-replay-v0"]
-    assert numbers["transitions"] == 300 and (numbers["d4rl"]["transitions"], numbers["d4rl"]["episodes"]) == (402_000, 2041)
+    assert numbers["transitions"] == 250 and (numbers["d4rl"]["transitions"], numbers["d4rl"]["episodes"]) == (402_000, 2041)
     assert numbers["d4rl"]["score"] == pytest.approx(normalized_score(467.30, -20.272305, 3234.3))  # 15.0
-    assert numbers["policies"]["medium"]["score"] == pytest.approx(normalized_score(0.34 * 3234.3, -20.272305, 3234.3))
+    assert numbers["policies"]["medium"]["score"] == pytest.approx(normalized_score(0.30 * 3234.3, -20.272305, 3234.3))
     assert {"cpu_time_s", "episodes", "data_return_mean", "data_score"} <= set(numbers)
     assert set(numbers["made_by"]) == {"commit", "dirty", "changes_digest"}  # the code that built it
     assert numbers["data_score"] == pytest.approx(normalized_score(numbers["data_return_mean"], -20.272305, 3234.3))
     import locomotion_builds  # bench/: the results file's entry, with the evaluations around the medium point
 
     entry = locomotion_builds.gather()["hopper-medium-replay"]
-    assert entry["transitions"] == 300 and [s for s, _, _ in entry["sac_evals_near_medium"]] == [250, 300, 400]
+    assert entry["transitions"] == 250 and [s for s, _, _ in entry["sac_evals_near_medium"]] == [250, 300, 400]
     assert "| hopper-medium-replay | " in locomotion_builds.table({"hopper-medium-replay": entry})
     # once the medium exists only the evaluation points count (600: the cap, 0.7 < 0.9 makes the best the expert)
     generate_locomotion_dataset("hopper-medium-expert", replace(cfg, collect_steps=30), progress=False)
