@@ -7,9 +7,10 @@ reference scores: the noise-free controller (expert) and a random policy on the 
 goal is one fixed cell.
 
 Locomotion (D4RL's recipe, on gymnasium's v5 envs): one SAC run (stable-baselines3) per env, evaluated
-every 5k env steps, with the policy kept every 250 steps in between. At the first policy whose return
-reaches 1/3 of D4RL's expert return, that one or the policy evaluated before it, whichever return is nearer
-1/3, is the medium policy, and the replay buffer up to it is medium-replay; training goes on to the expert (0.9 of it, or the best evaluated by the step cap). Each
+every 5k env steps, with the policy kept every 250 steps in between. When an evaluation first reaches 1/3
+of D4RL's expert return, the kept policies since the evaluation before are evaluated in order up to the
+first reaching it; of those, the one whose return is nearest 1/3 is the medium policy, and the replay
+buffer up to it is medium-replay; training goes on to the expert (0.9 of it, or the best evaluated by the step cap). Each
 policy then collects 1M steps with sampled actions: medium, and medium-expert = both collections. Stored
 under ``dydiff/mujoco/<env>/<level>-v0`` with D4RL's reference returns; the run itself (checkpointed at
 every evaluation, so a build resumes) lives beside them in ``dydiff/mujoco/<env>/_sac/``.
@@ -323,9 +324,9 @@ def train_sac(robot: str, cfg: SACBuild, until: str, progress: bool = True) -> d
         # Until the medium policy exists, the policy is also kept every snapshot_every steps (in memory: a killed
         # build resumes at the last checkpoint and learns the chunk again). When an evaluation reaches 1/3 of
         # expert, the kept policies are evaluated in order up to the first that reaches it, and the medium is
-        # the one of them (or the policy of the evaluation before) whose return is nearest 1/3: SAC's return
-        # can jump past the threshold between two kept policies (walker2d: 1079 -> 2030 within 250 steps),
-        # and then the policy just before the jump is the better third of expert. Keeping and evaluating
+        # the one of them (the policy of the evaluation before included) whose return is nearest 1/3: SAC's
+        # return can jump past the threshold between two kept policies (walker2d: 1079 -> 2030 within 250
+        # steps), and then a policy before the jump is the better third of expert. Keeping and evaluating
         # afterwards costs one window's evaluations; evaluating every 250 steps would cost more than training.
         end = min(model.num_timesteps + cfg.eval_every - model.num_timesteps % cfg.eval_every, cfg.max_steps)
         kept = [snapshot(model)] if state["medium"] is None and state["evals"] else []  # (the evaluation before)
