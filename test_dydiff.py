@@ -1987,7 +1987,9 @@ def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, mo
         second, f"started anew: {folder.name} was made with other code (dydiff.py changed)")
     second.mkdir()  # that run was interrupted: it resumes where it stopped, by the same code
     (second / "checkpoint.pt").write_bytes(b"a checkpoint")
+    # (config.json holds the dataset id that --env resolved to, where the summary's settings keep --dataset-id's None)
     (second / "config.json").write_text(json.dumps({**made_by(compare, args, "td3bc", "dydiff", 0)["settings"],
+                                                      "dataset_id": "dydiff/pointmaze/umaze-v0",
                                                       "provenance": {**made_by(compare, args, "td3bc", "dydiff", 0)[
                                                           "provenance"]}}))
     assert compare.find_run(args, "td3bc", "dydiff", 0) == (second, "interrupted earlier, resumed")

@@ -204,6 +204,8 @@ def differs(made: dict | None, want: dict) -> str | None:
     if made is None or "provenance" not in made:
         return "no record of its settings and code"
     settings = comparable({k: v for k, v in made.get("settings", made).items() if k in train.Args.__dataclass_fields__})
+    if want["settings"].get("dataset_id") is None:  # --env names the data: config.json holds the id it resolved to
+        settings["dataset_id"] = None
     keys = sorted(k for k in settings | want["settings"] if settings.get(k) != want["settings"].get(k))
     if keys:
         return "other settings (" + ", ".join(f"{k} {settings.get(k)} -> {want['settings'].get(k)}" for k in keys[:4]) + ")"
