@@ -8,11 +8,12 @@ written by rebuild.py) and the run's evaluations near the medium threshold, and 
 bench/results/<name>.json: per dataset its CPU time, transitions, episodes, mean episode return and
 normalized score, the medium (and expert) policy's env step, return and score, the commit that built it,
 and D4RL's figures beside them (rebuild.D4RL_DATA). CPU times are the builds' own (one torch thread each); the 1-thread matmul
-rate printed with them is this machine's, measured now. A dataset that is not built is left out.
+rate printed with them is this machine's, measured now (with the load average beside it). A dataset that is not built is left out.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def gather() -> dict:
 
 
 def table(builds: dict) -> str:
-    rows = ["| dataset | CPU min (SAC to the policy) | transitions (D4RL) | episodes (D4RL) | data score (D4RL) "
+    rows = ["| dataset | CPU min: this build (the SAC run in all) | transitions (D4RL) | episodes (D4RL) | data score (D4RL) "
             "| medium policy: step, return, score | commit |", "|---|---|---|---|---|---|---|"]
     for env, b in builds.items():
         d, med = b["d4rl"], b["policies"]["medium"]
@@ -85,7 +86,8 @@ def main(args: Args) -> None:
                          "(python rebuild.py --env hopper-medium-replay)")
     torch.set_num_threads(1)
     gflops = matmul_flops("cpu", 2.0) / 1e9
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "matmul_gflops_1thread": gflops},
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "matmul_gflops_1thread": gflops, "load_average_1min": os.getloadavg()[0]},
               "builds": builds}
     write_atomic(RESULTS / f"{args.name}.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     print(table(builds))
