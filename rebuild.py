@@ -208,6 +208,17 @@ COLLECT = ("collect_steps", "collect_envs")  # the settings that do not change t
 D4RL_DATA = {"hopper-medium": (1_000_000, 2187, 1422.06), "hopper-medium-replay": (402_000, 2041, 467.30),
              "walker2d-medium": (1_000_000, 1191, 2852.09), "walker2d-medium-replay": (302_000, 1093, 682.70),
              "halfcheetah-medium": (1_000_000, 1000, 4770.33), "halfcheetah-medium-replay": (202_000, 202, 3093.29)}
+
+
+def d4rl_figures(env: str) -> dict:
+    """D4RL's transitions, episodes, mean episode return and its normalized score for a locomotion name (None
+    each where D4RL_DATA has no entry)."""
+    figures = dict(zip(("transitions", "episodes", "return_mean"), D4RL_DATA.get(env, (None,) * 3)))
+    _, ref_min, ref_max = LOCOMOTION_ENVS[LOCOMOTION[env][0]]
+    ret = figures["return_mean"]
+    return {**figures, "score": None if ret is None else float(normalized_score(ret, ref_min, ref_max))}
+
+
 BUFFER = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")  # SB3's ReplayBuffer
 
 
@@ -245,11 +256,11 @@ def read_sac_state(robot: str) -> dict | None:
 
 
 @contextmanager
-def as_of(model, snapshot: tuple[int, dict]):
+def as_of(model, then: tuple[int, dict]):
     """The model with the actor (the policy) and step count of an earlier snapshot, restored on exit; the
     critics stay as they are, which neither an evaluation nor a collection uses."""
-    step, actor = snapshot
-    now = (model.num_timesteps, {k: v.clone() for k, v in model.policy.actor.state_dict().items()})
+    step, actor = then
+    now = snapshot(model)
     model.num_timesteps = step
     model.policy.actor.load_state_dict(actor)
     try:
@@ -269,9 +280,9 @@ def nearest_third(model, kept: list, ret: float, state: dict, eval_envs: list, t
     reaching it, and the one whose return is nearest ``target`` is saved as medium.zip. Returns its step and
     return; the new evaluations join state["evals"]."""
     known, tried = dict(state["evals"]), []
-    for i, (step, actor) in enumerate(kept):
+    for i, (step, _) in enumerate(kept):
         if i < len(kept) - 1 and step not in known:
-            with as_of(model, (step, actor)):
+            with as_of(model, kept[i]):
                 state["evals"].append([step, _evaluate(model, eval_envs)])
             known[step] = state["evals"][-1][1]
         tried.append((abs((r := known.get(step, ret)) - target), step, r, i))
@@ -462,13 +473,11 @@ def generate_locomotion_dataset(env: str, cfg: SACBuild | None = None, progress:
                     f"256x256 networks, lr 3e-4, batch 256, one update per env step, {cfg.episode_steps}-step "
                     f"episodes; {what}. {taken}. Refs: D4RL's random and expert returns.")
     n, returns = len(arrays["rewards"]), [float(np.sum(b.rewards)) for b in buffers]
-    d4rl = dict(zip(("transitions", "episodes", "return_mean"), D4RL_DATA.get(env, (None,) * 3)))
     numbers = {"transitions": n, "episodes": len(buffers), "terminations": int(arrays["terminals"].sum()),
                "cpu_time_s": time.process_time() - t0, "sac_cpu_time_s": state["cpu_time_s"],
                "data_return_mean": float(np.mean(returns)), "data_score": score(np.mean(returns)),
                "policies": {w: {**state[w], "score": score(state[w]["return"])} for w in policies},
-               "d4rl": {**d4rl, "score": None if d4rl["return_mean"] is None else score(d4rl["return_mean"]), "ref_min": ref_min,
-                        "ref_max": ref_max},
+               "d4rl": {**d4rl_figures(env), "ref_min": ref_min, "ref_max": ref_max},
                "made_by": made_by}
     report = sac_dir(robot) / "build.json"
     everything = json.loads(report.read_text()) if report.exists() else {}

@@ -7,7 +7,7 @@ Reads the report each build leaves beside its SAC run (<Minari root>/dydiff/mujo
 written by rebuild.py) and the run's evaluations near the medium threshold, and writes
 bench/results/<name>.json: per dataset its CPU time, transitions, episodes, mean episode return and
 normalized score, the medium (and expert) policy's env step, return and score, the commit that built it,
-and D4RL's figures beside them (rebuild.D4RL_DATA). CPU times are the builds' own (one torch thread each); the 1-thread matmul
+and D4RL's figures beside them (rebuild.d4rl_figures). CPU times are the builds' own (one torch thread each); the 1-thread matmul
 rate printed with them is this machine's, measured now (with the load average beside it). A dataset that is not built is left out.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from data import LOCOMOTION, LOCOMOTION_ENVS, normalized_score  # noqa: E402
-from rebuild import D4RL_DATA, read_sac_state, sac_dir  # noqa: E402
+from data import LOCOMOTION, LOCOMOTION_ENVS, locomotion_ids, normalized_score  # noqa: E402
+from rebuild import d4rl_figures, read_sac_state, sac_dir  # noqa: E402
 from runs import write_atomic  # noqa: E402
 from speed import matmul_flops  # noqa: E402
 
@@ -56,12 +56,10 @@ def gather() -> dict:
             continue
         built, state = json.loads(report.read_text()), read_sac_state(robot)
         _, ref_min, ref_max = LOCOMOTION_ENVS[robot]
-        for env, (r, level) in LOCOMOTION.items():
-            key = f"dydiff/mujoco/{r}/{level}-v0"
-            if r == robot and key in built:
-                d4rl = dict(zip(("transitions", "episodes", "return_mean"), D4RL_DATA.get(env, (None,) * 3)))
-                d4rl["score"] = None if d4rl["return_mean"] is None else float(normalized_score(d4rl["return_mean"], ref_min, ref_max))
-                out[env] = {"dataset_id": key, **built[key], "d4rl": d4rl, "sac_settings": state["settings"],
+        for env, (r, _) in LOCOMOTION.items():
+            key = locomotion_ids(env)[1]
+            if r == robot and key in built:  # D4RL's figures as rebuild.py has them now
+                out[env] = {"dataset_id": key, **built[key], "d4rl": d4rl_figures(env), "sac_settings": state["settings"],
                             "sac_evals_near_medium": near_threshold(state, ref_min, ref_max)}
     return out
 
