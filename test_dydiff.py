@@ -34,7 +34,7 @@ from data import (LOCOMOTION, LOCOMOTION_ENVS, DatasetError, MAZE2D, TransitionB
 from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
-from runs import CheckpointError, code_digest
+from runs import CheckpointError, code_digest, code_digests
 from rebuild import SACBuild, WaypointController, build_dataset, draw_maze, generate_locomotion_dataset, maze_eval_env, read_sac_state, sac_dir
 from td3bc import TD3BC, TwinCritic
 from train import evaluate, main, parse_args, sample_batch
@@ -1796,6 +1796,7 @@ def test_gpu_check_runs_at_tiny_size_and_reports_every_section(tmp_path):
     s = on_disk["sections"]
     assert s["tests"]["returncode"] == 0 and " passed" in s["tests"]["summary"]  # the device tests, on DEVICE
     assert s["versions"]["torch"] == torch.__version__
+    assert on_disk["made_by"]["code"] == code_digests()  # the code that measured it
 
     def positive(x):
         return isinstance(x, (int, float)) and math.isfinite(x) and x > 0

@@ -231,11 +231,13 @@ def learner_rates(dev: str, p, actor, box: float) -> dict:
 
 
 def main(args: Args) -> dict:
+    from runs import provenance
     from td3bc import TD3BC
 
     dev, t_all = args.device, time.perf_counter()
     torch.set_num_threads(1)  # the CPU side (the ensemble's loop, the simulator) as train.py runs it
     report = Report(args.out, dev)
+    report.data["made_by"] = provenance(ROOT)  # the commit (None where the tree came without .git) and code digests
     p, dm_cfg, cfg, box = sizes(args.tiny)
 
     t0 = time.perf_counter()
