@@ -215,6 +215,21 @@ def _fingerprint(dataset_id: str, root: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def stored_dataset(env: str | None = None, dataset_id: str | None = None, steps: int | None = None
+                   ) -> tuple[str, str] | None:
+    """(id, fingerprint) of the dataset load_dataset would open here now, without opening, downloading or building
+    it; None where none is stored. bench/compare.py asks it to tell a run made on these files from one made on
+    files since rebuilt."""
+    import minari
+    from minari.storage import get_dataset_path
+
+    local = set(minari.list_local_datasets())
+    for cid in [dataset_id] if dataset_id is not None else resolve_env(env, steps):
+        if cid in local:
+            return cid, _fingerprint(cid, Path(get_dataset_path(cid)))
+    return None
+
+
 def load_dataset(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
                  verbose: bool = True, build: Callable | None = None) -> OfflineData:
     """Open (or obtain with ``build``, see open_minari) a dataset and return its flat arrays, from the cache when

@@ -275,7 +275,8 @@ class Run:
             print(f"resuming {self.path} at step {step}")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.json").write_text(json.dumps({**asdict(args), "device": self.device, "run_name": self.name,
-                                                           "dataset_id": data.dataset_id, "ref_min": data.ref_min,
+                                                           "dataset_id": data.dataset_id, "fingerprint": data.fingerprint,
+                                                           "ref_min": data.ref_min,
                                                            "ref_max": data.ref_max, "provenance": self.provenance},
                                                           indent=2))
         self.writer = None
@@ -376,7 +377,8 @@ class Run:
         args, data = self.args, self.data
         best = max(self.evals, key=lambda e: e["score"])
         wall = self.wall_time()
-        summary = {"env": args.env, "dataset_id": data.dataset_id, "algo": args.algo, "dydiff": args.dydiff,
+        summary = {"env": args.env, "dataset_id": data.dataset_id, "fingerprint": data.fingerprint,
+                   "algo": args.algo, "dydiff": args.dydiff,
                    "preset": args.preset, "seed": args.seed, "steps": step,
                    # final: the mean of the last 3 evaluations, less noisy than the last one alone
                    "final_score": float(np.mean([e["score"] for e in self.evals[-3:]])),

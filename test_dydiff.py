@@ -30,7 +30,7 @@ import torch.nn as nn
 import diffusion
 import dydiff
 import dynamics
-from data import (LOCOMOTION, LOCOMOTION_ENVS, DatasetError, MAZE2D, TransitionBuffer, import_d4rl, load_dataset, normalized_score, open_minari, resolve_env)
+from data import (LOCOMOTION, LOCOMOTION_ENVS, DatasetError, MAZE2D, TransitionBuffer, import_d4rl, load_dataset, normalized_score, open_minari, resolve_env, stored_dataset)
 from diffusion import DynamicsDiffusion, TemporalUnet, gather_segments, segment_index
 from dynamics import Ensemble, FitConfig, RewardModel, env_reward_fn, fit, terminal_fn
 from iql import IQL
@@ -1434,6 +1434,10 @@ def test_locomotion_dataset_with_dydiff_and_corl_iql(tiny_hopper, tmp_path, tiny
     assert syn["size"] > 0 and syn["dones"].sum() > 0  # hopper's terminal function cut rollouts
     data = load_dataset(dataset_id=tiny_hopper, verbose=False)
     assert data.terminals.sum() > 0 and not data.constant_dims.any()
+    # the files it learnt from, as compare.py finds them before a run: a rebuilt dataset has another fingerprint
+    assert summary["fingerprint"] == config["fingerprint"] == data.fingerprint
+    assert stored_dataset(dataset_id=tiny_hopper) == (tiny_hopper, data.fingerprint)
+    assert stored_dataset("walker2d-medium") is None  # not on this machine (nor built by asking)
 
 
 @pytest.mark.parametrize("algo", ["td3bc", "iql"])
@@ -1957,15 +1961,17 @@ def made_by(compare, args, algo, arm, seed, **changes) -> dict:
     """The settings and provenance a run of this compare.py job records when made by today's code (or with changes)."""
     want = compare.expected(args, algo, arm, seed)
     prov = {"commit": "c0ffee", "dirty": False, "changes_digest": None, "code": want["code"], "versions": want["versions"]}
-    return {"settings": {**want["settings"], **changes}, "provenance": prov}
+    return {"settings": {**want["settings"], **changes}, "fingerprint": want["fingerprint"], "provenance": prov}
 
 
 def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, monkeypatch):
-    """bench/compare.py: a finished run is reused only when its resolved settings and its code match what the
-    command would run now; another --flags value or an edited file runs it again in a new folder, saying why; an
-    interrupted run that matches is resumed there."""
+    """bench/compare.py: a finished run is reused only when its resolved settings, its dataset's files and its code
+    match what the command would run now; another --flags value, a rebuilt dataset or an edited file runs it again
+    in a new folder, saying why; an interrupted run that matches is resumed there."""
     import compare
     import runs
+
+    monkeypatch.setattr(compare, "stored_dataset", lambda env, dataset_id, steps: ("dydiff/pointmaze/umaze-v0", "f0"))
 
     args = compare.Args(env="maze2d-umaze", seeds=(0,), algos=("td3bc",), arms=("dydiff",), steps=15000,
                         run_dir=str(tmp_path / "runs"))
@@ -1975,6 +1981,11 @@ def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, mo
     assert compare.find_run(args, "td3bc", "dydiff", 0) == (folder, "finished earlier, reused")
 
     second = folder.with_name(folder.name + "_2")
+    monkeypatch.setattr(compare, "stored_dataset", lambda *a: ("dydiff/pointmaze/umaze-v0", "f1"))  # rebuilt since
+    assert compare.find_run(args, "td3bc", "dydiff", 0) == (
+        second, f"started anew: {folder.name} was made with other dataset files (fingerprint f0 -> f1: the dataset "
+                f"was rebuilt or replaced since)")
+    monkeypatch.setattr(compare, "stored_dataset", lambda *a: ("dydiff/pointmaze/umaze-v0", "f0"))
     other = replace(args, flags="--keep-fraction 0.5")  # the same run name, other settings
     assert compare.find_run(other, "td3bc", "dydiff", 0) == (
         second, f"started anew: {folder.name} was made with other settings (keep_fraction 0.6 -> 0.5)")
@@ -1990,7 +2001,7 @@ def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, mo
     (second / "checkpoint.pt").write_bytes(b"a checkpoint")
     # (config.json holds the dataset id that --env resolved to, where the summary's settings keep --dataset-id's None)
     (second / "config.json").write_text(json.dumps({**made_by(compare, args, "td3bc", "dydiff", 0)["settings"],
-                                                      "dataset_id": "dydiff/pointmaze/umaze-v0",
+                                                      "dataset_id": "dydiff/pointmaze/umaze-v0", "fingerprint": "f0",
                                                       "provenance": {**made_by(compare, args, "td3bc", "dydiff", 0)[
                                                           "provenance"]}}))
     assert compare.find_run(args, "td3bc", "dydiff", 0) == (second, "interrupted earlier, resumed")

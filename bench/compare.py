@@ -14,8 +14,9 @@ method). More examples:
 
 Each run is a plain `train.py` subprocess in runs/compare/<env>_<algo>[+<arm>][_<tag>]_s<seed>/ with its
 log beside it. A finished run (summary.json) is reused, and an interrupted one resumed, only when it was made
-with the same resolved settings, the same code (the digests of every project file, comments and docstrings
-aside) and the same library versions as this command would run now; otherwise the run is made again in a new
+with the same resolved settings, on the same dataset files (their fingerprint: a rebuilt dataset has another),
+by the same code (the digests of every project file, comments and docstrings aside) and with the same library
+versions as this command would run now; otherwise the run is made again in a new
 folder (<name>_2, _3, ...) and the command says why. So the command can be repeated after a crash or an edit,
 or extended with more seeds, and a number never comes from code that no longer exists (with --launcher
 slurm the jobs resume by folder name: that check is the local launcher's). The arms of one seed
@@ -73,6 +74,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT))
 import runs as run_plumbing  # noqa: E402  (the project's runs.py: provenance and code digests)
 import train  # noqa: E402
+from data import stored_dataset  # noqa: E402
 CHECKOUTS = ROOT / "runs" / "_code"  # --against: one detached worktree per commit
 FAILED = threading.Event()  # set by the first run that fails: the queued runs are then not started
 
@@ -176,7 +178,8 @@ def train_flags(args: Args, algo: str, arm: str, seed: int) -> list[str]:
 
 def expected(args: Args, algo: str, arm: str, seed: int) -> dict:
     """What a run of this job made now would record: its resolved settings (train.py's, without the flags that
-    only say where and how fast it runs), the code digests of the project's files and the library versions."""
+    only say where and how fast it runs), the fingerprint of the dataset it would load (None: not here yet), the
+    code digests of the project's files and the library versions."""
     commit, flags = code_of(arm)[1], train_flags(args, algo, arm, seed)
     if commit is None:
         settings = json.loads(json.dumps(dataclasses.asdict(train.resolve(train.parse_args(flags)))))
@@ -186,8 +189,9 @@ def expected(args: Args, algo: str, arm: str, seed: int) -> dict:
         if out.returncode != 0:
             raise SystemExit(f"error: the train.py of {commit} does not take these flags: {out.stderr.strip()[-300:]}")
         settings = json.loads(out.stdout.strip().splitlines()[-1])
-    prov = here(commit)
-    return {"settings": comparable(settings), "code": prov["code"], "versions": prov["versions"]}
+    prov, data = here(commit), stored_dataset(settings["env"], settings["dataset_id"], settings["dataset_steps"])
+    return {"settings": comparable(settings), "fingerprint": data and data[1], "code": prov["code"],
+            "versions": prov["versions"]}
 
 
 @functools.cache
@@ -204,11 +208,14 @@ def differs(made: dict | None, want: dict) -> str | None:
     if made is None or "provenance" not in made:
         return "no record of its settings and code"
     settings = comparable({k: v for k, v in made.get("settings", made).items() if k in train.Args.__dataclass_fields__})
-    if want["settings"].get("dataset_id") is None:  # --env names the data: config.json holds the id it resolved to
-        settings["dataset_id"] = None
+    if want["settings"].get("dataset_id") is None:  # --env names the data (config.json holds the id it resolved
+        settings["dataset_id"] = None  # to): which files it was is the fingerprint's to say, below
     keys = sorted(k for k in settings | want["settings"] if settings.get(k) != want["settings"].get(k))
     if keys:
         return "other settings (" + ", ".join(f"{k} {settings.get(k)} -> {want['settings'].get(k)}" for k in keys[:4]) + ")"
+    if made.get("fingerprint") != want["fingerprint"]:
+        return (f"other dataset files (fingerprint {made.get('fingerprint')} -> {want['fingerprint']}: the dataset was "
+                f"rebuilt or replaced since)")
     code = made["provenance"]["code"]
     files = sorted(f for f in code | want["code"] if code.get(f) != want["code"].get(f))
     if files:
@@ -601,7 +608,8 @@ def main(args: Args) -> None:
                      "wall_s": r["wall_time_s"], "cpu_s": r.get("cpu_time_s"), "rollout_s": r.get("rollout_time_s", 0.0),
                      "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"],
                      # what made this number: the commit, uncommitted changes, the code's digests, the settings
-                     "provenance": r.get("provenance"), "settings": r.get("settings")}
+                     "provenance": r.get("provenance"), "settings": r.get("settings"),
+                     "dataset_id": r.get("dataset_id"), "fingerprint": r.get("fingerprint")}
                     for r in runs],
            "groups": rows, "paired": pairs}
     results = Path(args.results)
