@@ -1857,6 +1857,24 @@ def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fidelity_policy_figure_draws_each_models_curve_per_policy(tmp_path, monkeypatch):
+    """bench/fidelity.py policy's figure: per policy a mean and a median panel, one line per model over the horizons."""
+    import matplotlib.figure
+
+    import fidelity
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    curves = {"ensemble": [1e-3, 1e-2, 1e-1], "dm": [5e-2, 6e-2, 7e-2], "dydiff_m0": [2e-3, 2e-2, 2e-1]}
+    out = {"env": "hopper-medium", "horizons": [1, 2, 3], "by_policy": {
+        label: {"curves_normalized": curves, "curves_normalized_median": curves} for label in ("step 10", "step 20")}}
+    fidelity.plot_policy(out, tmp_path / "f.png", ("curves_normalized", "curves_normalized_median"))
+    (fig,) = saved
+    assert len(fig.axes) == 4 and all(len(ax.lines) == 3 for ax in fig.axes)
+    assert [line.get_label() for line in fig.axes[0].lines] == list(curves)
+    assert list(fig.axes[0].lines[2].get_ydata()) == curves["dydiff_m0"]
+
+
 def test_fidelity_policy_checks_its_train_flags_as_train_py_does():
     """bench/fidelity.py policy: --train-flags get train.py's own checks, one line before any work."""
     import fidelity as rollout_error

@@ -574,7 +574,7 @@ def plot_policy(out: dict, path: Path, keys: tuple[str, str] = ("curves_position
     for (label, res), row in zip(rows, axes):
         for ax, key, title in ((row[0], keys[0], key_title(keys[0])), (row[1], keys[1], key_title(keys[1]))):
             for name, c in res[key].items():
-                ax.plot_policy(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
+                ax.plot(out["horizons"], c, label=name, ls="--" if name in ("ensemble", "dm") else "-")
             ax.set(xlabel="horizon h", ylabel="squared error vs simulator", yscale="log")
             ax.set_title(f"{out['env']}, policy {label}:\n{title}", fontsize=9)
             ax.grid(alpha=0.3)
