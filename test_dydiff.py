@@ -1825,7 +1825,8 @@ def test_slurm_launcher_path_with_submitit_local_jobs(tiny_data, tmp_path):
     and resumes on its own; its summary equals an uninterrupted run's, and the same command again gathers the A/B."""
     import compare
 
-    flags = f"--dataset-steps {TINY_STEPS} --total-steps 1500 --eval-interval 100 --eval-episodes 2"
+    # one thread per job: two jobs at all cores each slow down many times on a small machine
+    flags = f"--dataset-steps {TINY_STEPS} --total-steps 1500 --eval-interval 100 --eval-episodes 2 --threads 1"
     args = compare.Args(env="maze2d-umaze", seeds=(0, 1), algos=("td3bc",), arms=("plain",), flags=flags,
                         run_dir=str(tmp_path / "runs"), results=str(tmp_path / "results"), name="ab",
                         launcher="submitit-local", slurm_time_min=30)
