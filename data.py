@@ -108,6 +108,14 @@ def _try_download(dataset_id: str) -> bool:
         return False
 
 
+def local_id(candidates: list[str]) -> str | None:
+    """The first of these Minari ids stored on this machine (the order a name's ids are tried in), or None."""
+    import minari
+
+    local = set(minari.list_local_datasets())
+    return next((cid for cid in candidates if cid in local), None)
+
+
 def open_minari(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
                 build: Callable | None = None):
     """Find, download or build the Minari dataset (the order: module docstring). ``build(env, steps)`` makes a
@@ -116,10 +124,9 @@ def open_minari(env: str | None = None, dataset_id: str | None = None, steps: in
     import minari
 
     candidates = [dataset_id] if dataset_id is not None else resolve_env(env, steps)
-    local = set(minari.list_local_datasets())
-    for cid in candidates:
-        if cid in local:
-            return minari.load_dataset(cid), "local"
+    found = local_id(candidates)
+    if found is not None:
+        return minari.load_dataset(found), "local"
     # Only an official id can be downloaded: one given explicitly, or maze2d's D4RL set (never our own ids).
     official = dataset_id or (candidates[0] if env in MAZE2D and steps is None else None)
     if official is not None and _try_download(official):
@@ -220,14 +227,10 @@ def stored_dataset(env: str | None = None, dataset_id: str | None = None, steps:
     """(id, fingerprint) of the dataset load_dataset would open here now, without opening, downloading or building
     it; None where none is stored. bench/compare.py asks it to tell a run made on these files from one made on
     files since rebuilt."""
-    import minari
     from minari.storage import get_dataset_path
 
-    local = set(minari.list_local_datasets())
-    for cid in [dataset_id] if dataset_id is not None else resolve_env(env, steps):
-        if cid in local:
-            return cid, _fingerprint(cid, Path(get_dataset_path(cid)))
-    return None
+    cid = local_id([dataset_id] if dataset_id is not None else resolve_env(env, steps))
+    return None if cid is None else (cid, _fingerprint(cid, Path(get_dataset_path(cid))))
 
 
 def load_dataset(env: str | None = None, dataset_id: str | None = None, steps: int | None = None,
