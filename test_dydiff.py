@@ -1335,6 +1335,9 @@ def test_corl_iql_settings_per_dataset_are_the_defaults_and_flags_win():
     med = parse_args(["--env=hopper-medium", "--algo=iql"])
     assert (med.iql_deterministic, med.tau, med.normalize_reward, med.beta) == (True, 0.001, True, 3.0)
     assert parse_args(["--algo", "iql", "--env", "hopper-medium", "--tau", "0.005"]).tau == 0.005
+    # hopper-medium-replay: CORL's tau 0.001 with --preset paper's 1M steps, 0.005 with the cpu preset's 50k
+    assert [parse_args(["--algo=iql", "--env=hopper-medium-replay", *p]).tau
+            for p in ([], ["--preset", "paper"], ["--tau", "0.002"])] == [0.005, 0.001, 0.002]
     td3 = parse_args(["--env", "hopper-medium"])  # TD3+BC: CORL uses its defaults on every dataset
     assert (td3.iql_deterministic, td3.tau, td3.normalize_reward) == (False, 0.005, False)
 
@@ -1429,7 +1432,7 @@ def test_locomotion_dataset_with_dydiff_and_corl_iql(tiny_hopper, tmp_path, tiny
     assert all(np.isfinite(e["score"]) for e in summary["evaluations"])
     config = json.loads((tmp_path / "hop" / "config.json").read_text())
     assert (config["reward"], config["iql_deterministic"], config["tau"], config["normalize_reward"]) == (
-        "model", True, 0.001, True)
+        "model", True, 0.005, True)
     syn = torch.load(tmp_path / "hop" / "checkpoint.pt", weights_only=True)["synthetic"]
     assert syn["size"] > 0 and syn["dones"].sum() > 0  # hopper's terminal function cut rollouts
     data = load_dataset(dataset_id=tiny_hopper, verbose=False)
