@@ -2040,18 +2040,21 @@ def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, mo
 
 def test_compare_against_a_commit_runs_each_arm_with_that_commits_code(tmp_path, monkeypatch, capsys):
     """bench/compare.py --against HEAD: every arm also runs from a checkout of that commit, in its own folders
-    (arm@<commit>), and is paired with this tree's arm; the commit's own train.py resolves the flags."""
+    (arm@<commit>), and is paired with this tree's arm; the commit's own train.py resolves the flags. A relative
+    --run-dir is made absolute, so the commit's runs (started in its checkout) write where the command reads."""
     import compare
     import runs
 
     monkeypatch.setattr(compare, "CHECKOUTS", tmp_path / "code")
+    monkeypatch.chdir(tmp_path)
     commit = runs.git("rev-parse", "--short=12", "HEAD").strip()
     args = compare.Args(env="maze2d-umaze", seeds=(3,), algos=("td3bc",), arms=("dydiff",), against="HEAD",
-                        run_dir=str(tmp_path / "runs"), dry_run=True)
+                        run_dir="runs", dry_run=True)
     compare.main(args)
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     assert [shlex.split(line)[1] for line in lines] == [str(compare.ROOT / "train.py"),
                                                         str(tmp_path / "code" / commit / "train.py")]
+    assert {shlex.split(line)[shlex.split(line).index("--run-dir") + 1] for line in lines} == {str(tmp_path / "runs")}
     assert [shlex.split(line)[shlex.split(line).index("--run-name") + 1] for line in lines] == [
         "maze2d-umaze_td3bc+dydiff_s3", f"maze2d-umaze_td3bc+dydiff@{commit}_s3"]
     want = compare.expected(args, "td3bc", f"dydiff@{commit}", 3)

@@ -553,6 +553,9 @@ def main(args: Args) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be at least 1 (got {args.jobs})")
     extra = parse_pairs(args.pairs, args.arms)  # checked before any run starts
+    # absolute: --against's runs start in the commit's checkout and cluster jobs in another folder, and each must
+    # write where this command looks for its summary
+    args = replace(args, run_dir=str(Path(args.run_dir).resolve()))
     arms = tuple(args.arms)
     if args.against is not None and args.launcher != "local":
         raise SystemExit("error: --against runs locally only (the cluster jobs run this checkout's code)")
@@ -580,7 +583,6 @@ def main(args: Args) -> None:
     else:
         import cluster
 
-        args = replace(args, run_dir=str(Path(args.run_dir).resolve()))  # the jobs may start in another folder
         dydiff = "dydiff" in args.arms
         prepare = cluster.PrepareJob(["--env", args.env, "--preset", args.preset, *shlex.split(args.flags),
                                       *shlex.split(args.dydiff_flags if dydiff else "")], models=dydiff)
@@ -592,8 +594,6 @@ def main(args: Args) -> None:
                   f"again to gather the results once they are")
             return
 
-    if args.launcher != "local":  # run_dir is absolute now
-        plan = {job: (Path(args.run_dir) / run_name(args, *job), "started") for job in grid}
     arm_of = {plan[job][0].name: job[1] for job in grid}
     runs = [{**r, "arm": arm_of[r["run"]]} for r in load_runs([plan[job][0] for job in grid])]
     rows = aggregate(runs)
