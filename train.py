@@ -175,6 +175,7 @@ IQL_DATASETS = {
 }
 # ... and where the cpu preset's 50k steps call for another: CORL's tau 0.001 is tuned for 1M steps, 20 times
 # the cpu preset's budget, and at 50k its slow targets held IQL at its starting score on hopper-medium-replay
+# (bench/README.md, "IQL on hopper-medium-replay"); hopper-medium's rows were made with 0.001 and keep it
 IQL_CPU = {"hopper-medium-replay": dict(tau=0.005)}
 
 # Each component's config is filled from the flags by name: RolloutConfig's fields are flags of the same
