@@ -214,14 +214,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
         return default
 
     default = Args()
+    env = given("--env", default.env)
     if given("--preset", "cpu") == "paper":
         default = replace(default, preset="paper", **PAPER)
-    if given("--env", default.env) in LOCOMOTION:
+    if env in LOCOMOTION:
         default = replace(default, eval_episodes=10)
     if given("--algo", "td3bc") == "iql":
-        default = replace(default, **IQL_DATASETS.get(given("--env", default.env), {}))
-        if default.preset == "cpu":
-            default = replace(default, **IQL_CPU.get(given("--env", default.env), {}))
+        cpu = IQL_CPU.get(env, {}) if default.preset == "cpu" else {}
+        default = replace(default, **IQL_DATASETS.get(env, {}) | cpu)  # the cpu preset's value wins
     import tyro  # here, not at the top: bench/gpu_check.py imports this file on machines with torch alone
 
     return tyro.cli(Args, args=argv, default=default)
