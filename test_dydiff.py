@@ -2064,6 +2064,20 @@ def test_compare_against_a_commit_runs_each_arm_with_that_commits_code(tmp_path,
     subprocess.run(["git", "worktree", "remove", "--force", str(tmp_path / "code" / commit)], cwd=compare.ROOT)
 
 
+def test_compare_groups_keep_an_arm_and_its_against_commit_apart():
+    """bench/compare.py's per-arm rows: plain and plain@<commit> are two groups of their own seeds, not one."""
+    import compare
+
+    def run(arm, seed, score):
+        return {"env": "hopper-medium", "algo": "iql", "arm": arm, "seed": seed, "steps": 10, "final_score": score,
+                "last_score": score, "best_score": score, "wall_time_s": 1.0, "cpu_time_s": 1.0, "updates_per_s": 1.0}
+
+    rows = compare.aggregate([run("plain", 5, 10.0), run("plain", 6, 20.0),
+                              run("plain@1a2b3c4d5e6f", 5, 50.0), run("plain@1a2b3c4d5e6f", 6, 70.0)])
+    assert [(r["learner"], r["seeds"], r["final_score_mean"]) for r in rows] == [
+        ("iql", [5, 6], 15.0), ("iql @1a2b3c4d5e6f", [5, 6], 60.0)]
+
+
 def test_threads_default_to_one_per_core_and_side_by_side_runs_share_them(tmp_path, monkeypatch):
     """--threads 0 (the default) resolves to the cores this process may use; compare.py --jobs N gives each of
     its N runs cores / N threads, so runs side by side never ask for more threads than there are cores."""

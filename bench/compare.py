@@ -342,11 +342,14 @@ def load_runs(folders) -> list[dict]:
 
 
 def label(r: dict) -> str:
-    """The learner and, with DyDiff, the settings that tell runs apart."""
+    """The learner and, with DyDiff, the settings that tell runs apart; an arm run with a commit's code
+    (--against) keeps its @commit, so the two codes are two rows."""
+    commit = code_of(r.get("arm", ""))[1]
+    at = f" @{commit}" if commit else ""
     if not r.get("dydiff"):
-        return r["algo"]
+        return r["algo"] + at
     return (f"{r['algo']} + DyDiff (M={r['iterations']}, real_ratio={r['real_ratio']}, reward={r.get('reward') or 'model'}, "
-            f"T={r.get('rollout_length') or 32})")
+            f"T={r.get('rollout_length') or 32}){at}")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
