@@ -97,8 +97,8 @@ class DyDiffModels:
     """single-step ensemble f (dynamics.Ensemble), on z-scored states"""
     reward_model: nn.Module
     """learned r(s, a) (dynamics.RewardModel), on z-scored states"""
-    dm: nn.Module
-    """the diffusion model (diffusion.DynamicsDiffusion), on raw states"""
+    dm: nn.Module | None
+    """the diffusion model (diffusion.DynamicsDiffusion), on raw states; None for ensemble-only rollouts (M = 0)"""
     terminal_fn: Callable
     """done(s, a, s') on raw states (dynamics.terminal_fn)"""
     obs_mean: torch.Tensor
@@ -109,6 +109,15 @@ class DyDiffModels:
     """(obs_dim,) bool: dimensions constant within every dataset episode, copied from s_0 (data.constant_dims)"""
     reward_scale: float = 1.0
     """the learner's reward units: rewards are multiplied by it, as the real data's (train.py --normalize-reward)"""
+    x_min: torch.Tensor | None = None
+    """(obs_dim + act_dim,) raw lower corner of the dataset's box of [s, a] (train.dataset_box); None: the DM's"""
+    x_max: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.x_min is None or self.x_max is None:
+            if self.dm is None:
+                raise ValueError("without a DM, give the dataset's box: x_min and x_max (train.dataset_box)")
+            self.x_min, self.x_max = self.dm.x_min, self.dm.x_max  # the DM's box spans the same rows
 
     def raw(self, states_z: torch.Tensor) -> torch.Tensor:
         return states_z * self.obs_std.to(states_z) + self.obs_mean.to(states_z)
@@ -117,10 +126,10 @@ class DyDiffModels:
         return (states_raw - self.obs_mean.to(states_raw)) / self.obs_std.to(states_raw)
 
     def in_box(self, states_z: torch.Tensor, s0_z: torch.Tensor) -> torch.Tensor:
-        """States clipped to the dataset's box (the DM's raw min/max, z-scored), with the constant
+        """States clipped to the dataset's box (its raw min/max, z-scored), with the constant
         dimensions copied from s_0 (B, obs_dim)."""
-        obs = slice(0, self.dm.obs_dim)
-        lo, hi = self.zscore(self.dm.x_min[obs].to(states_z)), self.zscore(self.dm.x_max[obs].to(states_z))
+        obs = slice(0, states_z.shape[-1])
+        lo, hi = self.zscore(self.x_min[obs].to(states_z)), self.zscore(self.x_max[obs].to(states_z))
         states_z = torch.minimum(torch.maximum(states_z, lo), hi)
         if self.constant_dims is not None:
             s0 = s0_z[:, None] if states_z.dim() == 3 else s0_z
@@ -128,8 +137,8 @@ class DyDiffModels:
         return states_z
 
     def action_in_box(self, actions: torch.Tensor) -> torch.Tensor:
-        act = slice(self.dm.obs_dim, None)
-        return torch.minimum(torch.maximum(actions, self.dm.x_min[act].to(actions)), self.dm.x_max[act].to(actions))
+        act = slice(len(self.obs_mean), None)
+        return torch.minimum(torch.maximum(actions, self.x_min[act].to(actions)), self.x_max[act].to(actions))
 
 
 # -- Steps 1-3: start states, the initial trajectory, M DM iterations ------------------------------
@@ -194,6 +203,8 @@ def refine(act_fn: ActFn, models: DyDiffModels, states_z: torch.Tensor, actions:
 
     Returns [(states_z, actions)] for iterations 0 (the input) .. M, so benchmarks can look at each one;
     the last entry is policy-consistent: its actions are pi(its states), clipped to the dataset's box."""
+    if cfg.iterations and models.dm is None:
+        raise ValueError(f"M={cfg.iterations} DM iterations need the DM (models.dm is None)")
     s_0 = states_z[:, 0].clone()
     iterates = [(states_z, actions)]
     sdedit = {"sigma_start": cfg.sdedit_sigma} if cfg.sdedit_sigma > 0 else {}

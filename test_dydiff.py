@@ -911,9 +911,14 @@ def test_dm_terminal_rows_add_a_terminated_episodes_last_state_not_a_truncated_o
     seen = []  # load_or_train trains on these rows and segments (the training itself replaced by a recorder)
     monkeypatch.setattr(diffusion, "train", lambda model, X, st, ln, cfg, **kw: seen.append((model.unnormalize(X), st, ln))
                         or {"train_steps": 0, "train_seconds": 0.0, "val_loss": 0.0})
+    import train
+
+    box = train.dataset_box(data)  # what rollouts are clipped to without a DM (M = 0)
+    assert box[0].tolist() == [0, 1, -5] and box[1].tolist() == [110, 111, 0]  # next states count (the falls)
     for flag, (rows, first, end) in ((False, (raw, starts, ends)), (True, (raw_t, starts_t, ends_t))):
-        diffusion.load_or_train(data, diffusion.DMConfig(horizon=4, dim=8, dim_mults=(1, 2), terminal_rows=flag),
-                                progress=False)
+        model, _ = diffusion.load_or_train(data, diffusion.DMConfig(horizon=4, dim=8, dim_mults=(1, 2),
+                                                                    terminal_rows=flag), progress=False)
+        assert torch.equal(model.x_min, box[0]) and torch.equal(model.x_max, box[1])  # the DM's box is the same
         X, seg_start, seg_len = seen[-1]
         assert np.allclose(X.numpy(), rows, atol=1e-4)
         want = segment_index(first, end, 4)
@@ -1180,6 +1185,15 @@ def test_ensemble_only_round_with_m_0(models):
     assert torch.equal(tr["next_obs"], states[kept, 1:].reshape(-1, OBS))
     assert torch.equal(tr["actions"], actions[kept, :-1].reshape(-1, ACT)) and tr["actions"][:, 0].max() <= 0
     assert torch.equal(tr["rewards"], returns[kept].reshape(-1))
+
+    # without a DM (train.py with --iterations 0), given the same box: the same round, to the bit
+    no_dm_bundle = replace(bundle, dm=None, x_min=models.dm.x_min.clone(), x_max=models.dm.x_max.clone())
+    tr2, _ = dydiff.rollout_round(models.act_fn, no_dm_bundle, s0, cfg, torch.Generator().manual_seed(0))
+    assert all(torch.equal(tr[k], tr2[k]) for k in tr)
+    with pytest.raises(ValueError, match=r"^M=2 DM iterations need the DM \(models.dm is None\)$"):
+        dydiff.rollout_round(models.act_fn, no_dm_bundle, s0, replace(cfg, iterations=2))
+    with pytest.raises(ValueError, match="without a DM, give the dataset's box"):
+        replace(bundle, dm=None, x_min=None)
 
 
 def test_return_stops_at_the_first_terminal_only_with_the_flag(models):
@@ -1478,6 +1492,7 @@ def test_ensemble_only_rollouts_fill_the_buffer_in_the_loop(tiny_data, tmp_path,
         raise AssertionError("the DM was sampled with --iterations 0")
 
     monkeypatch.setattr(DynamicsDiffusion, "generate", no_dm)
+    monkeypatch.setattr(diffusion, "load_or_train", no_dm)  # nor trained or loaded: its ~15 CPU minutes are saved
     summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "m0", *TINY_DYDIFF, "--iterations", "0")
     ckpt = torch.load(tmp_path / "m0" / "checkpoint.pt", weights_only=True)
     assert summary["steps"] == 100 and 3 * 9 * 7 <= ckpt["synthetic"]["size"] <= 3 * 16 * 7  # rounds at 0, 40, 80
@@ -1787,6 +1802,8 @@ def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, cap
     assert "ensemble and reward model: loaded" in out and "diffusion model: loaded" in out
     with pytest.raises(SystemExit, match="--horizon H=7 must be a multiple of 2"):
         pretrain.main([*flags, "--horizon", "7"])
+    pretrain.main([*flags, "--iterations", "0"])  # ensemble-only rollouts: train.py loads no DM, nor does this
+    assert "diffusion model: not used with --iterations 0" in capsys.readouterr().out
 
 
 def test_gpu_check_runs_at_tiny_size_and_reports_every_section(tmp_path):

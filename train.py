@@ -100,7 +100,7 @@ class Args:
     rollout_length: int = ROLLOUT.rollout_length
     """T, rows per synthetic trajectory, at least H: longer rollouts chain DM windows (paper T = H = 100)"""
     iterations: int = ROLLOUT.iterations
-    """M, DM sampling + action relabelling iterations per round (paper 2; 0 = ensemble-only rollouts)"""
+    """M, DM sampling + action relabelling iterations per round (paper 2; 0: ensemble-only rollouts, no DM)"""
     rollout_interval: int = 1_000
     """K, gradient steps between rollout rounds (paper 500)"""
     real_ratio: float = 0.6
@@ -280,21 +280,36 @@ def reward_scale(args: Args, data) -> float:
     return data.return_scale() if args.normalize_reward else 1.0
 
 
+def dataset_box(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw min and max of the dataset's [s, a] rows, states and next states alike: the box rollouts are clipped
+    to, the same numbers as the DM's x_min/x_max (diffusion.load_or_train), so M = 0 needs no DM for it."""
+    lo = np.concatenate([np.minimum(data.obs.min(0), data.next_obs.min(0)), data.actions.min(0)])
+    hi = np.concatenate([np.maximum(data.obs.max(0), data.next_obs.max(0)), data.actions.max(0)])
+    return torch.as_tensor(lo).float(), torch.as_tensor(hi).float()
+
+
 def dydiff_models(args: Args, data, ensemble, reward_model, dm, device: str) -> dydiff.DyDiffModels:
-    """What a DyDiff round needs besides the policy, for this dataset and these flags."""
+    """What a DyDiff round needs besides the policy, for this dataset and these flags (dm: None when M = 0)."""
     t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-    return dydiff.DyDiffModels(ensemble=ensemble, reward_model=reward_model, dm=dm,
+    x_min, x_max = dataset_box(data)
+    return dydiff.DyDiffModels(ensemble=ensemble, reward_model=reward_model, dm=dm, x_min=t(x_min), x_max=t(x_max),
                                terminal_fn=dynamics.terminal_fn(args.env), obs_mean=t(data.obs_mean),
                                obs_std=t(data.obs_std),
                                reward_fn=dynamics.env_reward_fn(args.env) if args.reward == "env" else None,
                                constant_dims=t(data.constant_dims), reward_scale=reward_scale(args, data))
 
 
-def pretrain(args: Args, data, device: str, retrain: bool = False) -> tuple[dydiff.DyDiffModels, dict, dict]:
+def pretrain(args: Args, data, device: str, retrain: bool = False,
+             with_dm: bool | None = None) -> tuple[dydiff.DyDiffModels, dict, dict | None]:
     """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache.
-    Returns them with the training summaries of the ensemble/reward model and of the DM."""
+    Returns them with the training summaries of the ensemble/reward model and of the DM. with_dm None: the DM
+    only when the rollouts use it (--iterations > 0); ensemble-only rollouts neither train nor load it."""
     ensemble, reward_model, fit_info = dynamics.load_or_train(data, fit_config(args), device, retrain)
-    dm, dm_info = diffusion.load_or_train(data, dm_config(args), device, retrain)
+    dm = dm_info = None
+    if with_dm is None and args.iterations == 0:
+        print("diffusion model: not used with --iterations 0 (ensemble-only rollouts): neither trained nor loaded")
+    elif with_dm is not False:
+        dm, dm_info = diffusion.load_or_train(data, dm_config(args), device, retrain)
     return dydiff_models(args, data, ensemble, reward_model, dm, device), fit_info, dm_info
 
 

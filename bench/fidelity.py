@@ -480,7 +480,7 @@ def policy_main(args: PolicyArgs) -> None:
     except ConfigError as exc:
         raise SystemExit(f"error: --train-flags: {exc}") from None
     data = load_dataset(args.env, build=build_dataset)
-    models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads for these flags
+    models, _, _ = pretrain(p, data, "cpu", with_dm=True)  # the models train.py loads for these flags (and the DM)
     ens, dm = models.ensemble, models.dm
     T, N = p.rollout_length, p.sampler_steps
     rng = np.random.default_rng(args.seed)
@@ -640,7 +640,7 @@ def reward_main(args: RewardArgs) -> None:
     data = load_dataset("maze2d-umaze", build=build_dataset)
     # the cpu preset, with the learned reward model
     p = resolve(parse_args(["--env", "maze2d-umaze", "--reward", "model"]))
-    models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads
+    models, _, _ = pretrain(p, data, "cpu", with_dm=False)  # the reward model train.py loads (no DM needed)
     reward_model = models.reward_model
     out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
 

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{info['ensemble_epochs']} epochs, {info['ensemble_time_s']:.0f} s")
     print(f"reward model: holdout MSE {info['reward_holdout_mse']:.3e} (reward variance {info['reward_variance']:.3e}); "
           f"{info['reward_epochs']} epochs, {info['reward_time_s']:.0f} s")
+    if dm_info is None:  # --iterations 0: train.pretrain said so
+        return
     first, last = dm_info["val_curve"][0], dm_info["val_curve"][-1]
     print(f"diffusion model: validation loss {first[2]:.4f} (step {first[0]}) -> {last[2]:.4f} (step {last[0]}); "
           f"{dm_info['train_steps']} steps, {dm_info['train_seconds']:.0f} s")
