@@ -1806,6 +1806,31 @@ def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, cap
     assert "diffusion model: not used with --iterations 0" in capsys.readouterr().out
 
 
+def test_dm_recipes_bench_trains_what_train_py_trains_and_costs_it_against_the_default(tiny_data, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """bench/speed.py dm-training: each recipe is diffusion.load_or_train's DM (cached: a second run trains
+    nothing), its cost its steps times its step time measured here, as a share of the default recipe's."""
+    import speed
+
+    tiny = diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=40, batch_size=16)
+    monkeypatch.setattr(speed, "RECIPES", {"default": tiny, "half": replace(tiny, train_steps=20)})
+    monkeypatch.setattr(speed, "RESULTS", tmp_path)
+    monkeypatch.setattr(speed, "matmul_flops", lambda device, seconds: 1e9)
+    args = speed.DmTrainingArgs(dataset_steps=TINY_STEPS, recipes=("default", "half"), timing_steps=5, repeats=3)
+    speed.dm_training_main(args)
+    out = json.loads((tmp_path / "dm_recipes.json").read_text())
+    default, half = out["recipes"]["default"], out["recipes"]["half"]
+    assert default["cost_vs_default"] == 1.0 and 0.3 < half["cost_vs_default"] < 0.7  # one network, half the steps
+    assert half["cost_seconds"] == pytest.approx(20 * half["step_seconds"])
+    assert half["gflop_per_step"] == default["gflop_per_step"] > 0  # the same network and batch
+    assert [c[0] for c in half["val_curve"]] == [20] and default["val_loss"] == default["val_curve"][-1][2]
+    assert default["val_loss"] == diffusion.load_or_train(tiny_data, tiny, progress=False)[1]["val_loss"]  # train.py's DM
+    assert capsys.readouterr().out.count("training it") == 2
+    speed.dm_training_main(args)
+    assert "training it" not in capsys.readouterr().out  # both loaded from the cache
+    assert (tmp_path / "dm_recipes.png").stat().st_size > 1000
+
+
 def test_gpu_check_runs_at_tiny_size_and_reports_every_section(tmp_path):
     """bench/gpu_check.py at tiny sizes on DEVICE: every section in the JSON (rewritten after each) with finite,
     positive rates; the round makes M x the sampler's network calls; the projection is the paper's counts

@@ -14,14 +14,12 @@ Reference point: a CORL-style TD3+BC update (two separate critic MLPs, the actor
 batches drawn with numpy on the CPU and copied to the device) is timed in the same process, so the
 learner's speed-up is measured rather than quoted.
 
-DM training recipes (`python bench/speed.py dm-training --env maze2d-umaze [--recipes today cpu]`): each recipe
-trains the CPU-sized DM (H=32, dim 32, mults 1 2 4) on one dataset from the same initialisation seed and
-records, every 250 steps, the validation loss of diffusion.train: the EDM loss of the EMA network on 512
-fixed segments with fixed noise (one smooth curve that recipes with other batch sizes compare on).
-"today" is the recipe train.py used before this benchmark existed (Mish, batch 64, Adam 5e-4, 200-step
-warm-up, clipping 1.0, 4000 steps, and its EMA in EDM's half-life form to within 0.5%); "cpu" is train.py's
-cpu preset. The table gives each recipe's final loss and the training time it took to reach "today"'s final
-loss. Writes bench/results/dm_training.{json,png} (--name).
+DM training recipes (`python bench/speed.py dm-training --env maze2d-umaze [--recipes default dim24_4400]`): each
+recipe's DM is the one train.py trains with those settings (loaded from the cache beside the dataset when trained
+before), its validation loss recorded every 250 steps by diffusion.train: the EDM loss of the EMA network on 512
+fixed segments with fixed noise, so recipes compare on one smooth curve. Its cost is its steps times its step
+time, measured for all recipes alternately in this process: its ratio to the default recipe's (train.py's cpu
+preset) moves less with the machine and its other jobs than a training time does. Writes bench/results/dm_recipes.{json,png} (--name).
 """
 from __future__ import annotations
 
@@ -281,23 +279,13 @@ def main(args: Args) -> None:
     print(f"wrote {RESULTS / args.name}.json")
 
 
-# -- DM training recipes: validation loss against training time (subcommand dm-training) -----------
-TODAY = diffusion.DMConfig(act="mish", batch_size=64, lr=5e-4, warmup_steps=200, grad_clip=1.0, train_steps=4000,
-                           ema_halflife=44_350, ema_rampup=0.077)
-RECIPES = {
-    "today": TODAY,
-    "silu": replace(TODAY, act="silu"),
-    "silu_edm_ema": replace(TODAY, act="silu", ema_halflife=500_000, ema_rampup=0.05),
-    "b128_lr1e-3": replace(TODAY, act="silu", batch_size=128, lr=1e-3, train_steps=2000),
-    "b256_lr2e-3": replace(TODAY, act="silu", batch_size=256, lr=2e-3, train_steps=1000),
-    "b64_lr1e-3_cos": replace(TODAY, act="silu", lr=1e-3, lr_schedule="cosine", train_steps=2300),
-    "b128_lr2e-3_cos": replace(TODAY, act="silu", batch_size=128, lr=2e-3, lr_schedule="cosine", train_steps=1400),
-    "b64_lr2e-3_cos": replace(TODAY, act="silu", lr=2e-3, lr_schedule="cosine", train_steps=2300),
-    "b256_lr4e-3_cos": replace(TODAY, act="silu", batch_size=256, lr=4e-3, lr_schedule="cosine", train_steps=840),
-    "b128_lr3e-3_cos": replace(TODAY, act="silu", batch_size=128, lr=3e-3, lr_schedule="cosine", train_steps=1400),
-    "b128_lr3e-3_cos1200": replace(TODAY, act="silu", batch_size=128, lr=3e-3, lr_schedule="cosine", train_steps=1200),
-    "b128_lr4e-3_cos1200": replace(TODAY, act="silu", batch_size=128, lr=4e-3, lr_schedule="cosine", train_steps=1200),
-    "cpu": diffusion.DMConfig(),  # train.py's cpu preset
+# -- DM training recipes: validation loss against cost (subcommand dm-training) ---------------------
+DEFAULT_DM = diffusion.DMConfig()  # train.py's cpu preset
+RECIPES = {  # the default, and three recipes at about 45% of its cost (a smaller U-Net or fewer steps)
+    "default": DEFAULT_DM,
+    "mults122_4400": replace(DEFAULT_DM, dim_mults=(1, 2, 2), train_steps=4400, lr=3e-3),
+    "dim24_4400": replace(DEFAULT_DM, dim=24, train_steps=4400, lr=3e-3),
+    "lr4e-3_3300": replace(DEFAULT_DM, train_steps=3300, lr=4e-3),
 }
 
 
@@ -305,49 +293,74 @@ RECIPES = {
 class DmTrainingArgs:
     env: str = "maze2d-umaze"
     """dataset whose DM is trained"""
+    dataset_steps: int | None = None
+    """transitions of a rebuilt maze dataset, as train.py's --dataset-steps (None: the dataset's own size)"""
     recipes: tuple[str, ...] = tuple(RECIPES)
-    """recipes to train, from: today, silu, silu_edm_ema, b128_lr1e-3, b256_lr2e-3, cpu"""
-    threads: int = 1
-    """torch CPU threads"""
-    name: str = "dm_training"
+    """recipes to train (or load), from: default, mults122_4400, dim24_4400, lr4e-3_3300"""
+    timing_steps: int = 20
+    """training steps per timed loop of each recipe's network"""
+    repeats: int = 3
+    """the recipes' timed loops alternate this many times; the median counts"""
+    name: str = "dm_recipes"
     """results files: bench/results/<name>.json and .png"""
 
 
+def step_flops(dm, X, starts, lengths, batch_size: int) -> float:
+    """FLOPs of one training step's loss and backward pass at this batch size, as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pick = torch.arange(batch_size) % len(starts)
+    x, mask = diffusion.gather_segments(X, torch.as_tensor(starts)[pick], torch.as_tensor(lengths)[pick], dm.horizon)
+    with FlopCounterMode(display=False) as counter:
+        copy.deepcopy(dm).loss(x, dm.cond_mask(), mask).backward()
+    return float(counter.get_total_flops())
+
+
 def dm_training_main(args: DmTrainingArgs) -> None:
+    """Each recipe's DM is the one train.py trains with those settings (diffusion.load_or_train: cached beside the
+    dataset, so a recipe trains once). Its cost is its step time, measured here for every recipe alternately in
+    one process at 1 thread, times its steps: a ratio to the default that other jobs on the machine barely move."""
     from data import load_dataset
     from rebuild import build_dataset
 
-    torch.set_num_threads(args.threads)
-    data = load_dataset(args.env, build=build_dataset)
-    raw = np.concatenate([data.obs, data.actions], axis=1)
-    out = {"env": args.env, "dataset_id": data.dataset_id, "threads": args.threads,
-           "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}", "recipes": {}}
+    torch.set_num_threads(1)
+    data = load_dataset(args.env, steps=args.dataset_steps, build=build_dataset)
+    out = {"env": args.env, "dataset_id": data.dataset_id, "matmul_1thread_gflop_per_s": matmul_flops("cpu", 2.0) / 1e9,
+           "machine": f"{platform.machine()}, torch {torch.__version__}", "recipes": {}}
+    timers = {}
     for name in args.recipes:
         cfg = RECIPES[name]
-        torch.manual_seed(cfg.seed)
-        model = diffusion.DynamicsDiffusion(data.obs_dim, data.act_dim, cfg.horizon, cfg.dim, cfg.dim_mults,
-                                            torch.as_tensor(raw.min(0)), torch.as_tensor(raw.max(0)), cfg.act)
-        X = model.normalize(torch.as_tensor(raw))
-        starts, lengths = diffusion.segment_index(data.episode_starts, data.episode_ends, cfg.horizon)
-        t0 = time.time()
-        info = diffusion.train(model, X, starts, lengths, cfg, progress=False)
-        out["recipes"][name] = {"config": asdict(cfg), "train_seconds": info["train_seconds"],
-                                "wall_seconds": time.time() - t0, "val_loss": info["val_loss"],
-                                "val_curve": info["val_curve"], "steps_per_s": cfg.train_steps / info["train_seconds"]}
-        print(f"{name}: {info['train_seconds']:.0f} s, validation loss {info['val_loss']:.4f}", flush=True)
-    ref = out["recipes"].get("today", {}).get("val_loss")
-    print("\n| recipe | act | batch | lr | steps | steps/s | seconds | validation loss | seconds to today's loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        dm, info = diffusion.load_or_train(data, cfg, "cpu", progress=False)
+        out["recipes"][name] = {"config": asdict(cfg), "val_loss": info["val_loss"], "val_curve": info["val_curve"],
+                                "n_params": info["n_params"], "cached": info["cached"]}
+        raw, first, ends = diffusion.training_rows(data, cfg.terminal_rows)
+        starts, lengths = diffusion.segment_index(first, ends, cfg.horizon)
+        X, short = dm.normalize(torch.as_tensor(raw)), replace(cfg, train_steps=args.timing_steps, warmup_steps=1)
+        out["recipes"][name]["gflop_per_step"] = step_flops(dm, X, starts, lengths, cfg.batch_size) / 1e9
+        timers[name] = lambda dm=dm, X=X, st=starts, ln=lengths, c=short: diffusion.train(
+            copy.deepcopy(dm), X, st, ln, c, progress=False, val_every=10**9)["train_seconds"] / c.train_steps
+    per_step = {name: [] for name in timers}
+    for _ in range(args.repeats):
+        for name, timer in timers.items():
+            per_step[name].append(timer())
+    for name, r in out["recipes"].items():
+        r["step_seconds"] = float(np.median(per_step[name]))
+        r["cost_seconds"] = r["step_seconds"] * r["config"]["train_steps"]
+    ref = out["recipes"]["default"]["cost_seconds"] if "default" in out["recipes"] else None
+    print("\n| recipe | dim, mults | batch | lr | steps | params | GFLOP per step | ms per step | cost (x default) "
+          "| validation loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in out["recipes"].items():
         c = r["config"]
-        reach = next((t for _, t, v in r["val_curve"] if ref is not None and v <= ref), None)
-        r["seconds_to_today_loss"] = reach
-        print(f"| {name} | {c['act']} | {c['batch_size']} | {c['lr']:g} | {c['train_steps']} | {r['steps_per_s']:.1f} "
-              f"| {r['train_seconds']:.0f} | {r['val_loss']:.4f} | {'-' if reach is None else f'{reach:.0f}'} |")
+        r["cost_vs_default"] = r["cost_seconds"] / ref if ref else None
+        cost = "-" if ref is None else f"{r['cost_vs_default']:.2f}"
+        print(f"| {name} | {c['dim']}, {tuple(c['dim_mults'])} | {c['batch_size']} | {c['lr']:g} | {c['train_steps']} "
+              f"| {r['n_params'] / 1e6:.2f}M | {r['gflop_per_step']:.2f} | {r['step_seconds'] * 1e3:.0f} | {cost} "
+              f"| {r['val_loss']:.4f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     plot_dm_training(out, RESULTS / f"{args.name}.png")
-    print(f"wrote {RESULTS / args.name}.json and .png")
+    print(f"1-thread matmul {out['matmul_1thread_gflop_per_s']:.1f} GFLOP/s; wrote {RESULTS / args.name}.json and .png")
 
 
 def plot_dm_training(out: dict, path: Path) -> None:
@@ -356,11 +369,12 @@ def plot_dm_training(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ref = out["recipes"].get("default", next(iter(out["recipes"].values())))["cost_seconds"]  # x: share of it
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in out["recipes"].items():
-        curve = np.array(r["val_curve"])
-        ax.plot(curve[:, 1] / 60, curve[:, 2], marker="o", ms=2, label=name)
-    ax.set(xlabel="training time (min, 1 thread)", ylabel="validation loss (EMA network)", yscale="log")
+        curve = np.array(r["val_curve"])  # [step, seconds, loss]: the cost of step k is k step-times
+        ax.plot(curve[:, 0] * r["step_seconds"] / ref, curve[:, 2], marker="o", ms=2, label=name)
+    ax.set(xlabel="training cost (share of the default recipe's)", ylabel="validation loss (EMA network)", yscale="log")
     ax.set_title(f"{out['env']}: DM training recipes", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
