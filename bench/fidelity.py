@@ -640,7 +640,7 @@ def reward_main(args: RewardArgs) -> None:
     data = load_dataset("maze2d-umaze", build=build_dataset)
     # the cpu preset, with the learned reward model
     p = resolve(parse_args(["--env", "maze2d-umaze", "--reward", "model"]))
-    models, _, _ = pretrain(p, data, "cpu", with_dm=False)  # the reward model train.py loads (no DM needed)
+    models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads (its round below samples the DM)
     reward_model = models.reward_model
     out = {"dataset_id": data.dataset_id, "data_reward_per_step": float(data.rewards.mean())}
 

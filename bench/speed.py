@@ -19,7 +19,8 @@ recipe's DM is the one train.py trains with those settings (loaded from the cach
 before), its validation loss recorded every 250 steps by diffusion.train: the EDM loss of the EMA network on 512
 fixed segments with fixed noise, so recipes compare on one smooth curve. Its cost is its steps times its step
 time, measured for all recipes alternately in this process: its ratio to the default recipe's (train.py's cpu
-preset) moves less with the machine and its other jobs than a training time does. Writes bench/results/dm_recipes.{json,png} (--name).
+preset) moves less with the machine and its other jobs than a training time does. Writes
+bench/results/dm_recipes.{json,png} (--name).
 """
 from __future__ import annotations
 
@@ -317,9 +318,8 @@ def step_flops(dm, X, starts, lengths, batch_size: int) -> float:
 
 
 def dm_training_main(args: DmTrainingArgs) -> None:
-    """Each recipe's DM is the one train.py trains with those settings (diffusion.load_or_train: cached beside the
-    dataset, so a recipe trains once). Its cost is its step time, measured here for every recipe alternately in
-    one process at 1 thread, times its steps: a ratio to the default that other jobs on the machine barely move."""
+    """Each recipe's DM from diffusion.load_or_train (a recipe trains once); its cost is its steps times its step
+    time at 1 thread, timed for every recipe alternately in this process (the module's docstring says why)."""
     from data import load_dataset
     from rebuild import build_dataset
 
