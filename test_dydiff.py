@@ -2191,6 +2191,33 @@ def test_results_table_reads_the_three_arms_of_each_default_file(tmp_path):
         compare.results_table(tmp_path)
 
 
+def test_optimism_weighs_kept_and_rejected_rollouts_and_pairs_q_with_plain(tmp_path):
+    """bench/optimism.py: synthetic reward/step over the second half of the rounds, kept and rejected returns
+    weighted by the kept share (a round that kept all logs a NaN rejected mean), over T - 1 transitions; real
+    reward/step on halfcheetah only; Q at the last 3 evaluations, over the same seed's plain run."""
+    import optimism
+
+    logs = {
+        "p": {"losses/q_mean": np.array([1.0, 100.0, 100.0, 100.0]), "charts/return": np.array([0, 3000, 3000, 3000.0])},
+        "d": {"losses/q_mean": np.array([9.0, 150.0, 150.0, 150.0]), "charts/return": np.array([0, 2000, 2000, 2000.0]),
+              # rounds 1-2 are the first half, left out; round 3 kept 60%, round 4 kept all
+              "dydiff/return_kept_mean": np.array([999, 999, 62.0, 93.0]),
+              "dydiff/return_rejected_mean": np.array([0, 0, 31.0, np.nan]),
+              "dydiff/kept_share": np.array([0.6, 0.6, 0.6, 1.0])},
+    }
+    runs = [{"arm": "plain", "seed": 3, "final": 40.0, "run": "p", "settings": {"rollout_length": 32}},
+            {"arm": "dydiff", "seed": 3, "final": 30.0, "run": "d", "settings": {"rollout_length": 32}}]
+    out = optimism.optimism({"env": "halfcheetah-medium", "runs": runs}, tmp_path, read=lambda f: logs[f.name])
+    d = out["arms"]["dydiff"]
+    # round 3: (0.6 * 62 + 0.4 * 31) / 31 = 1.6; round 4: 93 / 31 = 3.0; kept: (2 + 3) / 2
+    assert d["synthetic_per_step"] == pytest.approx(2.3) and d["synthetic_kept_per_step"] == pytest.approx(2.5)
+    assert d["real_per_step"] == pytest.approx(2.0) and d["q_over_plain"] == pytest.approx(1.5)
+    assert out["arms"]["plain"]["synthetic_per_step"] is None and out["arms"]["plain"]["real_per_step"] == 3.0
+    hopper = optimism.optimism({"env": "hopper-medium", "runs": runs}, tmp_path, read=lambda f: logs[f.name])
+    assert hopper["arms"]["dydiff"]["real_per_step"] is None  # its episodes end at a fall, lengths not logged
+    assert "| dydiff | 30.0 | - | 2.30 (2.50) | 150 | 1.50 |" in optimism.markdown(hopper)
+
+
 def test_impossible_rollouts_are_found_in_walls_and_jumps(tiny_data):
     """bench/fidelity.py policy: a rollout through a wall cell, or whose step its velocity does not explain, is
     impossible; the data's own trajectories are not; the shares split by the round's hardmax filter."""
