@@ -2205,8 +2205,10 @@ def test_optimism_weighs_kept_and_rejected_rollouts_and_pairs_q_with_plain(tmp_p
               "dydiff/return_rejected_mean": np.array([0, 0, 31.0, np.nan]),
               "dydiff/kept_share": np.array([0.6, 0.6, 0.6, 1.0])},
     }
-    runs = [{"arm": "plain", "seed": 3, "final": 40.0, "run": "p", "settings": {"rollout_length": 32}},
-            {"arm": "dydiff", "seed": 3, "final": 30.0, "run": "d", "settings": {"rollout_length": 32}}]
+    runs = [{"arm": "plain", "seed": 3, "final": 40.0, "run": "p"}, {"arm": "dydiff", "seed": 3, "final": 30.0, "run": "d"}]
+    for run in ("p", "d"):  # T comes from each run's config.json
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "config.json").write_text(json.dumps({"rollout_length": 32}))
     out = optimism.optimism({"env": "halfcheetah-medium", "runs": runs}, tmp_path, read=lambda f: logs[f.name])
     d = out["arms"]["dydiff"]
     # round 3: (0.6 * 62 + 0.4 * 31) / 31 = 1.6; round 4: 93 / 31 = 3.0; kept: (2 + 3) / 2

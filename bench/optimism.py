@@ -65,7 +65,8 @@ def optimism(results: dict, run_dir: Path, read=scalars) -> dict:
     rows = {}
     for r in results["runs"]:
         if r["arm"] in ARMS:
-            T = (r.get("settings") or {}).get("rollout_length", 32)
+            # T from the run's own config.json (results files made before 7478053 hold no settings)
+            T = json.loads((run_dir / r["run"] / "config.json").read_text())["rollout_length"]
             rows[(r["arm"], r["seed"])] = {"arm": r["arm"], "seed": r["seed"], "final": r["final"], "run": r["run"],
                                            **run_optimism(read(run_dir / r["run"]), results["env"], T)}
     for (arm, seed), row in rows.items():
