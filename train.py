@@ -300,16 +300,16 @@ def dydiff_models(args: Args, data, ensemble, reward_model, dm, device: str) -> 
 
 
 def pretrain(args: Args, data, device: str, retrain: bool = False,
-             with_dm: bool | None = None) -> tuple[dydiff.DyDiffModels, dict, dict | None]:
+             with_dm: bool = False) -> tuple[dydiff.DyDiffModels, dict, dict | None]:
     """DyDiff's models: trained once per dataset and settings (seed --model-seed), then loaded from the cache.
-    Returns them with the training summaries of the ensemble/reward model and of the DM. with_dm None: the DM
-    only when the rollouts use it (--iterations > 0); ensemble-only rollouts neither train nor load it."""
+    Returns them with the training summaries of the ensemble/reward model and of the DM. The DM only when the
+    rollouts use it (--iterations > 0) or with_dm asks for it: ensemble-only rollouts neither train nor load it."""
     ensemble, reward_model, fit_info = dynamics.load_or_train(data, fit_config(args), device, retrain)
     dm = dm_info = None
-    if with_dm is None and args.iterations == 0:
-        print("diffusion model: not used with --iterations 0 (ensemble-only rollouts): neither trained nor loaded")
-    elif with_dm is not False:
+    if args.iterations > 0 or with_dm:
         dm, dm_info = diffusion.load_or_train(data, dm_config(args), device, retrain)
+    else:
+        print("diffusion model: not used with --iterations 0 (ensemble-only rollouts): neither trained nor loaded")
     return dydiff_models(args, data, ensemble, reward_model, dm, device), fit_info, dm_info
 
 
