@@ -1931,9 +1931,9 @@ def test_fidelity_policy_checks_its_train_flags_as_train_py_does():
 
 
 def test_pool_pairs_runs_from_several_results_files(tmp_path):
-    """bench/compare.py pool: arms taken from two results files pair by seed with the A/B's interval; a seed
+    """bench/compare.py pool (bench/summarize.py): arms taken from two results files pair by seed with the A/B's interval; a seed
     given twice, an arm a file lacks or a different setting is one line."""
-    import compare as pool
+    import summarize as pool
 
     def results(name, arms, **extra):
         runs = [{"algo": "td3bc", "arm": arm, "seed": seed, "final": score, "last": score, "best": score + 1,
@@ -1961,9 +1961,9 @@ def test_pool_pairs_runs_from_several_results_files(tmp_path):
 
 
 def test_pool_renames_arms_and_pairs_any_two(tmp_path):
-    """bench/compare.py pool: file:arm=new pools two variants of one arm side by side, --pairs a-b pairs them by
+    """bench/compare.py pool (bench/summarize.py): file:arm=new pools two variants of one arm side by side, --pairs a-b pairs them by
     seed (and is not repeated where it is a default pair); a name with '-' or an absent arm is one line."""
-    import compare as pool
+    import summarize as pool
 
     def results(name, arms):
         runs = [{"algo": "td3bc", "arm": arm, "seed": seed, "final": score, "last": score, "best": score,
@@ -2159,19 +2159,19 @@ def test_first_run_cuts_the_phases_at_the_lines_that_end_them():
 def test_readme_results_table_is_the_scripts_output():
     """README's results table is what `python bench/compare.py table` prints from bench/results, to the character:
     edit a results file (or the table code) and README must be regenerated."""
-    import compare
+    import summarize
 
     readme = (HERE / "README.md").read_text()
     begin, end = "<!-- results-table:begin -->", "<!-- results-table:end -->"
     assert readme.count(begin) == 1 and readme.count(end) == 1, "README lost its results-table markers"
     held = readme.split(begin)[1].split(end)[0].strip()
-    assert held == compare.results_table(), "README's table differs: paste `python bench/compare.py table` into it"
+    assert held == summarize.results_table(), "README's table differs: paste `python bench/compare.py table` into it"
 
 
 def test_results_table_reads_the_three_arms_of_each_default_file(tmp_path):
-    """bench/compare.py table: one row per ablation_<dataset>_<algo>.json (variants with another suffix left out),
+    """bench/compare.py table (bench/summarize.py): one row per ablation_<dataset>_<algo>.json (variants with another suffix left out),
     scores as mean +- std over seeds, the file's own paired intervals, CPU minutes from cpu_s."""
-    import compare
+    import summarize
 
     def results(name, scores):
         runs = [{"algo": "iql", "arm": arm, "seed": seed, "final": score, "cpu_s": 60.0 * (seed + 1)}
@@ -2183,12 +2183,12 @@ def test_results_table_reads_the_three_arms_of_each_default_file(tmp_path):
     three = {"plain": {0: 10.0, 1: 20.0}, "ensemble": {0: 30.0, 1: 30.0}, "dydiff": {0: 40.0, 1: 50.0}}
     results("ablation_maze2d-large_iql.json", three)
     results("ablation_maze2d-large_iql_ms1.json", three)  # a variant: not a row
-    rows = compare.results_table(tmp_path).splitlines()
+    rows = summarize.results_table(tmp_path).splitlines()
     assert len(rows) == 3 and rows[2] == ("| maze2d-large | IQL | 15.0 +- 5.0 | 30.0 +- 0.0 | 45.0 +- 5.0 | +1.2 [-0.5, +3.0] "
                                           "| +1.2 [-0.5, +3.0] | 2 (0, 1) | 1.5 / 1.5 / 1.5 |")
     results("ablation_maze2d-umaze_iql.json", {"plain": {0: 1.0}, "dydiff": {0: 2.0}})
     with pytest.raises(SystemExit, match=r"^error: ablation_maze2d-umaze_iql.json lacks an arm"):
-        compare.results_table(tmp_path)
+        summarize.results_table(tmp_path)
 
 
 def test_optimism_weighs_kept_and_rejected_rollouts_and_pairs_q_with_plain(tmp_path):
