@@ -1922,6 +1922,33 @@ def test_fidelity_policy_figure_draws_each_models_curve_per_policy(tmp_path, mon
     assert list(fig.axes[0].lines[2].get_ydata()) == curves["dydiff_m0"]
 
 
+def test_reward_probe_runs_end_to_end(tmp_path, tiny_data, tiny_fit):
+    """bench/reward_probe.py on tiny data and models: the learned reward near the goal against the sparse one, one
+    DyDiff round's B x (T-1) transitions with the learned, true and simulator-replayed reward per step, and the
+    final policy's episodes of each run."""
+    import reward_probe
+
+    run_train(tmp_path, "--total-steps", "50", "--run-name", "p")
+    small = f"--dataset-steps {TINY_STEPS} " + " ".join(a for a in TINY_DYDIFF if a != "--dydiff")
+    reward_probe.main(reward_probe.RewardArgs(runs=(str(tmp_path / "p"),), episodes=2, n_rollouts=8,
+                                              train_flags=small, results=str(tmp_path)))
+    out = json.loads((tmp_path / "reward_probe.json").read_text())
+    near = out["learned_reward_near_goal"]
+    assert [r["distance"] for r in near] == [0.0, 0.2, 0.4, 0.5, 0.7, 1.0]
+    assert [r["true_reward_if_it_stays"] for r in near] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    rd = out["dydiff_round"]
+    assert rd["transitions"] == 8 * (8 - 1) and rd["policy"] == str(tmp_path / "p")
+    assert rd["learned_reward_range"][0] <= rd["learned_reward_per_step"] <= rd["learned_reward_range"][1]
+    assert 0.0 <= rd["true_reward_per_step"] <= 1.0 and 0.0 <= rd["simulator_replay_reward_per_step"] <= 1.0
+    share = rd["share_of_generated_goal_steps_in_goal_in_simulator"]  # None: no generated step in the goal
+    assert share is None or 0.0 <= share <= 1.0
+    (name, policy), = out["policies"].items()
+    assert name == "p" and policy["algo"] == "td3bc" and policy["dydiff"] is False and policy["reward"] is None
+    assert policy["reached"] in (0.0, 0.5, 1.0) and np.isfinite(policy["score"])
+    with pytest.raises(SystemExit, match=r"^error: --train-flags: --horizon H=7 must be a multiple of 4"):
+        reward_probe.main(reward_probe.RewardArgs(runs=(str(tmp_path / "p"),), train_flags="--horizon 7"))
+
+
 def test_fidelity_policy_checks_its_train_flags_as_train_py_does():
     """bench/fidelity.py policy: --train-flags get train.py's own checks, one line before any work."""
     import fidelity as rollout_error
