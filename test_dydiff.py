@@ -2077,6 +2077,9 @@ def test_compare_reuses_a_run_only_when_its_settings_and_code_match(tmp_path, mo
     assert compare.find_run(args, "td3bc", "dydiff", 0) == (
         second, f"started anew: {folder.name} was made with other dataset files (fingerprint f0 -> f1: the dataset "
                 f"was rebuilt or replaced since)")
+    old = {**made_by(compare, args, "td3bc", "dydiff", 0), "fingerprint": None}  # made before runs recorded it
+    assert compare.differs(old, compare.expected(args, "td3bc", "dydiff", 0)) == ("no record of its dataset files "
+                                                                               "(no fingerprint)")
     monkeypatch.setattr(compare, "stored_dataset", lambda *a: ("dydiff/pointmaze/umaze-v0", "f0"))
     other = replace(args, flags="--keep-fraction 0.5")  # the same run name, other settings
     assert compare.find_run(other, "td3bc", "dydiff", 0) == (
