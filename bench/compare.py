@@ -206,9 +206,9 @@ def differs(made: dict | None, want: dict) -> str | None:
     keys = sorted(k for k in settings | want["settings"] if settings.get(k) != want["settings"].get(k))
     if keys:
         return "other settings (" + ", ".join(f"{k} {settings.get(k)} -> {want['settings'].get(k)}" for k in keys[:4]) + ")"
-    if made.get("fingerprint") is None:  # runs made before summaries held it
-        return "no record of its dataset files (no fingerprint)"
-    if made["fingerprint"] != want["fingerprint"]:
+    if made.get("fingerprint") != want["fingerprint"]:
+        if made.get("fingerprint") is None:  # a run made before summaries held it
+            return "no record of its dataset files (no fingerprint)"
         return (f"other dataset files (fingerprint {made['fingerprint']} -> {want['fingerprint']}: the dataset was "
                 f"rebuilt or replaced since)")
     code = made["provenance"]["code"]
