@@ -451,13 +451,24 @@ def impossible_share(traj: np.ndarray, maze, max_step: float, dt: float, keep_fr
             **{k: float(v.mean()) for k, v in tests.items()}}
 
 
+def train_settings(*argv: str, train_flags: str = ""):
+    """train.py's resolved Args for `argv` and then --train-flags, with train.py's own checks: a bad flag stops
+    the tool with one line, before any work."""
+    from runs import ConfigError
+    from train import parse_args, resolve
+
+    try:
+        return resolve(parse_args([*argv, *shlex.split(train_flags)]))
+    except ConfigError as exc:
+        raise SystemExit(f"error: --train-flags: {exc}") from None
+
+
 def policy_main(args: PolicyArgs) -> None:
     import dydiff
     from data import load_dataset
     from rebuild import build_dataset
     from rebuild import maze_eval_env
-    from runs import ConfigError
-    from train import dm_config, parse_args, pretrain, resolve, rollout_config
+    from train import dm_config, pretrain, rollout_config
 
     torch.set_num_threads(args.threads)
     maze_env = args.env.startswith("maze2d")
@@ -465,10 +476,7 @@ def policy_main(args: PolicyArgs) -> None:
         raise SystemExit(f"error: {args.env} has no simulator that starts from dataset states; use a maze2d or "
                          "hopper/walker2d/halfcheetah env")
     t0 = time.time()
-    try:  # train.py's own checks of --train-flags
-        p = resolve(parse_args(["--env", args.env, "--preset", args.preset, *shlex.split(args.train_flags)]))
-    except ConfigError as exc:
-        raise SystemExit(f"error: --train-flags: {exc}") from None
+    p = train_settings("--env", args.env, "--preset", args.preset, train_flags=args.train_flags)
     data = load_dataset(args.env, build=build_dataset)
     models, _, _ = pretrain(p, data, "cpu", with_dm=True)  # the models train.py loads for these flags (and the DM)
     ens, dm = models.ensemble, models.dm

@@ -16,7 +16,6 @@ Writes bench/results/reward_probe.json.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 import dydiff  # noqa: E402
 import dynamics  # noqa: E402
-from fidelity import simulate  # noqa: E402  (the simulator replaying a model's actions)
+from fidelity import simulate, train_settings  # noqa: E402  (the simulator replay, train.py's flags)
 
 
 @dataclass
@@ -86,14 +85,11 @@ def stay_share(data, act, episodes: int) -> dict:
 def main(args: RewardArgs) -> None:
     from data import load_dataset
     from rebuild import build_dataset
-    from runs import ConfigError
-    from train import parse_args, pretrain, resolve, rollout_config
+    from train import pretrain, rollout_config
 
     torch.set_num_threads(1)
-    try:  # the cpu preset, with the learned reward model; train.py's own checks of --train-flags
-        p = resolve(parse_args(["--env", "maze2d-umaze", "--reward", "model", *shlex.split(args.train_flags)]))
-    except ConfigError as exc:
-        raise SystemExit(f"error: --train-flags: {exc}") from None
+    # the cpu preset, with the learned reward model
+    p = train_settings("--env", "maze2d-umaze", "--reward", "model", train_flags=args.train_flags)
     data = load_dataset(p.env, p.dataset_id, p.dataset_steps, build=build_dataset)
     models, _, _ = pretrain(p, data, "cpu")  # the models train.py loads (its round below samples the DM)
     reward_model = models.reward_model
