@@ -70,6 +70,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         G = self.num_groups
+        x = x.float()  # under bf16 autocast the statistics are still summed in fp32 (bf16 keeps 8 bits of mantissa)
         # per (sample, group): mean and E[x^2] over time and the group's channels
         mean = x.sum(1).view(B, G, -1).mean(-1, keepdim=True) / T  # (B, G, 1)
         var = (x * x).sum(1).view(B, G, -1).mean(-1, keepdim=True) / T - mean * mean
@@ -342,12 +343,15 @@ class DMConfig:
     ema_rampup: float = 0.05  # early on the half-life is at most this share of the samples seen (EDM's default)
     seed: int = 0  # seed of the initialisation, the batches and the training noise
     terminal_rows: bool = False  # a terminated episode's last next state is a training row too (training_rows)
+    precision: str = "fp32"  # training's forward pass: fp32, or bf16 (autocast; weights, Adam and EMA stay fp32)
 
     def __post_init__(self):
         for name in ("dim", "train_steps", "batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
         check_horizon(self.horizon, self.dim_mults)
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16 (got {self.precision!r})")
 
 
 def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths: np.ndarray, cfg: DMConfig,
@@ -384,7 +388,8 @@ def train(model: DynamicsDiffusion, X: torch.Tensor, starts: np.ndarray, lengths
     for step in bar:
         pick = torch.randint(len(starts_t), (cfg.batch_size,), generator=gen, device=dev)
         x, mask = gather_segments(X, starts_t[pick], lengths_t[pick], model.horizon)
-        loss = model.loss(x, cond_mask, mask, generator=gen)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = model.loss(x, cond_mask, mask, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

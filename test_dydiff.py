@@ -748,6 +748,28 @@ def test_unet_layers_compute_the_torch_layers_on_time_major_inputs():
         torch.testing.assert_close(ours(x.transpose(1, 2)), ref(x).transpose(1, 2), rtol=1e-4, atol=1e-5)
 
 
+def test_dm_bf16_training_autocasts_the_network_and_keeps_groupnorm_statistics_in_fp32(tiny_data):
+    """precision="bf16": the training forward runs under bf16 autocast (other weights than fp32 training from the same
+    seed), GroupNorm still sums its statistics in fp32 (at an offset of 50 and a std of 3, E[x^2] - mean^2 in bf16
+    would lose the variance), and the precision is a key of the cache; an unknown precision is refused by name."""
+    torch.manual_seed(0)
+    ours, ref = diffusion.GroupNorm(8, 32), nn.GroupNorm(8, 32)
+    x = (torch.randn(4, 16, 32) * 3 + 50).bfloat16()  # (B, T, C), as a bf16 convolution's output
+    y = ours(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref(x.float().transpose(1, 2)).transpose(1, 2), rtol=1e-4, atol=1e-3)
+
+    tiny = dict(horizon=8, dim=8, dim_mults=(1, 2), train_steps=24, batch_size=12)  # settings no other test caches
+    fp32, _ = diffusion.load_or_train(tiny_data, diffusion.DMConfig(**tiny), progress=False)
+    bf16, info = diffusion.load_or_train(tiny_data, diffusion.DMConfig(**tiny, precision="bf16"), progress=False)
+    assert not info["cached"] and info["settings"]["precision"] == "bf16" and np.isfinite(info["val_loss"])
+    assert all(p.dtype == torch.float32 for p in bf16.state_dict().values() if p.is_floating_point())
+    w32, w16 = fp32.net.final[1].weight, bf16.net.final[1].weight
+    assert not torch.equal(w32, w16) and torch.allclose(w32, w16, atol=0.05)  # same seed, other arithmetic
+    with pytest.raises(ValueError, match="^precision must be fp32 or bf16"):
+        diffusion.DMConfig(precision="fp16")
+
+
 def test_denoiser_returns_input_as_sigma_goes_to_zero():
     """EDM preconditioning: D(x; sigma) -> x as sigma -> 0 (c_skip -> 1, c_out -> 0)."""
     model = tiny_model()

@@ -151,6 +151,8 @@ class Args:
     dm_terminal_rows: bool = DM.terminal_rows
     """the DM also trains on each terminated episode's last next state (the fall), so its trajectories can reach one
     (paper: no; off until an A/B measures it)"""
+    dm_precision: Literal["fp32", "bf16"] = DM.precision
+    """the DM's training forward pass: fp32, or bf16 autocast (weights, optimiser and EMA stay fp32)"""
     model_seed: int = 0
     """seed of the pretrained models; shared by all learner seeds, so they are trained once and cached"""
     retrain: bool = False
@@ -183,7 +185,8 @@ IQL_CPU = {"hopper-medium-replay": dict(tau=0.005)}
 DM_FLAGS = {"horizon": "horizon", "dim": "dm_dim", "dim_mults": "dm_mults", "act": "dm_act",
             "train_steps": "dm_train_steps", "batch_size": "dm_batch_size", "lr": "dm_lr",
             "warmup_steps": "dm_warmup_steps", "lr_schedule": "dm_lr_schedule", "grad_clip": "dm_grad_clip",
-            "seed": "model_seed", "terminal_rows": "dm_terminal_rows"}
+            "seed": "model_seed", "terminal_rows": "dm_terminal_rows",
+            "precision": "dm_precision"}
 
 
 def rollout_config(args: Args, **override) -> dydiff.RolloutConfig:

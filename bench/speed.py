@@ -18,8 +18,8 @@ DM training recipes (`python bench/speed.py dm-training --env maze2d-umaze [--re
 recipe's DM is the one train.py trains with those settings (loaded from the cache beside the dataset when trained
 before), its validation loss recorded every 250 steps by diffusion.train: the EDM loss of the EMA network on 512
 fixed segments with fixed noise, so recipes compare on one smooth curve. Its cost is its steps times its step
-time, measured for all recipes alternately in this process: its ratio to the default recipe's (train.py's cpu
-preset) moves less with the machine and its other jobs than a training time does. Writes
+time, measured for all recipes alternately in this process (at 1 thread, or --threads): its ratio to the default
+recipe's (train.py's cpu preset) moves less with the machine and its other jobs than a training time does. Writes
 bench/results/dm_recipes.{json,png} (--name).
 """
 from __future__ import annotations
@@ -282,11 +282,17 @@ def main(args: Args) -> None:
 
 # -- DM training recipes: validation loss against cost (subcommand dm-training) ---------------------
 DEFAULT_DM = diffusion.DMConfig()  # train.py's cpu preset
-RECIPES = {  # the default, and three recipes at about 45% of its cost (a smaller U-Net or fewer steps)
+RECIPES = {  # the default; three recipes at about 45% of its cost (a smaller U-Net or fewer steps); bf16 autocast
     "default": DEFAULT_DM,
     "mults122_4400": replace(DEFAULT_DM, dim_mults=(1, 2, 2), train_steps=4400, lr=3e-3),
     "dim24_4400": replace(DEFAULT_DM, dim=24, train_steps=4400, lr=3e-3),
     "lr4e-3_3300": replace(DEFAULT_DM, train_steps=3300, lr=4e-3),
+    # the default's steps in bf16; then bf16 at about 2/3 of them, or at half the steps with twice or 4x the batch
+    "bf16": replace(DEFAULT_DM, precision="bf16"),
+    "bf16_lr4e-3_4800": replace(DEFAULT_DM, precision="bf16", train_steps=4800, lr=4e-3),
+    "bf16_b192_3600": replace(DEFAULT_DM, precision="bf16", batch_size=192, train_steps=3600, lr=3.5e-3),
+    "bf16_b384_1800": replace(DEFAULT_DM, precision="bf16", batch_size=384, train_steps=1800, lr=5e-3,
+                              warmup_steps=100),
 }
 
 
@@ -297,7 +303,10 @@ class DmTrainingArgs:
     dataset_steps: int | None = None
     """transitions of a rebuilt maze dataset, as train.py's --dataset-steps (None: the dataset's own size)"""
     recipes: tuple[str, ...] = tuple(RECIPES)
-    """recipes to train (or load), from: default, mults122_4400, dim24_4400, lr4e-3_3300"""
+    """recipes to train (or load), from: default, mults122_4400, dim24_4400, lr4e-3_3300, bf16, bf16_lr4e-3_4800,
+    bf16_b192_3600, bf16_b384_1800"""
+    threads: int = 1
+    """torch threads of the timed loops (a recipe is trained, when it is not cached, at 1)"""
     timing_steps: int = 20
     """training steps per timed loop of each recipe's network"""
     repeats: int = 3
@@ -319,7 +328,8 @@ def step_flops(dm, X, starts, lengths, batch_size: int) -> float:
 
 def dm_training_main(args: DmTrainingArgs) -> None:
     """Each recipe's DM from diffusion.load_or_train (a recipe trains once); its cost is its steps times its step
-    time at 1 thread, timed for every recipe alternately in this process (the module's docstring says why)."""
+    time at --threads (1 by default), timed for every recipe alternately in this process (the module's docstring says
+    why)."""
     from data import load_dataset
     from rebuild import build_dataset
 
@@ -340,6 +350,8 @@ def dm_training_main(args: DmTrainingArgs) -> None:
         timers[name] = lambda dm=dm, X=X, st=starts, ln=lengths, c=short: diffusion.train(
             copy.deepcopy(dm), X, st, ln, c, progress=False, val_every=10**9)["train_seconds"] / c.train_steps
     per_step = {name: [] for name in timers}
+    torch.set_num_threads(args.threads)
+    out["threads"] = args.threads
     for _ in range(args.repeats):
         for name, timer in timers.items():
             per_step[name].append(timer())
