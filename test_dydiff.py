@@ -712,6 +712,24 @@ def test_unet_output_shape_equals_input(D, H, mults):
     assert out.shape == (3, H, D)
 
 
+def test_unet_blocks_per_level(tiny_data):
+    """U-Net F: `blocks` residual blocks per level down, in the middle and up; the cached DM is built with the
+    config's count, and a count below 1 is refused by name."""
+    count = lambda net: sum(isinstance(m, diffusion.ResidualTemporalBlock) for m in net.modules())
+    for blocks in (1, 2, 3):  # 3 levels: 3 down, 1 middle, 2 up
+        net = TemporalUnet(4, cond_dim=4, dim=8, dim_mults=(1, 2, 4), blocks=blocks)
+        assert count(net) == 6 * blocks
+        assert net(torch.randn(2, 16, 8), torch.randn(2)).shape == (2, 16, 4)
+    assert count(DynamicsDiffusion(3, 2, horizon=8, dim=8, dim_mults=(1, 2), blocks=1).net) == 4  # 2 + 1 + 1
+    cfg = diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), blocks=1, train_steps=4, batch_size=4)
+    for _ in range(2):  # trained, then loaded from the cache
+        dm, info = diffusion.load_or_train(tiny_data, cfg, progress=False)
+        assert count(dm.net) == count(dm.ema) == 4 and info["settings"]["blocks"] == 1
+    assert info["cached"]
+    with pytest.raises(ValueError, match=r"^blocks must be positive \(got 0\)"):
+        diffusion.DMConfig(blocks=0)
+
+
 def test_unet_rejects_bad_horizon_clearly():
     """U-Net F: an H its down-sampling cannot halve gives a clear error, from the config and from the model."""
     with pytest.raises(ValueError, match=r"^horizon H=30 must be a multiple of 4, .* use H in \[28, 32\]"):
@@ -1348,12 +1366,12 @@ def test_batch_mix_has_the_requested_real_ratio():
 def test_paper_preset_changes_defaults_but_flags_given_win():
     """Args: the cpu values are the defaults; --preset paper changes them; a flag given always wins."""
     cpu = parse_args([])
-    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.sampler_steps, cpu.sampler_solver, cpu.rollout_batch) == (
-        50_000, 32, 32, 8, "euler", 512)
+    assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.dm_blocks, cpu.sampler_steps, cpu.sampler_solver,
+            cpu.rollout_batch) == (50_000, 32, 40, 1, 8, "euler", 512)
     paper = parse_args(["--preset", "paper", "--rollout-batch", "64"])
     assert paper.rollout_batch == 64 and paper.preset == "paper"
-    assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.sampler_steps, paper.sampler_solver,
-            paper.rollout_interval, paper.total_steps) == (100, 128, (1, 4, 8), 34, "heun", 500, 1_000_000)
+    assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.dm_blocks, paper.sampler_steps, paper.sampler_solver,
+            paper.rollout_interval, paper.total_steps) == (100, 128, (1, 4, 8), 2, 34, "heun", 500, 1_000_000)
     assert parse_args(["--rollout-batch", "64", "--preset=paper"]).horizon == 100  # in any order, either spelling
 
 

@@ -134,6 +134,8 @@ class Args:
     """U-Net base width of the DM (paper 128)"""
     dm_mults: tuple[int, ...] = DM.dim_mults
     """U-Net width multipliers per resolution (paper 1 4 8)"""
+    dm_blocks: int = DM.blocks
+    """residual blocks per U-Net level, on the way down and on the way up (paper 2, as Diffuser)"""
     dm_act: Literal["silu", "mish"] = DM.act
     """activation of the DM's U-Net (paper: Mish, as Diffuser; SiLU, as EDM's networks, is cheaper on a CPU)"""
     dm_train_steps: int = DM.train_steps
@@ -164,7 +166,7 @@ class Args:
 # defaults above; PAPER_FIT is the official recipe of the ensemble and the reward model (no flags).
 PAPER = dict(total_steps=1_000_000, rollout_batch=2048, horizon=100, rollout_length=100, rollout_interval=500,
              sampler_steps=34, sampler_solver="heun", sampler_churn=60.0, synthetic_capacity=2_000_000, dm_dim=128,
-             dm_mults=(1, 4, 8), dm_act="mish",
+             dm_mults=(1, 4, 8), dm_blocks=2, dm_act="mish",
              dm_train_steps=375_000, dm_batch_size=8, dm_lr=1e-3, dm_warmup_steps=1_250_000, dm_lr_schedule="constant",
              dm_grad_clip=0.0, sdedit_sigma=0.0)
 PAPER_FIT = dict(lr=1e-4, reward_lr=1e-4, steps_per_epoch=0, max_epochs=0, reward_max_epochs=0, improvement=0.0)
@@ -182,8 +184,8 @@ IQL_CPU = {"hopper-medium-replay": dict(tau=0.005)}
 
 # Each component's config is filled from the flags by name: RolloutConfig's fields are flags of the same
 # name; DMConfig's field -> its flag:
-DM_FLAGS = {"horizon": "horizon", "dim": "dm_dim", "dim_mults": "dm_mults", "act": "dm_act",
-            "train_steps": "dm_train_steps", "batch_size": "dm_batch_size", "lr": "dm_lr",
+DM_FLAGS = {"horizon": "horizon", "dim": "dm_dim", "dim_mults": "dm_mults", "blocks": "dm_blocks",
+            "act": "dm_act", "train_steps": "dm_train_steps", "batch_size": "dm_batch_size", "lr": "dm_lr",
             "warmup_steps": "dm_warmup_steps", "lr_schedule": "dm_lr_schedule", "grad_clip": "dm_grad_clip",
             "seed": "model_seed", "terminal_rows": "dm_terminal_rows",
             "precision": "dm_precision"}

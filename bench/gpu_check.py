@@ -134,7 +134,7 @@ def dm_training(dev: str, dm_cfg, tiny: bool) -> tuple:
 
     torch.manual_seed(0)
     dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, dm_cfg.horizon, dm_cfg.dim, dm_cfg.dim_mults,
-                                     act=dm_cfg.act).to(dev)
+                                     act=dm_cfg.act, blocks=dm_cfg.blocks).to(dev)
     H, n_rows = dm_cfg.horizon, 20 * dm_cfg.horizon
     X = torch.rand(n_rows, OBS_DIM + ACT_DIM, device=dev) * 2 - 1
     seg_starts, seg_lengths = torch.arange(n_rows - H).numpy(), torch.full((n_rows - H,), H).numpy()

@@ -175,7 +175,8 @@ def dydiff_rates(dm_cfg, cfg, device: str, seconds: float, peak: float) -> dict:
 
     H, T, B, N = dm_cfg.horizon, cfg.rollout_length, cfg.rollout_batch, cfg.sampler_steps
     torch.manual_seed(0)
-    dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, H, dm_cfg.dim, dm_cfg.dim_mults, act=dm_cfg.act).to(device)
+    dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, H, dm_cfg.dim, dm_cfg.dim_mults, act=dm_cfg.act,
+                                     blocks=dm_cfg.blocks).to(device)
     n_params = sum(p.numel() for p in dm.net.parameters())
     # DM training: random rows stand in for the data (the cost does not depend on the values)
     X = torch.rand(20_000, OBS_DIM + ACT_DIM) * 2 - 1
@@ -282,17 +283,23 @@ def main(args: Args) -> None:
 
 # -- DM training recipes: validation loss against cost (subcommand dm-training) ---------------------
 DEFAULT_DM = diffusion.DMConfig()  # train.py's cpu preset
-RECIPES = {  # the default; three recipes at about 45% of its cost (a smaller U-Net or fewer steps); bf16 autocast
+TWO_BLOCKS = replace(DEFAULT_DM, dim=32, blocks=2)  # the default until the one-block U-Net (Diffuser's depth)
+RECIPES = {  # the default and the two-block U-Net it replaced; then, from the two-block one: three recipes at about
+    # 45% of its cost (a smaller U-Net or fewer steps), and bf16 autocast
     "default": DEFAULT_DM,
-    "mults122_4400": replace(DEFAULT_DM, dim_mults=(1, 2, 2), train_steps=4400, lr=3e-3),
-    "dim24_4400": replace(DEFAULT_DM, dim=24, train_steps=4400, lr=3e-3),
-    "lr4e-3_3300": replace(DEFAULT_DM, train_steps=3300, lr=4e-3),
-    # the default's steps in bf16; then bf16 at about 2/3 of them, or at half the steps with twice or 4x the batch
-    "bf16": replace(DEFAULT_DM, precision="bf16"),
-    "bf16_lr4e-3_4800": replace(DEFAULT_DM, precision="bf16", train_steps=4800, lr=4e-3),
-    "bf16_b192_3600": replace(DEFAULT_DM, precision="bf16", batch_size=192, train_steps=3600, lr=3.5e-3),
-    "bf16_b384_1800": replace(DEFAULT_DM, precision="bf16", batch_size=384, train_steps=1800, lr=5e-3,
+    "blocks2_dim32": TWO_BLOCKS,
+    "mults122_4400": replace(TWO_BLOCKS, dim_mults=(1, 2, 2), train_steps=4400, lr=3e-3),
+    "dim24_4400": replace(TWO_BLOCKS, dim=24, train_steps=4400, lr=3e-3),
+    "lr4e-3_3300": replace(TWO_BLOCKS, train_steps=3300, lr=4e-3),
+    # its steps in bf16; then bf16 at about 2/3 of them, or at half the steps with twice or 4x the batch
+    "bf16": replace(TWO_BLOCKS, precision="bf16"),
+    "bf16_lr4e-3_4800": replace(TWO_BLOCKS, precision="bf16", train_steps=4800, lr=4e-3),
+    "bf16_b192_3600": replace(TWO_BLOCKS, precision="bf16", batch_size=192, train_steps=3600, lr=3.5e-3),
+    "bf16_b384_1800": replace(TWO_BLOCKS, precision="bf16", batch_size=384, train_steps=1800, lr=5e-3,
                               warmup_steps=100),
+    # one block per level: at the two-block U-Net's width, and at the default's width with fewer steps
+    "blocks1_dim32": replace(DEFAULT_DM, dim=32),
+    "blocks1_dim40_5400": replace(DEFAULT_DM, train_steps=5400),
 }
 
 
@@ -303,8 +310,8 @@ class DmTrainingArgs:
     dataset_steps: int | None = None
     """transitions of a rebuilt maze dataset, as train.py's --dataset-steps (None: the dataset's own size)"""
     recipes: tuple[str, ...] = tuple(RECIPES)
-    """recipes to train (or load), from: default, mults122_4400, dim24_4400, lr4e-3_3300, bf16, bf16_lr4e-3_4800,
-    bf16_b192_3600, bf16_b384_1800"""
+    """recipes to train (or load), from: default, blocks2_dim32, mults122_4400, dim24_4400, lr4e-3_3300, bf16,
+    bf16_lr4e-3_4800, bf16_b192_3600, bf16_b384_1800, blocks1_dim32, blocks1_dim40_5400"""
     threads: int = 1
     """torch threads of the timed loops (a recipe is trained, when it is not cached, at 1)"""
     timing_steps: int = 20
@@ -359,14 +366,14 @@ def dm_training_main(args: DmTrainingArgs) -> None:
         r["step_seconds"] = float(np.median(per_step[name]))
         r["cost_seconds"] = r["step_seconds"] * r["config"]["train_steps"]
     ref = out["recipes"]["default"]["cost_seconds"] if "default" in out["recipes"] else None
-    print("\n| recipe | dim, mults | batch | lr | steps | params | GFLOP per step | ms per step | cost (x default) "
+    print("\n| recipe | dim, mults, blocks | batch | lr | steps | params | GFLOP per step | ms per step | cost (x default) "
           "| validation loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in out["recipes"].items():
         c = r["config"]
         r["cost_vs_default"] = r["cost_seconds"] / ref if ref else None
         cost = "-" if ref is None else f"{r['cost_vs_default']:.2f}"
-        print(f"| {name} | {c['dim']}, {tuple(c['dim_mults'])} | {c['batch_size']} | {c['lr']:g} | {c['train_steps']} "
+        print(f"| {name} | {c['dim']}, {tuple(c['dim_mults'])}, {c.get('blocks', 2)} | {c['batch_size']} | {c['lr']:g} | {c['train_steps']} "
               f"| {r['n_params'] / 1e6:.2f}M | {r['gflop_per_step']:.2f} | {r['step_seconds'] * 1e3:.0f} | {cost} "
               f"| {r['val_loss']:.4f} |")
     RESULTS.mkdir(exist_ok=True)
@@ -425,7 +432,8 @@ def phase_work(device: str = "cpu") -> dict:
     s, a = torch.randn(N, OBS_DIM), torch.rand(N, ACT_DIM) * 2 - 1
     ens, rew = dynamics.Ensemble(OBS_DIM, ACT_DIM), dynamics.RewardModel(OBS_DIM, ACT_DIM)
     one_epoch = replace(fit_cfg, steps_per_epoch=20)  # fit's own loop: 20 minibatch steps and a holdout pass
-    dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, dm_cfg.horizon, dm_cfg.dim, dm_cfg.dim_mults, act=dm_cfg.act)
+    dm = diffusion.DynamicsDiffusion(OBS_DIM, ACT_DIM, dm_cfg.horizon, dm_cfg.dim, dm_cfg.dim_mults, act=dm_cfg.act,
+                                     blocks=dm_cfg.blocks)
     X, H = torch.rand(N, OBS_DIM + ACT_DIM) * 2 - 1, dm_cfg.horizon
     starts, lengths = np.arange(0, N - H), np.full(N - H, H)
     buf = TransitionBuffer(N, OBS_DIM, ACT_DIM, device)
