@@ -336,12 +336,12 @@ class DMConfig:
     Checked once, here: a bad value raises a ValueError whose message starts with the field's name."""
 
     horizon: int = 32  # H, rows per segment; a multiple of 2 ** (len(dim_mults) - 1)
-    dim: int = 40  # U-Net base width
+    dim: int = 32  # U-Net base width
     dim_mults: tuple[int, ...] = (1, 2, 4)  # U-Net width multipliers per level
-    # One residual block per level instead of Diffuser's two: wider and half as deep, it reached a lower validation
-    # loss in the same steps at ~0.8x the step time (most of a small U-Net's CPU step is per-op overhead, so
-    # depth costs more than width; bench/README.md, "A shallower, wider U-Net")
-    blocks: int = 1  # residual blocks per U-Net level, down and up (Diffuser: 2)
+    # Two residual blocks per level, as Diffuser. One block at dim 40 costs ~0.8x per step and reached a lower
+    # validation loss, yet its DM gave TD3+BC lower scores on maze2d-umaze (bench/README.md, "A shallower,
+    # wider U-Net"), so it stays a flag (--dm-blocks 1 --dm-dim 40)
+    blocks: int = 2  # residual blocks per U-Net level, down and up
     act: str = "silu"  # activation: silu or mish
     train_steps: int = 7200  # gradient steps
     batch_size: int = 96  # segments per gradient step

@@ -1367,7 +1367,7 @@ def test_paper_preset_changes_defaults_but_flags_given_win():
     """Args: the cpu values are the defaults; --preset paper changes them; a flag given always wins."""
     cpu = parse_args([])
     assert (cpu.total_steps, cpu.horizon, cpu.dm_dim, cpu.dm_blocks, cpu.sampler_steps, cpu.sampler_solver,
-            cpu.rollout_batch) == (50_000, 32, 40, 1, 8, "euler", 512)
+            cpu.rollout_batch) == (50_000, 32, 32, 2, 8, "euler", 512)
     paper = parse_args(["--preset", "paper", "--rollout-batch", "64"])
     assert paper.rollout_batch == 64 and paper.preset == "paper"
     assert (paper.horizon, paper.dm_dim, paper.dm_mults, paper.dm_blocks, paper.sampler_steps, paper.sampler_solver,

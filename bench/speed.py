@@ -283,23 +283,19 @@ def main(args: Args) -> None:
 
 # -- DM training recipes: validation loss against cost (subcommand dm-training) ---------------------
 DEFAULT_DM = diffusion.DMConfig()  # train.py's cpu preset
-TWO_BLOCKS = replace(DEFAULT_DM, dim=32, blocks=2)  # the default until the one-block U-Net (Diffuser's depth)
-RECIPES = {  # the default and the two-block U-Net it replaced; then, from the two-block one: three recipes at about
-    # 45% of its cost (a smaller U-Net or fewer steps), and bf16 autocast
+RECIPES = {  # the default; three recipes at about 45% of its cost (a smaller U-Net or fewer steps); bf16 autocast
     "default": DEFAULT_DM,
-    "blocks2_dim32": TWO_BLOCKS,
-    "mults122_4400": replace(TWO_BLOCKS, dim_mults=(1, 2, 2), train_steps=4400, lr=3e-3),
-    "dim24_4400": replace(TWO_BLOCKS, dim=24, train_steps=4400, lr=3e-3),
-    "lr4e-3_3300": replace(TWO_BLOCKS, train_steps=3300, lr=4e-3),
-    # its steps in bf16; then bf16 at about 2/3 of them, or at half the steps with twice or 4x the batch
-    "bf16": replace(TWO_BLOCKS, precision="bf16"),
-    "bf16_lr4e-3_4800": replace(TWO_BLOCKS, precision="bf16", train_steps=4800, lr=4e-3),
-    "bf16_b192_3600": replace(TWO_BLOCKS, precision="bf16", batch_size=192, train_steps=3600, lr=3.5e-3),
-    "bf16_b384_1800": replace(TWO_BLOCKS, precision="bf16", batch_size=384, train_steps=1800, lr=5e-3,
+    "mults122_4400": replace(DEFAULT_DM, dim_mults=(1, 2, 2), train_steps=4400, lr=3e-3),
+    "dim24_4400": replace(DEFAULT_DM, dim=24, train_steps=4400, lr=3e-3),
+    "lr4e-3_3300": replace(DEFAULT_DM, train_steps=3300, lr=4e-3),
+    # the default's steps in bf16; then bf16 at about 2/3 of them, or at half the steps with twice or 4x the batch
+    "bf16": replace(DEFAULT_DM, precision="bf16"),
+    "bf16_lr4e-3_4800": replace(DEFAULT_DM, precision="bf16", train_steps=4800, lr=4e-3),
+    "bf16_b192_3600": replace(DEFAULT_DM, precision="bf16", batch_size=192, train_steps=3600, lr=3.5e-3),
+    "bf16_b384_1800": replace(DEFAULT_DM, precision="bf16", batch_size=384, train_steps=1800, lr=5e-3,
                               warmup_steps=100),
-    # one block per level: at the two-block U-Net's width, and at the default's width with fewer steps
-    "blocks1_dim32": replace(DEFAULT_DM, dim=32),
-    "blocks1_dim40_5400": replace(DEFAULT_DM, train_steps=5400),
+    # one residual block per U-Net level, wider (--dm-blocks 1 --dm-dim 40; bench/README.md, "A shallower, wider U-Net")
+    "blocks1_dim40": replace(DEFAULT_DM, blocks=1, dim=40),
 }
 
 
@@ -310,8 +306,8 @@ class DmTrainingArgs:
     dataset_steps: int | None = None
     """transitions of a rebuilt maze dataset, as train.py's --dataset-steps (None: the dataset's own size)"""
     recipes: tuple[str, ...] = tuple(RECIPES)
-    """recipes to train (or load), from: default, blocks2_dim32, mults122_4400, dim24_4400, lr4e-3_3300, bf16,
-    bf16_lr4e-3_4800, bf16_b192_3600, bf16_b384_1800, blocks1_dim32, blocks1_dim40_5400"""
+    """recipes to train (or load), from: default, mults122_4400, dim24_4400, lr4e-3_3300, bf16, bf16_lr4e-3_4800,
+    bf16_b192_3600, bf16_b384_1800, blocks1_dim40"""
     threads: int = 1
     """torch threads of the timed loops (a recipe is trained, when it is not cached, at 1)"""
     timing_steps: int = 20
@@ -373,9 +369,9 @@ def dm_training_main(args: DmTrainingArgs) -> None:
         c = r["config"]
         r["cost_vs_default"] = r["cost_seconds"] / ref if ref else None
         cost = "-" if ref is None else f"{r['cost_vs_default']:.2f}"
-        print(f"| {name} | {c['dim']}, {tuple(c['dim_mults'])}, {c.get('blocks', 2)} | {c['batch_size']} | {c['lr']:g} | {c['train_steps']} "
-              f"| {r['n_params'] / 1e6:.2f}M | {r['gflop_per_step']:.2f} | {r['step_seconds'] * 1e3:.0f} | {cost} "
-              f"| {r['val_loss']:.4f} |")
+        print(f"| {name} | {c['dim']}, {tuple(c['dim_mults'])}, {c.get('blocks', 2)} | {c['batch_size']} | {c['lr']:g} "
+              f"| {c['train_steps']} | {r['n_params'] / 1e6:.2f}M | {r['gflop_per_step']:.2f} "
+              f"| {r['step_seconds'] * 1e3:.0f} | {cost} | {r['val_loss']:.4f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     plot_dm_training(out, RESULTS / f"{args.name}.png")
