@@ -294,7 +294,8 @@ RECIPES = {  # the default; three recipes at about 45% of its cost (a smaller U-
     "bf16_b192_3600": replace(DEFAULT_DM, precision="bf16", batch_size=192, train_steps=3600, lr=3.5e-3),
     "bf16_b384_1800": replace(DEFAULT_DM, precision="bf16", batch_size=384, train_steps=1800, lr=5e-3,
                               warmup_steps=100),
-    # one residual block per U-Net level, wider (--dm-blocks 1 --dm-dim 40; bench/README.md, "A shallower, wider U-Net")
+    # one residual block per U-Net level, wider (--dm-blocks 1 --dm-dim 40; bench/README.md,
+    # "A shallower, wider U-Net")
     "blocks1_dim40": replace(DEFAULT_DM, blocks=1, dim=40),
 }
 
@@ -369,7 +370,7 @@ def dm_training_main(args: DmTrainingArgs) -> None:
         c = r["config"]
         r["cost_vs_default"] = r["cost_seconds"] / ref if ref else None
         cost = "-" if ref is None else f"{r['cost_vs_default']:.2f}"
-        print(f"| {name} | {c['dim']}, {tuple(c['dim_mults'])}, {c.get('blocks', 2)} | {c['batch_size']} | {c['lr']:g} "
+        print(f"| {name} | {c['dim']}, {tuple(c['dim_mults'])}, {c['blocks']} | {c['batch_size']} | {c['lr']:g} "
               f"| {c['train_steps']} | {r['n_params'] / 1e6:.2f}M | {r['gflop_per_step']:.2f} "
               f"| {r['step_seconds'] * 1e3:.0f} | {cost} | {r['val_loss']:.4f} |")
     RESULTS.mkdir(exist_ok=True)
