@@ -930,6 +930,25 @@ def test_loss_falls_on_toy_dataset():
     assert info["train_seconds"] > info["val_curve"][-1][1] > info["val_curve"][0][1] > 0
 
 
+def test_dm_validation_set_is_the_same_for_every_training_seed():
+    """The DM's validation loss is measured on one set of segments, noise levels and noise per dataset, drawn with
+    a seed of its own: DMs trained with other seeds (or recipes) compare on it, and repeated calls agree."""
+    X, starts, ends = toy_rows()
+    seg_start, seg_len = segment_index(starts, ends, H=8)
+    st, ln = torch.as_tensor(seg_start), torch.as_tensor(seg_len)
+    x_val, m_val = diffusion.validation_set(X, st, ln, 8)
+    torch.manual_seed(999)  # the global generator plays no part
+    x_again, m_again = diffusion.validation_set(X, st, ln, 8)
+    assert x_val.shape == (diffusion.VAL_SEGMENTS, 8, 4) and torch.equal(x_val, x_again) and torch.equal(m_val, m_again)
+    for seed, batch in ((0, 32), (1, 16)):
+        torch.manual_seed(seed)
+        model = DynamicsDiffusion(2, 2, horizon=8, dim=8, dim_mults=(1, 2))
+        cfg = diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=20, batch_size=batch, seed=seed)
+        info = diffusion.train(model, X, seg_start, seg_len, cfg, progress=False)
+        assert info["val_loss"] == diffusion.validation_loss(model, x_val, m_val) == \
+            diffusion.validation_loss(model, x_val, m_val)
+
+
 def test_dm_terminal_rows_add_a_terminated_episodes_last_state_not_a_truncated_ones(tmp_path, monkeypatch):
     """DM training data with --dm-terminal-rows: a terminated episode gets one row more, [its last next state, its
     last action]; a truncated one (a timeout) none. Off (the default and the paper's), the rows, the segments and
