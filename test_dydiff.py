@@ -1848,6 +1848,28 @@ def test_fidelity_helpers(tiny_data):
     assert crossings([3, 3], [2, 2], [1, 2]) == {"first_below": None, "stays_below_from": None}
 
 
+def test_dm_validation_tool_scores_every_cached_dm_by_todays_measure(tiny_data, tmp_path, monkeypatch, capsys):
+    """bench/dm_validation.py: each DM cached beside the dataset scored again by validation_loss (for a DM of today's
+    code, the value it recorded at training); a file that is not a usable DM is listed as skipped, with why."""
+    import dm_validation
+
+    data = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)  # as the tool loads it (tests rewrite its files)
+    cfg = diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=20, batch_size=16, seed=3)
+    _, info = diffusion.load_or_train(data, cfg, progress=False)
+    foreign = data.cache_dir / "diffusion_foreign.pt"
+    torch.save({"kind": "dynamics", "fingerprint": data.fingerprint}, foreign)
+    monkeypatch.setattr(dm_validation, "RESULTS", tmp_path)
+    try:
+        dm_validation.main(dm_validation.Args(dataset_steps=TINY_STEPS, name="v"))
+    finally:
+        foreign.unlink()
+    out = json.loads((tmp_path / "v.json").read_text())
+    row = next(r for r in out["dms"] if r["file"] == Path(info["path"]).name)
+    assert row["val_loss"] == row["val_loss_recorded"] == info["val_loss"] and row["code_is_today"]
+    assert row["settings"]["seed"] == 3 and out["skipped"]["diffusion_foreign.pt"] == "not a diffusion model"
+    assert "skipped: not a diffusion model" in (tmp_path / "v.md").read_text() and "wrote" in capsys.readouterr().out
+
+
 def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, capsys):
     """bench/pretrain.py: train.py's flags pick the models; --retrain trains them, then the cache serves them."""
     flags = ["--dataset-steps", str(TINY_STEPS), *TINY_DYDIFF]
