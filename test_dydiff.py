@@ -1860,13 +1860,15 @@ def test_dm_validation_tool_scores_every_cached_dm_by_todays_measure(tiny_data, 
     torch.save({"kind": "dynamics", "fingerprint": data.fingerprint}, foreign)
     monkeypatch.setattr(dm_validation, "RESULTS", tmp_path)
     try:
-        dm_validation.main(dm_validation.Args(dataset_steps=TINY_STEPS, name="v"))
+        dm_validation.main(dm_validation.Args(dataset_steps=TINY_STEPS, name="v", draws=2))
     finally:
         foreign.unlink()
     out = json.loads((tmp_path / "v.json").read_text())
     row = next(r for r in out["dms"] if r["file"] == Path(info["path"]).name)
     assert row["val_loss"] == row["val_loss_recorded"] == info["val_loss"] and row["code_is_today"]
     assert row["settings"]["seed"] == 3 and out["skipped"]["diffusion_foreign.pt"] == "not a diffusion model"
+    assert len(row["other_draws"]["512"]["values"]) == 2 and row["other_draws"]["2048"]["relative_sd"] > 0
+    assert out["dms"][0]["other_draws"]["2048"]["ratio_to_first"] == 1.0  # each DM as a share of the first's
     assert "skipped: not a diffusion model" in (tmp_path / "v.md").read_text() and "wrote" in capsys.readouterr().out
 
 

@@ -2,11 +2,14 @@
 (diffusion.validation_loss), whatever code trained it: when the measure changes, the models already trained are
 scored again without training them again.
 
-    python bench/dm_validation.py --env maze2d-umaze     # -> bench/results/dm_validation_maze2d-umaze.{json,md}
+    python bench/dm_validation.py --env maze2d-umaze              # -> bench/results/dm_validation_maze2d-umaze.{json,md}
+    python bench/dm_validation.py --env maze2d-umaze --draws 6    # and how much the value moves with the set drawn
 
 Each cached DM is rebuilt from the settings stored with it and evaluated on today's validation set. The loss
 recorded at its training (by the measure of its code) is listed beside the new one. A cache whose weights no
 longer fit today's U-Net (its code predates a change of the network's layout) is listed as skipped, with why.
+With --draws K each DM is also scored on K other sets drawn the same way (other seeds) of 512 segments and of
+today's size: the relative standard deviation across them says how far apart two DMs' values must be to differ.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import tyro
 
@@ -37,11 +41,13 @@ class Args:
     """transitions of the dataset, as train.py's --dataset-steps (default: the env's)"""
     threads: int = 1
     """torch CPU threads"""
+    draws: int = 0
+    """also score each DM on this many other draws of the set, at 512 segments and at today's size"""
     name: str = ""
     """results file: bench/results/<name>.{json,md} (default dm_validation_<env>)"""
 
 
-def score(path: Path, data) -> dict:
+def score(path: Path, data, draws: int = 0) -> dict:
     """One cached DM's settings, its recorded validation loss and today's; raises CheckpointError if unusable."""
     ckpt = load_checkpoint(path, "a cached DM", "cpu")
     if ckpt.get("kind") != "diffusion":
@@ -61,10 +67,21 @@ def score(path: Path, data) -> dict:
     starts, lengths = segment_index(first, ends, cfg.horizon)
     X = model.normalize(torch.as_tensor(raw))
     x_val, m_val = diffusion.validation_set(X, torch.as_tensor(starts), torch.as_tensor(lengths), cfg.horizon)
+    spread = {}
+    for n in (512, diffusion.VAL_SEGMENTS) if draws else ():
+        vals = []
+        for k in range(draws):  # segments, noise levels and noise from seeds of their own, as validation_set's
+            gen = torch.Generator().manual_seed(diffusion.VAL_SEED + 1000 * (k + 1))
+            pick = torch.randint(len(starts), (n,), generator=gen)
+            x, m = diffusion.gather_segments(X, torch.as_tensor(starts)[pick], torch.as_tensor(lengths)[pick], cfg.horizon)
+            with torch.no_grad():
+                vals.append(float(model.loss(x, model.cond_mask(), m, generator=gen, net=model.ema)))
+        spread[str(n)] = {"values": vals, "relative_sd": float(np.std(vals, ddof=1) / np.mean(vals))}
     return {"file": path.name, "settings": {k: s[k] for k in ("dim", "dim_mults", "blocks", "train_steps", "batch_size",
                                                                "lr", "seed", "precision") if k in s},
             "code": ckpt.get("code"), "code_is_today": ckpt.get("code") == diffusion.code_digests(),
-            "val_loss_recorded": info["val_loss"], "val_loss": diffusion.validation_loss(model, x_val, m_val)}
+            "val_loss_recorded": info["val_loss"], "val_loss": diffusion.validation_loss(model, x_val, m_val),
+            "other_draws": spread}
 
 
 def main(args: Args) -> None:
@@ -73,19 +90,29 @@ def main(args: Args) -> None:
     rows, skipped = [], {}
     for path in sorted(data.cache_dir.glob("diffusion_*.pt")):
         try:
-            rows.append(score(path, data))
+            rows.append(score(path, data, args.draws))
         except CheckpointError as e:
             skipped[path.name] = str(e)
     name = args.name or f"dm_validation_{args.env}"
+    rows.sort(key=lambda r: (-r["settings"].get("blocks", 0), r["settings"]["dim"], r["settings"]["seed"]))
+    for r in rows:  # on each other set, the value as a share of the first DM's on that set: how well sets rank DMs
+        for n, d in r["other_draws"].items():
+            ratio = np.array(d["values"]) / np.array(rows[0]["other_draws"][n]["values"])
+            d["ratio_to_first"], d["ratio_relative_sd"] = float(ratio.mean()), float(ratio.std(ddof=1) / ratio.mean())
     out = {"env": args.env, "dataset_id": data.dataset_id, "commit": (git("rev-parse", "--short", "HEAD") or "?").strip(),
-           "val_segments": diffusion.VAL_SEGMENTS, "val_seed": diffusion.VAL_SEED,
+           "val_segments": diffusion.VAL_SEGMENTS, "val_seed": diffusion.VAL_SEED, "draws": args.draws,
            "machine": f"{platform.machine()}, torch {torch.__version__}", "dms": rows, "skipped": skipped}
-    lines = ["| file | dim, mults, blocks | steps | seed | precision | recorded at training | today's measure |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["settings"].get("blocks", 0), r["settings"]["dim"], r["settings"]["seed"])):
-        s = r["settings"]
+    extra = (f" | over {args.draws} other sets of 512 and of {diffusion.VAL_SEGMENTS}: relative sd | value / first DM's "
+             f"(relative sd)") if args.draws else ""
+    lines = [f"| file | dim, mults, blocks | steps | seed | precision | recorded at training | today's measure{extra} |",
+             "|---|---|---|---|---|---|---|" + ("---|---|" if args.draws else "")]
+    for r in rows:
+        s, d = r["settings"], r["other_draws"].values()
         lines.append(f"| {r['file']} | {s['dim']}, {tuple(s['dim_mults'])}, {s.get('blocks', '-')} | {s['train_steps']} "
-                     f"| {s['seed']} | {s.get('precision', 'fp32')} | {r['val_loss_recorded']:.5f} | {r['val_loss']:.5f} |")
+                     f"| {s['seed']} | {s.get('precision', 'fp32')} | {r['val_loss_recorded']:.5f} | {r['val_loss']:.5f} |"
+                     + (" " + ", ".join(f"{100 * x['relative_sd']:.1f}%" for x in d) + " | "
+                        + ", ".join(f"{x['ratio_to_first']:.3f} ({100 * x['ratio_relative_sd']:.1f}%)" for x in d) + " |"
+                        if args.draws else ""))
     lines += [f"| {f} | skipped: {why} | | | | | |" for f, why in skipped.items()]
     table = "\n".join(lines)
     print(table)
