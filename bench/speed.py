@@ -297,6 +297,9 @@ RECIPES = {  # the default; three recipes at about 45% of its cost (a smaller U-
     # one residual block per U-Net level, wider (--dm-blocks 1 --dm-dim 40; bench/README.md,
     # "A shallower, wider U-Net")
     "blocks1_dim40": replace(DEFAULT_DM, blocks=1, dim=40),
+    # the default's steps at half or a third of its batch: a step's fixed cost (small operations) stays
+    "b48": replace(DEFAULT_DM, batch_size=48),
+    "b32": replace(DEFAULT_DM, batch_size=32),
 }
 
 
@@ -308,7 +311,7 @@ class DmTrainingArgs:
     """transitions of a rebuilt maze dataset, as train.py's --dataset-steps (None: the dataset's own size)"""
     recipes: tuple[str, ...] = tuple(RECIPES)
     """recipes to train (or load), from: default, mults122_4400, dim24_4400, lr4e-3_3300, bf16, bf16_lr4e-3_4800,
-    bf16_b192_3600, bf16_b384_1800, blocks1_dim40"""
+    bf16_b192_3600, bf16_b384_1800, blocks1_dim40, b48, b32"""
     threads: int = 1
     """torch threads of the timed loops (a recipe is trained, when it is not cached, at 1)"""
     timing_steps: int = 20
