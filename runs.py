@@ -240,6 +240,16 @@ class Run:
             raise ConfigError(f"nothing to resume: {self.ckpt} does not exist")
         self.wall_before = self.update_time = self.rollout_time = 0.0
         self.provenance = provenance()
+        self.pretrained = None  # DyDiff's models, as train.py records them (record_pretrained)
+
+    def record_pretrained(self, fit_info: dict, dm_info: dict | None) -> None:
+        """Which cached models the run used (their files are named by the dataset, settings and code that made them)
+        and how well they fit the data, for summary.json: a score can be traced to its models."""
+        self.pretrained = {
+            "ensemble": {"file": Path(fit_info["path"]).name, "holdout_mse": fit_info["ensemble_holdout_mse"],
+                         "reward_holdout_mse": fit_info["reward_holdout_mse"]},
+            "dm": None if dm_info is None else {"file": Path(dm_info["path"]).name, "val_loss": dm_info["val_loss"],
+                                                "train_steps": dm_info["train_steps"]}}
 
     @property
     def stopped(self) -> bool:
@@ -387,7 +397,7 @@ class Run:
                    "pretrain_time_s": self.pretrain_time, "rollout_time_s": self.rollout_time,
                    "updates_per_s": step / max(self.update_time, 1e-9), "ref_min": data.ref_min,
                    "ref_max": data.ref_max, "device": self.device,
-                   "threads": args.threads, "evaluations": self.evals,
+                   "threads": args.threads, "evaluations": self.evals, "pretrained": self.pretrained,
                    # what made it: the resolved settings, the commit, uncommitted changes and the code's digests
                    "settings": json.loads(json.dumps(asdict(args))), "provenance": self.provenance}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))

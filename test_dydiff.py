@@ -1534,9 +1534,19 @@ def test_train_smoke_run_writes_summary(tiny_data, tmp_path, algo):
 
 
 def test_tiny_end_to_end_run_with_dydiff(tiny_data, tmp_path, tiny_fit):
-    """The loop with DyDiff: rounds every K steps fill the synthetic buffer; a picture is drawn."""
+    """The loop with DyDiff: rounds every K steps fill the synthetic buffer; a picture is drawn; the summary names
+    the cached models the run used, with how well they fit."""
     summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "dyd", *TINY_DYDIFF)
     assert summary["dydiff"] and summary["steps"] == 100 and summary["rollout_time_s"] > 0
+    import train
+
+    args = train.resolve(parse_args(["--dataset-steps", str(TINY_STEPS), *TINY_DYDIFF]))
+    data = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)  # as the run loaded it
+    _, fit_info, dm_info = train.pretrain(args, data, "cpu")  # the models the run loaded, from the cache
+    assert summary["pretrained"] == {
+        "ensemble": {"file": Path(fit_info["path"]).name, "holdout_mse": fit_info["ensemble_holdout_mse"],
+                     "reward_holdout_mse": fit_info["reward_holdout_mse"]},
+        "dm": {"file": Path(dm_info["path"]).name, "val_loss": dm_info["val_loss"], "train_steps": 30}}
     ckpt = torch.load(tmp_path / "dyd" / "checkpoint.pt", weights_only=True)
     # rounds at steps 0, 40, 80; each keeps the trajectories at or above the 40% score quantile (at least
     # 60% of the 16, more with ties) of T - 1 = 7 transitions
@@ -1555,6 +1565,7 @@ def test_ensemble_only_rollouts_fill_the_buffer_in_the_loop(tiny_data, tmp_path,
     summary = run_train(tmp_path, "--total-steps", "100", "--run-name", "m0", *TINY_DYDIFF, "--iterations", "0")
     ckpt = torch.load(tmp_path / "m0" / "checkpoint.pt", weights_only=True)
     assert summary["steps"] == 100 and 3 * 9 * 7 <= ckpt["synthetic"]["size"] <= 3 * 16 * 7  # rounds at 0, 40, 80
+    assert summary["pretrained"]["dm"] is None and summary["pretrained"]["ensemble"]["file"].startswith("dynamics_")
     assert (tmp_path / "m0" / "rollouts.png").stat().st_size > 1000
 
 
@@ -2118,11 +2129,12 @@ def test_compare_pairs_any_two_arms_after_the_default_pairs(tmp_path):
             (folder / "summary.json").write_text(json.dumps({**made_by(compare, args, "td3bc", arm, seed),
                 "env": "maze2d-umaze", "algo": "td3bc", "dydiff": arm != "plain", "seed": seed, "steps": 15000,
                 "final_score": score, "last_score": score, "best_score": score + 1, "best_step": 15000,
-                "wall_time_s": 1.0, "cpu_time_s": 1.0, "updates_per_s": 1.0,
+                "wall_time_s": 1.0, "cpu_time_s": 1.0, "updates_per_s": 1.0, "pretrained": {"arm": arm},
                 "evaluations": [{"step": 5000 * i, "score": score} for i in (1, 2, 3)]}))
     compare.main(args)
     out = json.loads((tmp_path / "out" / "ab.json").read_text())
     assert all(r["provenance"]["commit"] == "c0ffee" and r["settings"]["env"] == "maze2d-umaze" for r in out["runs"])
+    assert all(r["pretrained"] == {"arm": r["arm"]} for r in out["runs"])  # each run's models, as its summary names them
     final = {p["name"]: p["differences"] for p in out["paired"] if p["metric"] == "final_score"}
     assert list(final) == ["dydiff-plain", "dydiff-ensemble", "ensemble-plain"]
     assert final["ensemble-plain"] == [20.0, 2.0] and final["dydiff-ensemble"] == [-5.0, 8.0]

@@ -380,7 +380,8 @@ def train(args: Args) -> dict:
     # 2. DyDiff's pretrained models and the synthetic FIFO buffer.
     models = synthetic = None
     if args.dydiff:
-        models, _, _ = pretrain(args, data, device, args.retrain)
+        models, fit_info, dm_info = pretrain(args, data, device, args.retrain)
+        run.record_pretrained(fit_info, dm_info)
         synthetic = TransitionBuffer(args.synthetic_capacity, data.obs_dim, data.act_dim, device)
         rollout_cfg = rollout_config(args)
 

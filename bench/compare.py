@@ -416,7 +416,7 @@ def main(args: Args) -> None:
                      "wall_s": r["wall_time_s"], "cpu_s": r.get("cpu_time_s"), "rollout_s": r.get("rollout_time_s", 0.0),
                      "pretrain_s": r.get("pretrain_time_s"), "updates_per_s": r["updates_per_s"], "run": r["run"],
                      # what made this number: the commit, uncommitted changes, the code's digests, the settings
-                     "provenance": r.get("provenance"), "settings": r.get("settings"),
+                     "provenance": r.get("provenance"), "settings": r.get("settings"), "pretrained": r.get("pretrained"),
                      "dataset_id": r.get("dataset_id"), "fingerprint": r.get("fingerprint")}
                     for r in runs],
            "groups": rows, "paired": pairs}
