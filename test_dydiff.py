@@ -1902,16 +1902,16 @@ def test_pretrain_tool_trains_the_models_train_py_loads(tiny_data, tiny_fit, cap
 
 def test_dm_recipes_bench_trains_what_train_py_trains_and_costs_it_against_the_default(tiny_data, tmp_path,
                                                                                        monkeypatch, capsys):
-    """bench/speed.py dm-training: each recipe is diffusion.load_or_train's DM (cached: a second run trains
+    """bench/dm_recipes.py: each recipe is diffusion.load_or_train's DM (cached: a second run trains
     nothing), its cost its steps times its step time measured here, as a share of the default recipe's."""
-    import speed
+    import dm_recipes
 
     tiny = diffusion.DMConfig(horizon=8, dim=8, dim_mults=(1, 2), train_steps=40, batch_size=16)
-    monkeypatch.setattr(speed, "RECIPES", {"default": tiny, "half": replace(tiny, train_steps=20)})
-    monkeypatch.setattr(speed, "RESULTS", tmp_path)
-    monkeypatch.setattr(speed, "matmul_flops", lambda device, seconds: 1e9)
-    args = speed.DmTrainingArgs(dataset_steps=TINY_STEPS, recipes=("default", "half"), timing_steps=5, repeats=3)
-    speed.dm_training_main(args)
+    monkeypatch.setattr(dm_recipes, "RECIPES", {"default": tiny, "half": replace(tiny, train_steps=20)})
+    monkeypatch.setattr(dm_recipes, "RESULTS", tmp_path)
+    monkeypatch.setattr(dm_recipes, "matmul_flops", lambda device, seconds: 1e9)
+    args = dm_recipes.Args(dataset_steps=TINY_STEPS, recipes=("default", "half"), timing_steps=5, repeats=3)
+    dm_recipes.main(args)
     out = json.loads((tmp_path / "dm_recipes.json").read_text())
     default, half = out["recipes"]["default"], out["recipes"]["half"]
     assert default["cost_vs_default"] == 1.0 and 0.3 < half["cost_vs_default"] < 0.7  # one network, half the steps
@@ -1921,7 +1921,7 @@ def test_dm_recipes_bench_trains_what_train_py_trains_and_costs_it_against_the_d
     assert capsys.readouterr().out.count("training it") == 2
     data = load_dataset("maze2d-umaze", steps=TINY_STEPS, verbose=False)  # as the bench loads it
     assert default["val_loss"] == diffusion.load_or_train(data, tiny, progress=False)[1]["val_loss"]  # train.py's DM
-    speed.dm_training_main(args)
+    dm_recipes.main(args)
     assert "training it" not in capsys.readouterr().out  # both loaded from the cache
     assert (tmp_path / "dm_recipes.png").stat().st_size > 1000
 
