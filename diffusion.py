@@ -369,19 +369,20 @@ class DMConfig:
             raise ValueError(f"precision must be fp32 or bf16 (got {self.precision!r})")
 
 
-def validation_set(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, H: int):
-    """VAL_SEGMENTS segments of X (N, D) drawn with VAL_SEED, whatever the training seed: (x (B, H, D), mask)."""
-    gen = torch.Generator(device=X.device).manual_seed(VAL_SEED)
-    pick = torch.randint(len(starts), (VAL_SEGMENTS,), generator=gen, device=X.device)
+def validation_set(X: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, H: int, n: int = VAL_SEGMENTS,
+                   seed: int = VAL_SEED):
+    """n segments of X (N, D) drawn with `seed`, whatever the training seed: (x (n, H, D), mask)."""
+    gen = torch.Generator(device=X.device).manual_seed(seed)
+    pick = torch.randint(len(starts), (n,), generator=gen, device=X.device)
     return gather_segments(X, starts[pick], lengths[pick], H)
 
 
 @torch.no_grad()
-def validation_loss(model: DynamicsDiffusion, x_val: torch.Tensor, m_val: torch.Tensor) -> float:
+def validation_loss(model: DynamicsDiffusion, x_val: torch.Tensor, m_val: torch.Tensor, seed: int = VAL_SEED) -> float:
     """The EDM loss of the EMA network (the one that samples) on the validation set, with noise levels and noise
-    drawn from VAL_SEED + 1: the same for every call, so that DMs and training steps compare on one smooth curve
+    drawn from seed + 1: the same for every call, so that DMs and training steps compare on one smooth curve
     (the per-step training loss jumps with its random sigma)."""
-    gen = torch.Generator(device=x_val.device).manual_seed(VAL_SEED + 1)
+    gen = torch.Generator(device=x_val.device).manual_seed(seed + 1)
     return float(model.loss(x_val, model.cond_mask(), m_val, generator=gen, net=model.ema))
 
 

@@ -8,8 +8,9 @@ scored again without training them again.
 Each cached DM is rebuilt from the settings stored with it and evaluated on today's validation set. The loss
 recorded at its training (by the measure of its code) is listed beside the new one. A cache whose weights no
 longer fit today's U-Net (its code predates a change of the network's layout) is listed as skipped, with why.
-With --draws K each DM is also scored on K other sets drawn the same way (other seeds) of 512 segments and of
-today's size: the relative standard deviation across them says how far apart two DMs' values must be to differ.
+With --draws K each DM is also scored on K other sets drawn the same way (diffusion.validation_set with other
+seeds) of 512 segments and of today's size: the relative standard deviation across them says how far apart two
+DMs' values must be to differ.
 """
 from __future__ import annotations
 
@@ -64,23 +65,20 @@ def score(path: Path, data, draws: int = 0) -> dict:
     except RuntimeError as e:
         raise CheckpointError(f"its weights do not fit today's U-Net ({str(e).splitlines()[1].strip()[:80]})") from None
     raw, first, ends = diffusion.training_rows(data, cfg.terminal_rows)
-    starts, lengths = segment_index(first, ends, cfg.horizon)
+    starts, lengths = (torch.as_tensor(a) for a in segment_index(first, ends, cfg.horizon))
     X = model.normalize(torch.as_tensor(raw))
-    x_val, m_val = diffusion.validation_set(X, torch.as_tensor(starts), torch.as_tensor(lengths), cfg.horizon)
+
+    def value(n: int = diffusion.VAL_SEGMENTS, seed: int = diffusion.VAL_SEED) -> float:  # on the set drawn with seed
+        return diffusion.validation_loss(model, *diffusion.validation_set(X, starts, lengths, cfg.horizon, n, seed), seed)
+
     spread = {}
     for n in (512, diffusion.VAL_SEGMENTS) if draws else ():
-        vals = []
-        for k in range(draws):  # segments, noise levels and noise from seeds of their own, as validation_set's
-            gen = torch.Generator().manual_seed(diffusion.VAL_SEED + 1000 * (k + 1))
-            pick = torch.randint(len(starts), (n,), generator=gen)
-            x, m = diffusion.gather_segments(X, torch.as_tensor(starts)[pick], torch.as_tensor(lengths)[pick], cfg.horizon)
-            with torch.no_grad():
-                vals.append(float(model.loss(x, model.cond_mask(), m, generator=gen, net=model.ema)))
+        vals = [value(n, diffusion.VAL_SEED + 1000 * (k + 1)) for k in range(draws)]
         spread[str(n)] = {"values": vals, "relative_sd": float(np.std(vals, ddof=1) / np.mean(vals))}
     return {"file": path.name, "settings": {k: s[k] for k in ("dim", "dim_mults", "blocks", "train_steps", "batch_size",
                                                                "lr", "seed", "precision") if k in s},
             "code": ckpt.get("code"), "code_is_today": ckpt.get("code") == diffusion.code_digests(),
-            "val_loss_recorded": info["val_loss"], "val_loss": diffusion.validation_loss(model, x_val, m_val),
+            "val_loss_recorded": info["val_loss"], "val_loss": value(),
             "other_draws": spread}
 
 
