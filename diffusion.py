@@ -45,8 +45,9 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 S_MIN, S_MAX, S_NOISE = 0.37, 52.24, 1.002  # the paper's churn window; gamma = min(S_churn/N, sqrt(2)-1)
 # The validation set: this many training segments with their noise levels and noise, drawn with a seed of its
 # own, so that every DM of a dataset (any --model-seed, any recipe) is measured on the same ones. The value itself
-# moves +-7-11% from one draw of such a set to another (a few segments weigh a lot), but DMs measured on one set keep
-# their order: the ratio of two DMs' values moves +-1-2.5% at 2048 segments, +-3-4% at 512 (bench/dm_validation.py).
+# moves +-5-7% from one draw of such a set to another (+-6-10% with 512 segments: a few segments weigh a lot), but DMs
+# measured on one set keep their order: the ratio of two DMs' values moves +-1-2% (+-2-6% with 512 segments;
+# bench/dm_validation.py --draws).
 VAL_SEGMENTS, VAL_SEED = 2048, 12_345
 
 
