@@ -2281,6 +2281,25 @@ def test_first_run_cuts_the_phases_at_the_lines_that_end_them():
         first_run.phases(lines[:4] + lines[-1:], total_cpu=1.0)
 
 
+def test_first_run_floor_counts_the_main_commands_work():
+    """bench/first_run.py floor: the units are the main command's (7,200 DM steps, a round every 1,000 of 50,000
+    updates), and a TD3+BC update's FLOPs are the hand count of its products (batch B = 256, MLPs 6-256-256-2 and
+    8-256-256-1; a layer's forward, input gradient and weight gradient are 2 B in out each): every update the
+    target actor, the target and online twin critics forward, the critics' weight gradients and their input
+    gradients below the first layer; every second update the actor's forward, Q1's forward and its input gradients
+    (the critic frozen), the actor's weight gradients and its input gradients below the first layer."""
+    import first_run
+
+    units = first_run.floor_units()
+    assert [(k, v[0]) for k, v in units.items()] == [("DM training step", 7200), ("DyDiff round", 50),
+                                                    ("TD3+BC update", 50_000)]
+    actor, critic, B = 6 * 256 + 256 * 256 + 256 * 2, 8 * 256 + 256 * 256 + 256, 256
+    every = actor + 2 * critic + 2 * critic + 2 * critic + 2 * (256 * 256 + 256)
+    second = actor + critic + critic + actor + (256 * 256 + 256 * 2)
+    assert units["TD3+BC update"][1] == 2 * B * (every + second / 2)
+    assert units["DM training step"][1] > 0 and units["DyDiff round"][1] > 0
+    assert 0 < units["TD3+BC update"][2]() < 10  # one unit's seconds
+
 def test_readme_results_table_is_the_scripts_output():
     """README's results table is what `python bench/compare.py table` prints from bench/results, to the character:
     edit a results file (or the table code) and README must be regenerated."""

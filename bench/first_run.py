@@ -11,6 +11,15 @@ the ensemble's, the DM's, "done:"); at each line the run's CPU time is read from
 wall and CPU seconds. The ensemble/reward split and the rollouts' share of the learning loop are wall times the
 run records itself (the model cache's info, summary.json). The 1-thread matmul rate of the machine is measured
 before the run. Writes bench/results/<name>.json: one entry per label, kept across calls (README quotes it).
+
+    python bench/first_run.py floor                             # the least time its torch work can take here
+
+floor: the main command's torch work counted in FLOPs (torch's FlopCounterMode: matrix products and
+convolutions, the operations that a large matmul bounds) for the phases whose size the command fixes: the DM's
+training steps, the DyDiff rounds, the learner's updates. Each unit is timed here at all cores, so each phase gets
+its minutes at the machine's matmul rate (no implementation can be faster) and at the rate the code reaches. The
+dataset build (simulator steps), the ensemble and reward model (early stopping decides their steps) and the
+evaluations are not counted: the floor is a lower bound. Writes bench/results/first_run_floor.json.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from speed import matmul_flops  # noqa: E402  (bench/ is on the path when a script of it runs)
+from speed import matmul_flops, phase_work  # noqa: E402  (bench/ is on the path when a script of it runs)
 from runs import git, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,5 +153,99 @@ def main(args: Args) -> None:
         shutil.rmtree(base)
 
 
+# -- The floor: the least time the main command's torch work can take on this machine (subcommand floor) ---------
+@dataclass
+class FloorArgs:
+    seconds: float = 5.0
+    """target duration of each timed loop"""
+    rates: tuple[float, ...] = (66.0, 85.0)
+    """other machines' 1-thread matmul GFLOP/s: the floor there, at cores x that rate (an upper bound on any rate)"""
+    name: str = "first_run_floor"
+    """results file: bench/results/<name>.json"""
+
+
+def floor_units() -> dict:
+    """{phase: (units in the main command, FLOPs of one unit, a function that does one unit and returns its seconds)}
+    at the main command's settings (maze2d-umaze's shapes, fresh models and random data: the cost does not depend
+    on the values)."""
+    import copy
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import diffusion
+    from dm_recipes import step_flops
+    from train import dm_config, parse_args
+
+    p, work = parse_args([]), phase_work()
+    cfg, (obs_dim, act_dim) = dm_config(p), (6, 2)
+    dm = diffusion.DynamicsDiffusion(obs_dim, act_dim, cfg.horizon, cfg.dim, cfg.dim_mults, act=cfg.act, blocks=cfg.blocks)
+    X = torch.rand(20_000, obs_dim + act_dim) * 2 - 1
+    starts, lengths = torch.arange(0, len(X) - cfg.horizon), torch.full((len(X) - cfg.horizon,), cfg.horizon)
+    ten = replace(cfg, train_steps=10, warmup_steps=1)
+    dm_step = lambda: diffusion.train(copy.deepcopy(dm), X, starts, lengths, ten, progress=False,  # noqa: E731
+                                      val_every=10**9)["train_seconds"] / ten.train_steps  # without its validation
+
+    def counted(fn, calls: int = 1) -> float:
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(calls):
+                fn()
+        return counter.get_total_flops() / calls
+
+    def timed(fn):  # seconds per call
+        def once() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return once
+
+    update = work["TD3+BC update"]  # the actor learns every second update: count two
+    return {"DM training step": (cfg.train_steps, step_flops(dm, X, starts, lengths, cfg.batch_size), dm_step),
+            "DyDiff round": (-(-p.total_steps // p.rollout_interval), counted(work["DyDiff round"]),
+                             timed(work["DyDiff round"])),
+            "TD3+BC update": (p.total_steps, counted(update, 2), timed(update))}
+
+
+def floor_main(args: FloorArgs) -> None:
+    from train import cores
+
+    threads = cores()
+    torch.set_num_threads(1)
+    one = matmul_flops("cpu", args.seconds)
+    torch.set_num_threads(threads)
+    peak = matmul_flops("cpu", args.seconds)
+    rows, total = {}, 0.0
+    for phase, (units, flops, once) in floor_units().items():
+        once()  # warm-up
+        t0, seconds = time.perf_counter(), []
+        while time.perf_counter() - t0 < args.seconds or len(seconds) < 3:
+            seconds.append(once())
+        s = float(sorted(seconds)[len(seconds) // 2])
+        rows[phase] = {"units": units, "gflop_per_unit": flops / 1e9, "tflop": units * flops / 1e12,
+                       "seconds_per_unit": s, "gflop_per_s": flops / s / 1e9, "share_of_matmul": flops / s / peak,
+                       "min_at_matmul_rate": units * flops / peak / 60, "min_at_measured_rate": units * s / 60}
+        total += units * flops
+    out = {"threads": threads, "cpus": os.cpu_count(), "platform": platform.platform(), "torch": str(torch.__version__),
+           "matmul_1thread_gflop_per_s": one / 1e9, f"matmul_{threads}threads_gflop_per_s": peak / 1e9,
+           "phases": rows, "tflop": total / 1e12, "floor_min": total / peak / 60,
+           "measured_min": sum(r["min_at_measured_rate"] for r in rows.values()),
+           "floor_min_at": {f"{r:g}": total / (threads * r * 1e9) / 60 for r in args.rates},
+           "commit": (git("rev-parse", "HEAD") or "").strip(),
+           "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    write_atomic(RESULTS / f"{args.name}.json", lambda tmp: tmp.write_text(json.dumps(out, indent=1)))
+    print(f"\n| phase (the main command, {threads} threads) | units | GFLOP per unit | TFLOP | GFLOP/s reached "
+          f"(share of matmul) | min at the matmul rate | min at the rate reached |\n|---|---|---|---|---|---|---|")
+    for phase, r in rows.items():
+        print(f"| {phase} | {r['units']:,} | {r['gflop_per_unit']:.3f} | {r['tflop']:.1f} | {r['gflop_per_s']:.0f} "
+              f"({r['share_of_matmul']:.0%}) | {r['min_at_matmul_rate']:.1f} | {r['min_at_measured_rate']:.1f} |")
+    print(f"| all | | | {out['tflop']:.1f} | | {out['floor_min']:.1f} | {out['measured_min']:.1f} |\n"
+          f"matmul {one / 1e9:.1f} GFLOP/s at 1 thread, {peak / 1e9:.1f} at {threads}; at {threads} x a 1-thread rate of "
+          + ", ".join(f"{r} GFLOP/s: {m:.1f} min" for r, m in out["floor_min_at"].items())
+          + f" (dataset, ensemble, reward model and evaluations not counted) -> {RESULTS / args.name}.json")
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    if sys.argv[1:2] == ["floor"]:
+        floor_main(tyro.cli(FloorArgs, args=sys.argv[2:], prog="first_run.py floor"))
+    else:
+        main(tyro.cli(Args))
