@@ -159,7 +159,7 @@ class FloorArgs:
     seconds: float = 5.0
     """target duration of each timed loop"""
     rates: tuple[float, ...] = (66.0, 85.0)
-    """other machines' 1-thread matmul GFLOP/s: the floor there, at cores x that rate (an upper bound on any rate)"""
+    """other machines' 1-thread matmul GFLOP/s: the floor there, where the cores compute at most cores x that rate"""
     name: str = "first_run_floor"
     """results file: bench/results/<name>.json"""
 
