@@ -2286,8 +2286,8 @@ def test_first_run_floor_counts_the_main_commands_work():
     updates), and a TD3+BC update's FLOPs are the hand count of its products (batch B = 256, MLPs 6-256-256-2 and
     8-256-256-1; a layer's forward, input gradient and weight gradient are 2 B in out each): every update the
     target actor, the target and online twin critics forward, the critics' weight gradients and their input
-    gradients below the first layer; every second update the actor's forward, Q1's forward and its input gradients
-    (the critic frozen), the actor's weight gradients and its input gradients below the first layer."""
+    gradients but the first layer's; every second update the actor's forward, Q1's forward and its input gradients
+    (the critic frozen), the actor's weight gradients and its input gradients but the first layer's."""
     import first_run
 
     units = first_run.floor_units()
@@ -2299,6 +2299,7 @@ def test_first_run_floor_counts_the_main_commands_work():
     assert units["TD3+BC update"][1] == 2 * B * (every + second / 2)
     assert units["DM training step"][1] > 0 and units["DyDiff round"][1] > 0
     assert 0 < units["TD3+BC update"][2]() < 10  # one unit's seconds
+
 
 def test_readme_results_table_is_the_scripts_output():
     """README's results table is what `python bench/compare.py table` prints from bench/results, to the character:

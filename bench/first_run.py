@@ -39,7 +39,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from speed import matmul_flops, phase_work  # noqa: E402  (bench/ is on the path when a script of it runs)
+from speed import ACT_DIM, OBS_DIM, matmul_flops, phase_work  # noqa: E402  (bench/ is on the path when a script of it runs)
 from runs import git, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -178,7 +178,7 @@ def floor_units() -> dict:
     from train import dm_config, parse_args
 
     p, work = parse_args([]), phase_work()
-    cfg, (obs_dim, act_dim) = dm_config(p), (6, 2)
+    cfg, obs_dim, act_dim = dm_config(p), OBS_DIM, ACT_DIM  # maze2d's, as speed.phase_work's units
     dm = diffusion.DynamicsDiffusion(obs_dim, act_dim, cfg.horizon, cfg.dim, cfg.dim_mults, act=cfg.act, blocks=cfg.blocks)
     X = torch.rand(20_000, obs_dim + act_dim) * 2 - 1
     starts, lengths = torch.arange(0, len(X) - cfg.horizon), torch.full((len(X) - cfg.horizon,), cfg.horizon)
